@@ -1,0 +1,3 @@
+from pyproxy.server import main
+
+main()
