@@ -1,0 +1,935 @@
+#!/usr/bin/env python3
+"""scripts/bench.py: measure pyproxy side by side with a naive proxy and with no proxy.
+
+One command, a few minutes, loopback only:
+
+    python scripts/bench.py                 # full run: 2 interleaved rounds, 5 s per load
+    python scripts/bench.py --quick         # smoke run, under a minute
+    python scripts/bench.py --json out.json # also keep every number as JSON
+
+What it does, in order:
+
+1. Finds `wrk` and `nginx` (installs the Debian packages `wrk` and `nginx-light` when
+   they are missing and we are root). nginx runs from its own config in a temp dir,
+   never the system service; without nginx a small Python backend stands in (and the
+   run says so loudly, because then the backend, not the proxy, may be the limit).
+2. Runs every candidate in turn, and the whole sequence `--rounds` times, so slow drift
+   of the machine (other jobs, thermal) hits every candidate alike:
+     direct      wrk -> nginx, no proxy: the ceiling
+     naive       scripts/naive_proxy.py: waitress + Session.request, the obvious way
+     pyproxy     `python -m pyproxy` with a minimal config (every default)
+     pyproxy+    pyproxy with every production feature turned on
+3. For each candidate: req/s with 1 KiB bodies at 1, 16 and 64 connections, MB/s with
+   1 MiB bodies, latency percentiles (wrk), the proxy process's CPU time per request
+   and peak RSS (from /proc), backend connections opened per 1,000 requests (nginx
+   stub_status "accepts"), and errors (non-2xx answers + socket errors).
+4. Prints the figures, their ratios to naive and to direct, and the issue-3 targets.
+
+Pinning: with two or more CPUs the proxy runs on the first CPU alone, and wrk plus the
+backend on the second, so the proxy's core measures the proxy and nothing else.
+Every process this script starts is stopped by its PID, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.server
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KIB, MIB = 1024, 1024 * 1024
+
+# ---------------------------------------------------------------------------
+# Processes: everything we start goes through here, so everything can be stopped.
+# ---------------------------------------------------------------------------
+
+
+class Processes:
+    """The child processes of this run. `stop_all()` ends each one by PID."""
+
+    def __init__(self) -> None:
+        self._running: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        argv: list[str],
+        *,
+        cpu: int | None = None,
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]  # taskset execs: the PID stays ours
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+        try:
+            # A new session: Ctrl-C in the terminal reaches only us, and we stop the
+            # children in order (a proxy before its backend).
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        finally:
+            if log:
+                out.close()  # the child has its own copy of the descriptor
+        self._running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc in self._running:
+            self._running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self._running)):
+            self.stop(proc)
+
+
+def free_port() -> int:
+    """A port the OS had free a moment ago (bind to 0, read it, close)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `url` until it answers 200, or fail (early if `proc` has died)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                resp.read()
+                if resp.status == 200:
+                    return
+                last = resp.status
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f}s (last: {last})")
+
+
+# ---------------------------------------------------------------------------
+# /proc: what a process costs. utime+stime cover every thread of the process.
+# ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far, in seconds (/proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name in (...) may hold spaces
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / CLK_TCK
+
+
+def memory_kib(pid: int, field_name: str = "VmHWM") -> int:
+    """A Vm* line of /proc/<pid>/status in KiB: VmHWM = peak RSS, VmRSS = current."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Tools: wrk and nginx from Debian.
+# ---------------------------------------------------------------------------
+
+
+def find_binary(binary: str) -> str | None:
+    """`binary` on PATH, or in /usr/sbin (nginx lives there and root's PATH may lack it)."""
+    sbin = f"/usr/sbin/{binary}"
+    return shutil.which(binary) or (sbin if os.access(sbin, os.X_OK) else None)
+
+
+def find_or_install(binary: str, package: str, *, required: bool) -> str | None:
+    """Find `binary`; if missing and we are root on Debian, apt-get install `package`."""
+    path = find_binary(binary)
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"bench: installing the Debian package {package} ...", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", package]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            # The package lists may be missing or stale: update once, then try again.
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+            subprocess.run(install, env=env, capture_output=True)
+        path = find_binary(binary)
+    if path is None and required:
+        sys.exit(f"bench: {binary} not found and not installable; install {package!r}")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# The backend: nginx in a temp dir, or a Python stand-in with the same URLs.
+# ---------------------------------------------------------------------------
+
+# /1k -> 1 KiB body, /1m -> a 1 MiB file, /health -> 200, /nginx_status -> counters.
+# One worker: it shares the load CPU with wrk and is still far faster than any proxy.
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    client_max_body_size 0;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {dir}/www;
+        location = /1k {{ default_type text/plain; return 200 "{body_1k}"; }}
+        location = /1m {{ default_type application/octet-stream; }}
+        location = /health {{ default_type text/plain; return 200 "ok"; }}
+        location = /nginx_status {{ stub_status; }}
+        location / {{ default_type text/plain; return 200 "ok"; }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Backend:
+    kind: str  # "nginx" or "python"
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def accepts(self) -> int:
+        """Connections the backend accepted so far (stub_status "accepts").
+
+        This very query is one accepted connection; callers subtract it."""
+        with urllib.request.urlopen(self.url + "/nginx_status", timeout=5) as resp:
+            text = resp.read().decode()
+        return int(text.splitlines()[2].split()[0])
+
+
+def start_backend(procs: Processes, workdir: Path, nginx: str | None, cpu: int | None) -> Backend:
+    port = free_port()
+    www = workdir / "www"
+    www.mkdir()
+    (www / "1m").write_bytes(os.urandom(MIB))
+    if nginx:
+        conf = workdir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=workdir, port=port, body_1k="x" * 1023 + "\n"))
+        # As root, nginx's workers switch to an unprivileged user: let it read our files.
+        for path in (workdir, www, www / "1m"):
+            path.chmod(0o755)
+        proc = procs.start(
+            [nginx, "-p", str(workdir), "-c", str(conf)], cpu=cpu, log=workdir / "nginx.out"
+        )
+        kind = "nginx"
+    else:
+        print(
+            "\n" + "!" * 78 + "\n! nginx is not available: using a Python backend. It is much"
+            " slower than\n! nginx and may be the bottleneck; ratios to direct mean little.\n"
+            + "!" * 78
+            + "\n",
+            flush=True,
+        )
+        proc = procs.start(
+            [sys.executable, __file__, "--serve-backend", str(port), "--www", str(www)],
+            cpu=cpu,
+            log=workdir / "backend.out",
+        )
+        kind = "python"
+    backend = Backend(kind, f"http://127.0.0.1:{port}", proc)
+    wait_http(backend.url + "/health", 15, proc)
+    return backend
+
+
+def serve_python_backend(port: int, www: Path) -> None:
+    """The fallback backend: the same URLs as the nginx config, stdlib only."""
+    body_1k = b"x" * 1023 + b"\n"
+    body_1m = (www / "1m").read_bytes()
+    counters = {"accepts": 0, "requests": 0}
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def setup(self) -> None:
+            with lock:
+                counters["accepts"] += 1
+            super().setup()
+
+        def do_GET(self) -> None:
+            with lock:
+                counters["requests"] += 1
+            if self.path == "/nginx_status":
+                a, r = counters["accepts"], counters["requests"]
+                body = f"Active connections: 0 \nserver accepts handled requests\n {a} {a} {r} \n"
+                payload = body.encode()
+            else:
+                payload = {"/1k": body_1k, "/1m": body_1m}.get(self.path, b"ok")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+# ---------------------------------------------------------------------------
+# Candidates: how to start each proxy.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    name: str
+    listen: str  # host:port that wrk loads
+    argv: list[str] | None  # how to start it; None = no proxy (direct)
+
+
+def pyproxy_configs(workdir: Path, backend: Backend, threads: int) -> dict[str, Path]:
+    """Write the two pyproxy configs: every default, and every production feature on."""
+    default = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "threads": threads,
+        "admin": {"listen": f"127.0.0.1:{free_port()}"},
+        "backends": [{"url": backend.url}],
+    }
+    production = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "threads": threads,
+        "strategy": "least_connections",
+        "preserve_host": True,
+        "trusted_proxies": ["10.0.0.0/8"],
+        "backends": [{"url": backend.url, "name": "nginx", "weight": 1, "max_connections": 1000}],
+        "timeouts": {"connect": "2s", "read": "30s", "total": "60s"},
+        "health_check": {
+            "enabled": True,
+            "path": "/health",
+            "interval": "2s",
+            "timeout": "1s",
+            "healthy_threshold": 2,
+            "unhealthy_threshold": 3,
+            "expected_status": "200-399",
+        },
+        "circuit_breaker": {
+            "enabled": True,
+            "failure_threshold": 5,
+            "open_duration": "30s",
+            "max_open_duration": "5m",
+            "half_open_requests": 1,
+            "failure_statuses": [502, 503, 504],
+        },
+        "retries": {
+            "max_retries": 2,
+            "retry_on": ["connect_error", "reset", "timeout", 502, 503, 504],
+            "idempotent_only": True,
+            "max_body": "1MiB",
+            "backoff": "0s",
+            "budget_percent": 20,
+        },
+        # Limits high enough never to refuse the benchmark, so we pay the bucket cost only.
+        "rate_limit": {
+            "per_client": "100000000/second",
+            "burst": 100000000,
+            "client_key": "ip",
+            "per_backend": "100000000/second",
+            "max_clients": 100000,
+            "store": "memory",
+        },
+        "sticky": {"mode": "cookie", "cookie_name": "pyproxy_backend", "cookie_max_age": 3600},
+        "admin": {
+            "listen": f"127.0.0.1:{free_port()}",
+            "token": "bench-token",
+            "state_file": str(workdir / "state.json"),
+        },
+        "limits": {
+            "max_request_body": "10MiB",
+            "max_request_header": "64KiB",
+            "client_idle_timeout": "60s",
+            "header_timeout": "10s",
+            "send_timeout": "60s",
+            "max_connections": 1000,
+        },
+        "shutdown": {"delay": "0s", "drain_timeout": "30s"},
+        "access_log": {
+            "enabled": True,
+            "format": "json",
+            "path": str(workdir / "access-production.log"),
+        },
+    }
+    paths = {}
+    for name, config in (("default", default), ("production", production)):
+        paths[name] = workdir / f"pyproxy-{name}.yaml"
+        # JSON is valid YAML, and needs no third-party module in this script.
+        paths[name].write_text(json.dumps(config, indent=2) + "\n")
+    return paths
+
+
+def pyproxy_check(config: Path) -> str | None:
+    """None when `python -m pyproxy --check` accepts the config, else why not."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pyproxy", "--check", "-c", str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        return "--check timed out"
+    if done.returncode == 0:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return "; ".join(lines[-3:]) or f"exit {done.returncode}"
+
+
+def make_candidates(
+    workdir: Path, backend: Backend, threads: int, wanted: list[str]
+) -> list[Candidate]:
+    """The candidates named in `wanted`; a pyproxy whose config fails --check is skipped."""
+    naive_listen = f"127.0.0.1:{free_port()}"
+    found = [
+        Candidate("direct", backend.url.removeprefix("http://"), None),
+        Candidate(
+            "naive",
+            naive_listen,
+            [
+                sys.executable,
+                str(REPO / "scripts" / "naive_proxy.py"),
+                "--listen",
+                naive_listen,
+                "--backend",
+                backend.url,
+                "--threads",
+                str(threads),
+            ],
+        ),
+    ]
+    configs = pyproxy_configs(workdir, backend, threads)
+    for name, label in (("default", "pyproxy"), ("production", "pyproxy+")):
+        if label not in wanted:
+            continue
+        problem = pyproxy_check(configs[name])
+        if problem:
+            print(
+                f"bench: SKIPPING {label}: `python -m pyproxy --check -c {configs[name]}` "
+                f"failed: {problem}",
+                flush=True,
+            )
+            continue
+        listen = json.loads(configs[name].read_text())["listen"]
+        found.append(
+            Candidate(label, listen, [sys.executable, "-m", "pyproxy", "-c", str(configs[name])])
+        )
+    return [c for c in found if c.name in wanted]
+
+
+# ---------------------------------------------------------------------------
+# wrk: one load run, its summary printed as JSON by a Lua `done` hook.
+# ---------------------------------------------------------------------------
+
+WRK_SCRIPT = """\
+done = function(s, latency, requests)
+  io.write(string.format(
+    'BENCH-JSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,' ..
+    '"write":%d,"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,' ..
+    '"max_us":%d}\\n',
+    s.requests, s.duration, s.bytes, s.errors.connect, s.errors.read, s.errors.write,
+    s.errors.status, s.errors.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass
+class LoadResult:
+    """One wrk run against one candidate, plus what the proxy process spent on it."""
+
+    requests: int
+    seconds: float
+    bytes: int
+    errors: int  # non-2xx/3xx answers + connect/read/write/timeout socket errors
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    proxy_cpu_s: float | None  # CPU time of the proxy process during the run
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def run_wrk(
+    wrk: str,
+    script: Path,
+    url: str,
+    connections: int,
+    seconds: float,
+    cpu: int | None,
+    proxy_pid: int | None,
+    procs: Processes,
+) -> LoadResult:
+    # One wrk thread: wrk's event loop on one CPU outruns every proxy measured here.
+    duration = f"-d{max(1, round(seconds))}s"  # wrk takes whole seconds
+    argv = [wrk, "-t1", f"-c{connections}", duration, "--timeout", "5s", "-s", str(script), url]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    cpu_before = cpu_seconds(proxy_pid) if proxy_pid else None
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )
+    procs._running.append(proc)  # so Ctrl-C stops it too
+    try:
+        out, _ = proc.communicate(timeout=seconds + 30)
+    finally:
+        procs.stop(proc)
+    cpu_used = cpu_seconds(proxy_pid) - cpu_before if proxy_pid and cpu_before is not None else None
+    match = re.search(rb"BENCH-JSON (\{.*\})", out)
+    if not match:
+        raise RuntimeError(f"wrk printed no summary:\n{out.decode(errors='replace')}")
+    s = json.loads(match.group(1))
+    errors = s["status"] + s["connect"] + s["read"] + s["write"] + s["timeout"]
+    return LoadResult(
+        s["requests"],
+        s["duration_us"] / 1e6,
+        s["bytes"],
+        errors,
+        s["p50_us"] / 1000,
+        s["p90_us"] / 1000,
+        s["p99_us"] / 1000,
+        cpu_used,
+    )
+
+
+# ---------------------------------------------------------------------------
+# One candidate, one round.
+# ---------------------------------------------------------------------------
+
+LOADS = [("c1", "/1k", 1), ("c16", "/1k", 16), ("c64", "/1k", 64), ("1mib", "/1m", 8)]
+
+
+@dataclass
+class RoundResult:
+    candidate: str
+    loads: dict[str, LoadResult] = field(default_factory=dict)
+    peak_rss_kib: int | None = None
+    backend_conns: int = 0  # connections the backend accepted during the measured loads
+    requests: int = 0  # requests completed during the measured loads
+
+
+def run_candidate(
+    candidate: Candidate,
+    settings: argparse.Namespace,
+    backend: Backend,
+    procs: Processes,
+    workdir: Path,
+    tools: dict[str, str],
+    cpus: tuple[int | None, int | None],
+) -> RoundResult:
+    proxy_cpu, load_cpu = cpus
+    result = RoundResult(candidate.name)
+    base = "http://" + candidate.listen
+    proc = None
+    try:
+        if candidate.argv:
+            proc = procs.start(
+                candidate.argv,
+                cpu=proxy_cpu,
+                env=proxy_environment(),
+                log=workdir / f"{candidate.name}.out",
+            )
+            wait_http(base + "/1k", 30, proc)
+        pid = proc.pid if proc else None
+        script = workdir / "summary.lua"
+        script.write_text(WRK_SCRIPT)
+        # Warm-up: fill the connection pools and let the interpreter settle.
+        run_wrk(tools["wrk"], script, base + "/1k", 16, settings.warmup, load_cpu, pid, procs)
+        # Backend connections are counted from here on: a pool that works opens a few
+        # more (16 -> 64 clients) and then none; one that does not opens one per request.
+        accepts_before = backend.accepts()
+        for label, path, connections in LOADS:
+            load = run_wrk(
+                tools["wrk"],
+                script,
+                base + path,
+                connections,
+                settings.duration,
+                load_cpu,
+                pid,
+                procs,
+            )
+            result.loads[label] = load
+            result.requests += load.requests
+        # -1: the accepts() query is itself one accepted connection.
+        result.backend_conns = backend.accepts() - accepts_before - 1
+        if proc:
+            result.peak_rss_kib = memory_kib(proc.pid, "VmHWM")
+    finally:
+        if proc:
+            procs.stop(proc)
+    return result
+
+
+def proxy_environment() -> dict[str, str]:
+    """A small fixed environment for the proxies under test.
+
+    requests' Session.request scans every environment variable for proxy settings on
+    each request (trust_env), so the size of the caller's environment would change the
+    naive proxy's cost from one shell to the next. A fixed one keeps runs comparable.
+    """
+    keep = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    return {**keep, "LANG": "C.UTF-8", "PYTHONPATH": str(REPO)}
+
+
+# ---------------------------------------------------------------------------
+# Summary: medians over rounds, ratios, targets.
+# ---------------------------------------------------------------------------
+
+# (key, column header, how to format, True when higher is better)
+COLUMNS = [
+    ("rps_c1", "req/s c1", "{:.0f}", True),
+    ("rps_c16", "req/s c16", "{:.0f}", True),
+    ("rps_c64", "req/s c64", "{:.0f}", True),
+    ("mbps_1mib", "MB/s 1MiB", "{:.0f}", True),
+    ("p50_c1_ms", "p50 c1 ms", "{:.2f}", False),
+    ("p50_c64_ms", "p50 c64 ms", "{:.2f}", False),
+    ("p99_c64_ms", "p99 c64 ms", "{:.2f}", False),
+    ("cpu_us_per_req", "CPU us/req", "{:.0f}", False),
+    ("peak_rss_mib", "peak RSS MiB", "{:.1f}", False),
+    ("conns_per_1k", "conns/1k req", "{:.2f}", False),
+    ("errors", "errors", "{:.0f}", False),
+]
+
+
+def round_figures(r: RoundResult) -> dict[str, float | None]:
+    small = [r.loads[k] for k in ("c1", "c16", "c64")]
+    cpu = [load.proxy_cpu_s for load in small]
+    return {
+        "rps_c1": r.loads["c1"].rps,
+        "rps_c16": r.loads["c16"].rps,
+        "rps_c64": r.loads["c64"].rps,
+        "mbps_1mib": r.loads["1mib"].mb_per_s,
+        "p50_c1_ms": r.loads["c1"].p50_ms,
+        "p50_c64_ms": r.loads["c64"].p50_ms,
+        "p99_c64_ms": r.loads["c64"].p99_ms,
+        # CPU of the proxy process over the three 1 KiB runs / requests they completed.
+        "cpu_us_per_req": (
+            sum(c for c in cpu if c is not None) * 1e6 / sum(load.requests for load in small)
+        )
+        if all(c is not None for c in cpu)
+        else None,
+        "peak_rss_mib": r.peak_rss_kib / 1024 if r.peak_rss_kib is not None else None,
+        "conns_per_1k": 1000 * r.backend_conns / max(r.requests, 1),
+        "errors": float(sum(load.errors for load in r.loads.values())),
+    }
+
+
+def summarize(rounds: list[RoundResult]) -> dict[str, dict[str, float | None]]:
+    """Per candidate: the median of each figure over rounds (max for RSS, sum for errors)."""
+    by_candidate: dict[str, list[dict[str, float | None]]] = {}
+    for r in rounds:
+        by_candidate.setdefault(r.candidate, []).append(round_figures(r))
+    summary = {}
+    for name, figures in by_candidate.items():
+        merged: dict[str, float | None] = {}
+        for key, *_ in COLUMNS:
+            values = [f[key] for f in figures if f[key] is not None]
+            if not values:
+                merged[key] = None
+            elif key == "peak_rss_mib":
+                merged[key] = max(values)
+            elif key == "errors":
+                merged[key] = sum(values)
+            else:
+                merged[key] = statistics.median(values)
+        summary[name] = merged
+    return summary
+
+
+def ratios(summary: dict[str, dict[str, float | None]], base: str) -> dict[str, dict]:
+    if base not in summary:
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for name, figures in summary.items():
+        out[name] = {}
+        for key, *_ in COLUMNS:
+            a, b = figures[key], summary[base][key]
+            out[name][key] = a / b if a is not None and b else None
+    return out
+
+
+# Issue 3's targets for pyproxy+ against naive: (key, operator, bound).
+TARGETS = [
+    ("rps_c16", ">=", 2.0),
+    ("rps_c64", ">=", 2.0),
+    ("p99_c64_ms", "<=", 0.5),
+    ("cpu_us_per_req", "<=", 0.5),
+    ("mbps_1mib", ">=", 1.3),
+    ("peak_rss_mib", "<=", 1.5),
+]
+
+
+def print_table(title: str, rows: dict[str, dict[str, float | None]], ratio: bool) -> None:
+    print(f"\n{title}")
+    names = list(rows)
+    width = max(len(n) for n in names) + 2
+    print("".ljust(width) + "".join(h.rjust(13) for _, h, _, _ in COLUMNS))
+    for name in names:
+        cells = []
+        for key, _, fmt, _ in COLUMNS:
+            value = rows[name][key]
+            if value is None:
+                cells.append("-")
+            elif ratio:
+                cells.append(f"{value:.2f}x")
+            else:
+                cells.append(fmt.format(value))
+        print(name.ljust(width) + "".join(c.rjust(13) for c in cells))
+
+
+def check_targets(summary: dict, ratio_naive: dict) -> list[dict]:
+    if "pyproxy+" not in ratio_naive:
+        return []
+    rows = []
+    for key, op, bound in TARGETS:
+        value = ratio_naive["pyproxy+"][key]
+        met = value is not None and (value >= bound if op == ">=" else value <= bound)
+        rows.append({"figure": key, "target": f"{op} {bound}x", "ratio": value, "met": met})
+    conns = summary["pyproxy+"]["conns_per_1k"]
+    rows.append(
+        {
+            "figure": "conns_per_1k",
+            "target": "~0 (< 1 per 1k)",
+            "ratio": conns,
+            "met": conns is not None and conns < 1,
+        }
+    )
+    return rows
+
+
+def machine() -> dict[str, object]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_allowed": sorted(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="pyproxy vs naive proxy vs direct (issue 3)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run under a minute: 1 round, 2 s per load"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per load run")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=32,
+        help="worker threads, the same for pyproxy and naive (default 32)",
+    )
+    parser.add_argument(
+        "--candidates",
+        default="direct,naive,pyproxy,pyproxy+",
+        help="comma-separated subset of direct,naive,pyproxy,pyproxy+",
+    )
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temp dir (configs, logs) and print where it is",
+    )
+    parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--www", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 2, 1
+    return args
+
+
+def pick_cpus() -> tuple[int | None, int | None]:
+    """(proxy CPU, load CPU): two different CPUs when we have them, else no pinning."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) >= 2 and shutil.which("taskset"):
+        return allowed[0], allowed[1]
+    return None, None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so the `finally` blocks stop our children."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.serve_backend:
+        serve_python_backend(args.serve_backend, args.www)
+        return 0
+    tools = {"wrk": find_or_install("wrk", "wrk", required=True) or "wrk"}
+    nginx = find_or_install("nginx", "nginx-light", required=False)
+    cpus = pick_cpus()
+    info = machine()
+    print(
+        f"machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+        f"Linux {info['kernel']}"
+    )
+    print(
+        f"pinning: proxy on CPU {cpus[0]}, wrk + backend on CPU {cpus[1]}"
+        if cpus[0] is not None
+        else "pinning: off (fewer than 2 CPUs or no taskset)"
+    )
+    wanted = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    procs = Processes()
+    workdir = Path(tempfile.mkdtemp(prefix="pyproxy-bench-"))
+    rounds: list[RoundResult] = []
+    try:
+        with sigterm_as_interrupt():
+            backend = start_backend(procs, workdir, nginx, cpus[1])
+            print(f"backend: {backend.kind} at {backend.url} (pid {backend.proc.pid})")
+            candidates = make_candidates(workdir, backend, args.threads, wanted)
+            per_candidate = args.warmup + len(LOADS) * args.duration
+            print(
+                f"candidates: {', '.join(c.name for c in candidates)}; {args.rounds} round(s);"
+                f" about {per_candidate * len(candidates) * args.rounds / 60:.1f} min of load",
+                flush=True,
+            )
+            for round_no in range(1, args.rounds + 1):
+                for candidate in candidates:
+                    print(f"round {round_no}: {candidate.name} ...", end=" ", flush=True)
+                    r = run_candidate(candidate, args, backend, procs, workdir, tools, cpus)
+                    rounds.append(r)
+                    f = round_figures(r)
+                    print(
+                        f"{f['rps_c16']:.0f} req/s at c16, {f['mbps_1mib']:.0f} MB/s, "
+                        f"{f['errors']:.0f} errors",
+                        flush=True,
+                    )
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping everything we started", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep:
+            print(f"bench: configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = summarize(rounds)
+    ratio_naive, ratio_direct = ratios(summary, "naive"), ratios(summary, "direct")
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    print(
+        f"\ncommand: {command.strip()}\nbackend: {backend.kind}; threads {args.threads}; "
+        f"{args.rounds} round(s) x {args.duration:g}s per load; medians over rounds"
+    )
+    print_table("figures (these depend on the machine; compare the ratios)", summary, False)
+    if ratio_naive:
+        print_table(
+            "ratio to naive (higher is better for req/s and MB/s, lower for the rest)",
+            ratio_naive,
+            True,
+        )
+    if ratio_direct:
+        print_table("ratio to direct", ratio_direct, True)
+    targets = check_targets(summary, ratio_naive)
+    if targets:
+        print("\nissue 3 targets, pyproxy+ vs naive:")
+        for t in targets:
+            shown = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
+            print(
+                f"  {t['figure']:<16} {t['target']:<16} {shown:>8}  "
+                f"{'met' if t['met'] else 'MISSED'}"
+            )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "command": command.strip(),
+                    "machine": info,
+                    "backend": backend.kind,
+                    "settings": {
+                        "rounds": args.rounds,
+                        "duration_s": args.duration,
+                        "warmup_s": args.warmup,
+                        "threads": args.threads,
+                        "pinning": {"proxy_cpu": cpus[0], "load_cpu": cpus[1]},
+                        "loads": LOADS,
+                    },
+                    "rounds": [{**asdict(r), "figures": round_figures(r)} for r in rounds],
+                    "summary": summary,
+                    "ratio_to_naive": ratio_naive,
+                    "ratio_to_direct": ratio_direct,
+                    "targets": targets,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
