@@ -1,0 +1,133 @@
+"""What a valid `Config` means to an operator: warnings, and what a reload changed.
+
+`config_warnings` lists settings that are legal but probably not what was meant
+(`--check` prints them and still exits 0). `describe_changes` turns two configs into
+the lines a reload logs and `POST /admin/reload` returns. Both only read the frozen
+dataclasses from `config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
+
+from pyproxy.config import BackendConfig, Config
+
+# Bound by waitress when the process starts; a reload cannot move them (SPEC §7).
+RESTART_NEEDED = frozenset({"listen", "threads", "admin.listen"})
+# Never written to a log or an HTTP answer (SPEC §6: admin changes are logged without it).
+SECRETS = frozenset({"admin.token"})
+# Described on their own (backends) or not a setting at all (source_path).
+_NOT_SETTINGS = frozenset({"backends", "source_path"})
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Non-fatal observations, each `"<field.path>: <what and why>"`."""
+    warnings = []
+    if not config.backends:
+        warnings.append(
+            "backends: empty list; the proxy answers 503 until a backend is added"
+            " through the admin API"
+        )
+    elif all(backend.weight == 0 for backend in config.backends):
+        warnings.append("backends: every weight is 0 (drain); the proxy answers 503")
+    if config.admin.token is None:
+        warnings.append("admin.token: not set (nor $PYPROXY_ADMIN_TOKEN); admin changes answer 403")
+    timeouts = config.timeouts
+    if timeouts.total and timeouts.total < max(timeouts.connect, timeouts.read):
+        warnings.append(
+            f"timeouts.total: {_show(timeouts.total)}s is shorter than connect or read;"
+            " the total deadline cuts them short"
+        )
+    health = config.health_check
+    if health.enabled and health.timeout >= health.interval:
+        warnings.append(
+            "health_check.timeout: not shorter than the interval; probes may overlap the next"
+        )
+    limit = config.rate_limit
+    if limit.per_client is None and limit.burst is not None:
+        warnings.append("rate_limit.burst: ignored while per_client is null")
+    if limit.store != "memory":
+        if limit.per_client is None:
+            warnings.append("rate_limit.store: unused while per_client is null")
+        if importlib.util.find_spec("redis") is None:
+            warnings.append(
+                "rate_limit.store: the redis package is not installed"
+                " (pip install pyproxy[redis]); requests will pass unlimited (fail open)"
+            )
+    if "_" in limit.client_key.partition(":")[2]:
+        # waitress drops request headers whose name contains "_" (a smuggling guard).
+        warnings.append(
+            f"rate_limit.client_key: {limit.client_key} never arrives (waitress drops header"
+            " names containing '_'); every client would be keyed by address"
+        )
+    return warnings
+
+
+def describe_changes(old: Config, new: Config) -> list[str]:
+    """Human lines for a reload summary; empty when nothing that matters changed.
+
+    Backends are matched by URL (as the runtime carries their state over), then every
+    other setting is compared field by field, so a new field needs no code here.
+    """
+    lines = list(_backend_changes(old.backends, new.backends))
+    for path, before, after in _differences(old, new, ""):
+        if path in SECRETS:
+            lines.append(f"{path}: changed")
+        else:
+            note = " (needs a restart)" if path in RESTART_NEEDED else ""
+            lines.append(f"{path}: {_show(before)} -> {_show(after)}{note}")
+    return lines
+
+
+def _backend_changes(
+    old: tuple[BackendConfig, ...], new: tuple[BackendConfig, ...]
+) -> Iterator[str]:
+    before = {backend.url: backend for backend in old}
+    after = {backend.url: backend for backend in new}
+    for url, backend in after.items():
+        if url not in before:
+            yield f"backends: added {backend.name} ({url})"
+    for url, backend in before.items():
+        if url not in after:
+            yield f"backends: removed {backend.name} ({url})"
+    for url, backend in after.items():
+        if url in before:
+            for path, was, now in _differences(before[url], backend, ""):
+                yield f"backends[{before[url].name}].{path}: {_show(was)} -> {_show(now)}"
+
+
+def _differences(old: Any, new: Any, prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted path, old, new) for each leaf setting that differs, in field order."""
+    for field in dataclasses.fields(old):
+        path = prefix + field.name
+        before, after = getattr(old, field.name), getattr(new, field.name)
+        if path in _NOT_SETTINGS or before == after:
+            continue
+        if _is_section(before):
+            yield from _differences(before, after, path + ".")
+        else:
+            yield path, before, after
+
+
+def _is_section(value: Any) -> bool:
+    # Address and Rate are dataclasses too, but they are single values with a written
+    # form of their own (a __str__); a section is a dataclass without one.
+    return dataclasses.is_dataclass(value) and "__str__" not in vars(type(value))
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in the YAML file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, frozenset):  # unordered: sort so the line is stable
+        return "[" + ", ".join(sorted(map(_show, value))) + "]"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    return str(value)
