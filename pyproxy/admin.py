@@ -1,0 +1,131 @@
+"""AdminApp: the WSGI app on the admin listener (SPEC §6).
+
+Reading needs no token: probes, metrics, the backend list. Changing anything needs
+`Authorization: Bearer <token>`, compared in constant time. The routes are a table
+at the bottom of the class, so the whole API can be seen in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pyproxy.metrics import Metrics
+from pyproxy.runtime import RuntimeHolder
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+Reply = tuple[int, str, bytes, list[tuple[str, str]]]
+
+STATUS_LINES = {
+    200: "200 OK",
+    201: "201 Created",
+    400: "400 Bad Request",
+    401: "401 Unauthorized",
+    403: "403 Forbidden",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    409: "409 Conflict",
+    413: "413 Content Too Large",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+}
+
+MAX_ADMIN_BODY = 64 * 1024
+
+
+def text(status: int, body: str, headers: list[tuple[str, str]] | None = None) -> Reply:
+    return status, "text/plain; charset=utf-8", (body + "\n").encode(), headers or []
+
+
+def json_reply(status: int, payload: object) -> Reply:
+    return status, "application/json", json.dumps(payload, indent=1).encode(), []
+
+
+class AdminApp:
+    """Routes admin requests. `lifecycle.ready()` says whether /readyz may say yes."""
+
+    def __init__(self, holder: RuntimeHolder, metrics: Metrics, lifecycle: Any) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
+            ("GET", "/livez"): self.livez,
+            ("GET", "/readyz"): self.readyz,
+            ("GET", "/metrics"): self.metrics_page,
+            ("GET", "/admin/backends"): self.list_backends,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
+        handler = self.routes.get((method, path))
+        if handler is None:
+            if any(p == path for _, p in self.routes):
+                reply = text(405, f"405 Method Not Allowed: {method} {path}")
+            else:
+                reply = text(404, f"404 Not Found: {path}")
+        else:
+            try:
+                reply = handler(environ)
+            except Exception:  # a bug here must not take the admin listener down
+                log.exception("admin %s %s failed", method, path)
+                reply = text(500, "500 Internal Server Error: see the pyproxy log")
+        status, content_type, body, extra = reply
+        start_response(
+            STATUS_LINES.get(status, f"{status} Error"),
+            [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra],
+        )
+        return [body] if environ["REQUEST_METHOD"] != "HEAD" else []
+
+    # -- authorisation -----------------------------------------------------------
+
+    def authorize(self, environ: dict[str, Any]) -> Reply | None:
+        """None if the request may change things, else the refusal to send."""
+        token = self.holder.runtime.config.admin.token
+        if not token:
+            return text(403, "403 Forbidden: admin token not configured")
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, credentials = given.partition(" ")
+        # Constant-time comparison: timing must not reveal how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credentials.strip().encode(), token.encode()
+        ):
+            return text(401, "401 Unauthorized: missing or wrong bearer token",
+                        [("WWW-Authenticate", 'Bearer realm="pyproxy-admin"')])  # fmt: skip
+        return None
+
+    # -- read-only routes ----------------------------------------------------------
+
+    def livez(self, environ: dict[str, Any]) -> Reply:
+        return text(200, "ok")
+
+    def readyz(self, environ: dict[str, Any]) -> Reply:
+        if not self.lifecycle.ready():
+            return text(503, "shutting down")
+        if not self.holder.runtime.candidates():
+            return text(503, "no backend available")
+        return text(200, "ready")
+
+    def metrics_page(self, environ: dict[str, Any]) -> Reply:
+        for backend in self.holder.runtime.backends:
+            self.metrics.set_backend_state(
+                backend.name, backend.health.up, backend.breaker.state.gauge_value
+            )
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
+
+    def list_backends(self, environ: dict[str, Any]) -> Reply:
+        runtime = self.holder.runtime
+        return json_reply(
+            200,
+            {
+                "strategy": runtime.config.strategy,
+                "backends": [dataclasses.asdict(b.snapshot()) for b in runtime.backends],
+            },
+        )

@@ -1,0 +1,202 @@
+"""Header rules of a reverse proxy, as pure functions over plain lists and dicts.
+
+Nothing here does I/O or reads the clock, so every rule is a unit test away:
+which headers are hop-by-hop, who the client is when other proxies stand in front,
+what the backend is told in X-Forwarded-* and Via, and what goes back to the client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+
+from pyproxy.config import Network
+
+# RFC 9110 §7.6.1: these describe one connection, not the message, and must not be
+# forwarded. Proxy-Connection and Keep-Alive are legacy spellings still seen in the wild.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+
+# Headers a client may use to claim an identity; believed only from trusted proxies.
+FORWARDING_HEADERS = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
+)
+
+# Set by pyproxy itself from the body it actually sends; never copied from the client
+# (copying Content-Length next to a streamed body is a request-smuggling primitive).
+FRAMING = frozenset({"content-length", "transfer-encoding"})
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def connection_tokens(connection_value: str | None) -> set[str]:
+    """Header names listed in a Connection header, lower-cased.
+
+    RFC 9110 §7.6.1: tokens listed in Connection are hop-by-hop too.
+    """
+    if not connection_value:
+        return set()
+    return {token.strip().lower() for token in connection_value.split(",") if token.strip()}
+
+
+def wsgi_request_headers(environ: Mapping[str, object]) -> list[tuple[str, str]]:
+    """The client's request headers, rebuilt from a WSGI environ.
+
+    WSGI turns `X-Foo-Bar` into `HTTP_X_FOO_BAR`; we turn it back into `X-Foo-Bar`
+    (names are case-insensitive, RFC 9110 §5.1). CONTENT_TYPE has no HTTP_ prefix.
+    CONTENT_LENGTH is left out on purpose: see FRAMING.
+    """
+    headers: list[tuple[str, str]] = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").title()
+            headers.append((name, str(value)))
+    content_type = environ.get("CONTENT_TYPE")
+    if content_type:
+        headers.append(("Content-Type", str(content_type)))
+    return headers
+
+
+def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+    """True if `address` (an IP literal) falls in one of the trusted networks."""
+    if not trusted:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def client_address(
+    peer: str, forwarded_for: str | None, trusted: Sequence[Network]
+) -> tuple[str, str]:
+    """Who the client is, and the X-Forwarded-For value to send on.
+
+    From an untrusted peer, whatever X-Forwarded-For it sent is a claim we cannot
+    check: the peer itself is the client. From a trusted peer, we append the peer
+    and walk the chain right to left; the first hop we do not trust is the client
+    (the leftmost entries could have been written by anyone).
+    """
+    if not forwarded_for or not is_trusted(peer, trusted):
+        return peer, peer
+    chain = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()] + [peer]
+    for hop in reversed(chain):
+        if not is_trusted(hop, trusted):
+            return hop, ", ".join(chain)
+    return chain[0], ", ".join(chain)
+
+
+def sane_request_id(value: str | None) -> str:
+    """The client's X-Request-ID if it is 1-128 of `A-Za-z0-9._:-`, else a fresh one."""
+    if value and _REQUEST_ID.fullmatch(value):
+        return value
+    return secrets.token_hex(16)
+
+
+def via_names(via_value: str | None) -> list[str]:
+    """The received-by names in a Via header: `1.1 a, HTTP/1.0 b (comment)` -> [a, b]."""
+    if not via_value:
+        return []
+    names = []
+    for entry in via_value.split(","):
+        parts = entry.split()
+        if len(parts) >= 2:
+            names.append(parts[1])
+    return names
+
+
+def append_via(existing: str | None, instance_name: str) -> str:
+    """RFC 9110 §7.6.3: each proxy appends `<protocol> <its name>` to Via."""
+    ours = f"1.1 {instance_name}"
+    return f"{existing}, {ours}" if existing else ours
+
+
+def upstream_request_headers(
+    client_headers: Iterable[tuple[str, str]],
+    *,
+    peer: str,
+    scheme: str,
+    host: str,
+    upstream_host: str,
+    trusted: Sequence[Network],
+    request_id: str,
+    instance_name: str,
+) -> tuple[dict[str, str], str]:
+    """The headers to send to the backend, and the client address they establish.
+
+    Order matters (golang/go#50580): the request is cleaned of hop-by-hop and
+    untrusted forwarding headers *before* anything is added, so nothing the client
+    sent can masquerade as something pyproxy set.
+    """
+    received: dict[str, str] = {}
+    for name, value in client_headers:
+        lower = name.lower()
+        if lower in received:
+            received[lower] = f"{received[lower]}, {value}"
+        else:
+            received[lower] = value
+    names = {name.lower(): name for name, _ in client_headers}
+
+    dropped = HOP_BY_HOP | FRAMING | connection_tokens(received.get("connection"))
+    trusted_peer = is_trusted(peer, trusted)
+    if not trusted_peer:
+        dropped = dropped | FORWARDING_HEADERS
+    dropped = dropped | {"host", "via", "x-request-id"}
+
+    out = {names[lower]: value for lower, value in received.items() if lower not in dropped}
+
+    client, forwarded_for = client_address(peer, received.get("x-forwarded-for"), trusted)
+    out["X-Forwarded-For"] = forwarded_for
+    if trusted_peer and "x-forwarded-proto" in received:
+        out[names["x-forwarded-proto"]] = received["x-forwarded-proto"]
+    else:
+        out["X-Forwarded-Proto"] = scheme
+    if trusted_peer and "x-forwarded-host" in received:
+        out[names["x-forwarded-host"]] = received["x-forwarded-host"]
+    else:
+        out["X-Forwarded-Host"] = host
+    out["X-Request-ID"] = request_id
+    out["Via"] = append_via(received.get("via"), instance_name)
+    out["Host"] = upstream_host
+    return out, client
+
+
+def downstream_response_headers(
+    upstream_headers: Iterable[tuple[str, str]], *, request_id: str, instance_name: str
+) -> list[tuple[str, str]]:
+    """The backend's response headers as the client should get them.
+
+    Repeated headers stay separate (each Set-Cookie is its own line); hop-by-hop
+    headers go, including any named in Connection; our Via and X-Request-ID are set.
+    Content-Length is kept: it lets the client detect a truncated body.
+    """
+    pairs = list(upstream_headers)
+    dropped = set(HOP_BY_HOP) | {"x-request-id"}
+    via = None
+    for name, value in pairs:
+        lower = name.lower()
+        if lower == "connection":
+            dropped |= connection_tokens(value)
+        elif lower == "via":
+            via = f"{via}, {value}" if via else value
+    dropped.add("via")
+    out = [(name, value) for name, value in pairs if name.lower() not in dropped]
+    out.append(("Via", append_via(via, instance_name)))
+    out.append(("X-Request-ID", request_id))
+    return out

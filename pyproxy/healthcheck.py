@@ -1,0 +1,141 @@
+"""Active health checks: `check_backend()` is one probe; `HealthChecker` loops.
+
+One probe is a plain GET of `health_check.path` with no client headers or cookies,
+redirects not followed, bounded by `health_check.timeout`; it passes when the status
+is in `expected_status`. The loop probes every backend at start, then each one every
+`interval` seconds with ~10% jitter, so probes of many backends (or of many pyproxy
+instances) do not fall into lockstep. Only real transitions are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import urllib3
+from urllib3.util import SKIP_HEADER
+
+from pyproxy import __version__
+from pyproxy.backend import Backend
+from pyproxy.config import HealthCheckConfig
+from pyproxy.errors import classify
+
+log = logging.getLogger(__name__)
+
+PROBE_WORKERS = 8  # probes run in parallel so one hanging backend cannot delay the rest
+MAX_PROBE_BODY = 64 * 1024  # read (and discard) at most this much of a health answer
+
+
+def check_backend(backend: Backend, settings: HealthCheckConfig) -> tuple[bool, str]:
+    """Probe `backend` once: (passed, what happened). Never raises for network errors."""
+    try:
+        response = backend.pool.urlopen(
+            "GET",
+            settings.path,
+            headers={
+                "Host": backend.netloc,
+                "User-Agent": f"pyproxy-health/{__version__}",
+                "Accept-Encoding": SKIP_HEADER,
+            },
+            retries=False,
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+            timeout=urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
+        )
+    except Exception as exc:
+        try:
+            return False, classify(exc).detail
+        except Exception:
+            return False, type(exc).__name__
+    status = response.status
+    try:
+        response.read(MAX_PROBE_BODY, decode_content=False)
+    except Exception as exc:
+        response.close()
+        response.release_conn()
+        return False, f"{status}, body failed: {classify(exc).detail}"
+    if not response.isclosed():
+        response.close()  # an endless body: do not pool a connection with bytes left on it
+    response.release_conn()
+    low, high = settings.expected_status
+    return low <= status <= high, str(status)
+
+
+class HealthChecker:
+    """Probes the backends that `backends()` returns, in a daemon thread named
+    `pyproxy-health`. `settings()` is read each round, so a reload takes effect."""
+
+    def __init__(
+        self,
+        backends: Callable[[], Sequence[Backend]],
+        settings: Callable[[], HealthCheckConfig],
+        on_transition: Callable[[Backend], None],
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._backends = backends
+        self._settings = settings
+        self._on_transition = on_transition
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._next_due: dict[int, float] = {}  # id(backend) -> clock time of its next probe
+        self._pool = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="pyproxy-probe")
+        self._thread = threading.Thread(target=self._run, name="pyproxy-health", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def poke(self) -> None:
+        """Probe new backends now instead of at the next wake-up (after add-backend)."""
+        self._wake.set()
+
+    def probe_once(self, backend: Backend, settings: HealthCheckConfig) -> bool:
+        """Probe and record; True if the verdict changed."""
+        passed, detail = check_backend(backend, settings)
+        changed = backend.health.record(passed, detail, self._clock())
+        if changed:
+            level = logging.INFO if backend.health.up else logging.WARNING
+            log.log(level, "backend %s is %s (%s)", backend.name, backend.health.state, detail)
+            self._on_transition(backend)
+        return changed
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            settings = self._settings()
+            if not settings.enabled:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            now = self._clock()
+            backends = list(self._backends())
+            live = {id(b) for b in backends}
+            self._next_due = {k: v for k, v in self._next_due.items() if k in live}
+            due = [b for b in backends if self._next_due.get(id(b), 0.0) <= now]
+            futures = [self._pool.submit(self.probe_once, b, settings) for b in due]
+            for future in futures:
+                try:
+                    future.result()
+                except Exception:
+                    log.exception("health probe crashed")
+            for backend in due:
+                jitter = self._rng.uniform(0.9, 1.1)
+                self._next_due[id(backend)] = self._clock() + settings.interval * jitter
+            if self._next_due:
+                wait = max(0.0, min(self._next_due.values()) - self._clock())
+            else:
+                wait = settings.interval
+            self._wake.wait(min(wait, 1.0) if wait else 0.01)
+            self._wake.clear()

@@ -1,0 +1,98 @@
+"""What pyproxy makes of an incoming request before choosing a backend.
+
+`Inbound.from_environ()` reads the WSGI environ once: the raw target (never the
+decoded PATH_INFO), the Host, the client headers, the body and whether it can be
+replayed. `refusal()` says whether pyproxy must answer itself (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from pyproxy.headers import sane_request_id, via_names, wsgi_request_headers
+
+# SPEC §4: a reverse proxy never tunnels (CONNECT) and never reflects a request
+# with its headers (TRACE: cross-site tracing), whatever the target says.
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+
+
+@dataclass
+class Inbound:
+    """One client request, as read from the environ. Mutable only in its bookkeeping
+    fields (the ones the access log and metrics read at the end)."""
+
+    method: str
+    target: str  # origin-form path and query, bytes as received; "*" for OPTIONS *
+    host: str  # the Host to forward (absolute-form targets supply their own)
+    peer: str  # the TCP peer address
+    scheme: str
+    headers: list[tuple[str, str]]
+    body: bytes | IO[bytes] | None
+    body_length: int | None  # None: the client sent no body and no Content-Length
+    replayable: bool  # the body is held in memory and can be sent again
+    request_id: str
+    via: str | None
+    started: float = field(default_factory=time.monotonic)
+    client: str = ""  # filled in once X-Forwarded-For has been judged
+    backend_name: str = ""
+    attempts: int = 0
+    status: int = 0
+    bytes_sent: int = 0
+    detail: str = ""
+    holds_retry_token: bool = False  # counted in the retry budget until the request ends
+    referer: str = ""
+    user_agent: str = ""
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, Any], max_replay_body: int, started: float) -> Inbound:
+        target = environ.get("REQUEST_URI") or environ.get("PATH_INFO") or "/"
+        host = environ.get("HTTP_HOST", "")
+        if "://" in target.split("?", 1)[0]:
+            # RFC 9112 §3.2.2: an absolute-form target's authority replaces Host. It
+            # never chooses the destination: the request still goes to a backend.
+            parts = urlsplit(target)
+            host = parts.netloc or host
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        raw_length = environ.get("CONTENT_LENGTH")
+        length = int(raw_length) if raw_length not in (None, "") else None
+        stream: IO[bytes] = environ["wsgi.input"]
+        body: bytes | IO[bytes] | None
+        if not length:
+            body, replayable = (b"" if length == 0 else None), True
+        elif length <= max_replay_body:
+            body, replayable = stream.read(length), True
+        else:
+            body, replayable = stream, False
+        return cls(
+            method=environ["REQUEST_METHOD"],
+            target=target,
+            host=host,
+            peer=environ.get("REMOTE_ADDR", ""),
+            scheme=environ.get("wsgi.url_scheme", "http"),
+            headers=wsgi_request_headers(environ),
+            body=body,
+            body_length=length,
+            replayable=replayable,
+            request_id=sane_request_id(environ.get("HTTP_X_REQUEST_ID")),
+            via=environ.get("HTTP_VIA"),
+            started=started,
+            referer=environ.get("HTTP_REFERER", ""),
+            user_agent=environ.get("HTTP_USER_AGENT", ""),
+        )
+
+    def refusal(self, instance_name: str) -> tuple[int, str] | None:
+        """(status, why) when pyproxy must answer itself, before any backend."""
+        if self.method in REFUSED_METHODS:
+            return 405, f"{self.method} is not supported by this proxy"
+        if instance_name in via_names(self.via):
+            # This request already passed through us: forwarding it again would loop.
+            return 508, "request loop detected (Via names this proxy)"
+        if self.target == "*" and self.method != "OPTIONS":
+            return 400, "asterisk-form target is only for OPTIONS"
+        if not (self.target.startswith("/") or self.target == "*"):
+            return 400, "invalid request target"
+        return None

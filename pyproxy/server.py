@@ -1,0 +1,137 @@
+"""The command line: `python -m pyproxy [-c PATH] [--check] [--demo] [--log-level L]`.
+
+Exit codes (SPEC §2): 0 after a clean shutdown or a valid `--check`, 1 for an
+invalid config or a port already in use (one line, no traceback), 2 for bad usage
+(argparse's own convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+from pyproxy import __version__
+from pyproxy.config import Config
+from pyproxy.configload import ConfigError, config_warnings, load_config
+from pyproxy.service import Service
+
+log = logging.getLogger("pyproxy")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyproxy",
+        description="A threaded HTTP/1.1 reverse proxy and load balancer.",
+    )
+    parser.add_argument(
+        "-c", "--config", metavar="PATH",
+        help="YAML config file (default: $PYPROXY_CONFIG, else ./config.yaml)",
+    )  # fmt: skip
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="start three demo backends in-process and a proxy in front of them",
+    )  # fmt: skip
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO",
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")
+    return parser.parse_args(argv)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # waitress logs queue depth at WARNING under normal load spikes; keep it, but
+    # its per-connection chatter at INFO is noise for an operator.
+    logging.getLogger("waitress").setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+def config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("PYPROXY_CONFIG") or "config.yaml"
+
+
+def check(path: str) -> int:
+    """`--check`: every problem on its own line, like `nginx -t`."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{path}: invalid ({len(exc.problems)} problem(s))", file=sys.stderr)
+        return 1
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: ok ({len(config.backends)} backend(s))")
+    return 0
+
+
+def install_signal_handlers(service: Service) -> None:
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            # SPEC §8: a second signal exits at once, drain or not.
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received: draining", signal.Signals(signum).name)
+        service.request_shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    path = config_path(args)
+    if args.check:
+        return check(path)
+    demo_backends = None
+    try:
+        if args.demo:
+            from pyproxy.demo import demo_config, start_demo_backends
+
+            demo_backends = start_demo_backends()
+            config: Config = demo_config(path, demo_backends)
+        else:
+            config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config: %s", problem)
+        log.error("%s is invalid; not starting", path)
+        return 1
+    for warning in config_warnings(config):
+        log.warning("config: %s", warning)
+    try:
+        service = Service(config)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc.strerror or exc)
+        if demo_backends:
+            demo_backends.close()
+        return 1
+    install_signal_handlers(service)
+    service.start()
+    if demo_backends is not None:
+        from pyproxy.demo import banner
+
+        print(banner(service, demo_backends), flush=True)
+    service.serve()
+    if demo_backends is not None:
+        demo_backends.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))

@@ -1,0 +1,178 @@
+"""Service: everything one running pyproxy owns, and its life from start to exit.
+
+    build (bind both listeners) -> start (threads) -> serve -> shutdown:
+        /readyz turns 503 and responses carry Connection: close at once;
+        after `shutdown.delay` the proxy listener closes;
+        in-flight requests finish (at most `shutdown.drain_timeout`);
+        threads stop, the process exits 0.
+
+Threads: `pyproxy-proxy` and `pyproxy-admin` run the two listeners' event loops
+(each with its own waitress worker pool), `pyproxy-health` probes backends,
+`pyproxy-reload` watches the config file, `pyproxy-accesslog` writes the log.
+The caller's thread waits in `serve()`. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import IO
+
+from prometheus_client import CollectorRegistry
+
+from pyproxy.accesslog import AccessLog
+from pyproxy.admin import AdminApp
+from pyproxy.config import Config
+from pyproxy.backend import Backend
+from pyproxy.healthcheck import HealthChecker
+from pyproxy.inbound import EdgeServer
+from pyproxy.metrics import Metrics
+from pyproxy.proxy import ProxyApp
+from pyproxy.runtime import RuntimeHolder, build_runtime
+
+log = logging.getLogger(__name__)
+
+ADMIN_THREADS = 4  # probes and scrapes are light; a busy proxy pool must not starve them
+
+
+class Service:
+    """One pyproxy instance. Binds its listeners on construction (OSError if a port is
+    taken); `start()` starts threads; `serve()` blocks until shutdown completes."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        access_log_stream: IO[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics(registry)
+        # Unique per instance, so two pyproxies chained on purpose are not a "loop".
+        self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
+        runtime, _ = build_runtime(config, clock=clock)
+        self.holder = RuntimeHolder(runtime)
+        self.access_log = (
+            AccessLog(config.access_log, stream=access_log_stream)
+            if config.access_log.enabled
+            else None
+        )
+        self.app = ProxyApp(
+            self.holder, self.metrics, instance_name=self.instance_name,
+            access_log=self.access_log, clock=clock,
+        )  # fmt: skip
+        self._shutdown_requested = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.proxy_server = EdgeServer(
+            self.app, config.listen.host, config.listen.port,
+            threads=config.threads, limits=config.limits, name="proxy",
+        )  # fmt: skip
+        try:
+            self.admin_server = EdgeServer(
+                AdminApp(self.holder, self.metrics, self), config.admin.listen.host,
+                config.admin.listen.port, threads=ADMIN_THREADS, limits=config.limits,
+                name="admin",
+            )  # fmt: skip
+        except OSError:
+            self.proxy_server.close()
+            raise
+        self.health_checker = HealthChecker(
+            backends=lambda: self.holder.runtime.backends,
+            settings=lambda: self.holder.runtime.config.health_check,
+            on_transition=self.publish_backend_state,
+            clock=clock,
+        )
+        for backend in runtime.backends:
+            self.publish_backend_state(backend)
+
+    def publish_backend_state(self, backend: Backend) -> None:
+        self.metrics.set_backend_state(
+            backend.name, backend.health.up, backend.breaker.state.gauge_value
+        )
+
+    # -- addresses -------------------------------------------------------------
+
+    @property
+    def proxy_url(self) -> str:
+        host, port = self.proxy_server.address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def admin_url(self) -> str:
+        host, port = self.admin_server.address[:2]
+        return f"http://{host}:{port}"
+
+    def ready(self) -> bool:
+        """False from the moment shutdown starts (SPEC §8: /readyz turns 503 at once)."""
+        return not self._shutdown_requested.is_set()
+
+    # -- life ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._spawn("pyproxy-proxy", self.proxy_server.serve_forever)
+        self._spawn("pyproxy-admin", self.admin_server.serve_forever)
+        self.health_checker.start()
+        log.info(
+            "serving on %s (admin %s), %d backend(s), strategy %s",
+            self.proxy_url, self.admin_url, len(self.holder.runtime.backends),
+            self.config.strategy,
+        )  # fmt: skip
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (signal handlers call this; it returns at once)."""
+        if not self._shutdown_requested.is_set():
+            log.info("shutdown requested: /readyz now answers 503")
+        self._shutdown_requested.set()
+        self.proxy_server.draining = True
+
+    def serve(self) -> None:
+        """Block until a shutdown was requested and has completed."""
+        while not self._shutdown_requested.wait(0.5):
+            pass
+        self._drain()
+        self.close()
+
+    def _drain(self) -> None:
+        settings = self.config.shutdown
+        if settings.delay:
+            # Keep serving while load balancers in front notice /readyz (SPEC §8).
+            log.info("shutdown: serving %.1fs more before closing the listener", settings.delay)
+            self._stopped.wait(settings.delay)
+        self.proxy_server.stop_accepting()
+        deadline = self.clock() + settings.drain_timeout
+        while self.in_flight() and self.clock() < deadline:
+            self._stopped.wait(0.05)
+        left = self.in_flight()
+        if left:
+            log.warning("shutdown: drain timeout passed with %d request(s) in flight", left)
+        else:
+            log.info("shutdown: all requests finished")
+
+    def in_flight(self) -> int:
+        return self.app.budget.requests_in_flight
+
+    def close(self) -> None:
+        """Stop everything now (no draining). Safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health_checker.stop()
+        self.proxy_server.close()
+        self.admin_server.close()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        if self.access_log is not None:
+            self.access_log.close()
+        for backend in self.holder.runtime.backends:
+            backend.close()

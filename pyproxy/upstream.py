@@ -1,0 +1,125 @@
+"""One exchange with one backend: send the request, check the answer, relay the body.
+
+This is the hot path's network half. It talks to the urllib3 pool owned by the
+backend's requests.Session adapter, skipping `Session.request` (settings merge,
+URL re-preparation, cookie extraction: about half of a request's CPU on this stack,
+see docs/performance.md). Nothing here decides about retries or metrics.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import IO
+
+import urllib3
+from urllib3.util import SKIP_HEADER
+
+from pyproxy.backend import Backend
+from pyproxy.errors import Failure, bad_response, classify
+
+RELAY_CHUNK = 64 * 1024
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def send(
+    backend: Backend,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes | IO[bytes] | None,
+    timeout: urllib3.Timeout,
+) -> urllib3.BaseHTTPResponse:
+    """Send one request and return the response with its body still unread.
+
+    Raises the urllib3 exception of a failed exchange (see errors.classify).
+    """
+    # urllib3 adds User-Agent and Accept-Encoding when absent; SKIP_HEADER says
+    # "send none", so the backend sees only what the client sent (GUIDE, traps).
+    if "User-Agent" not in headers and "user-agent" not in headers:
+        headers["User-Agent"] = SKIP_HEADER
+    if "Accept-Encoding" not in headers and "accept-encoding" not in headers:
+        headers["Accept-Encoding"] = SKIP_HEADER
+    return backend.pool.urlopen(
+        method,
+        target,
+        body=body,
+        headers=headers,
+        retries=False,  # retrying is pyproxy's decision, made with the whole pool in view
+        redirect=False,  # a redirect is the client's to follow
+        assert_same_host=False,
+        preload_content=False,  # stream: never hold a whole response in memory
+        decode_content=False,  # compressed bodies pass through byte for byte
+        release_conn=True,
+        timeout=timeout,
+        chunked=False,  # we always know the length: waitress buffered the request body
+    )
+
+
+def response_problem(response: urllib3.BaseHTTPResponse) -> str | None:
+    """Why a response must not be relayed, or None. RFC 9112 §6.3 framing rules."""
+    status = response.status
+    if status < 200:
+        # http.client skips 100 Continue but returns e.g. 103 Early Hints as if final,
+        # leaving the real response on the connection for the next caller.
+        return f"{status} informational status as final response"
+    if status > 599:
+        return f"invalid status {status}"
+    lengths = response.headers.getlist("content-length")
+    encodings = response.headers.getlist("transfer-encoding")
+    if encodings:
+        if lengths:
+            return "both Content-Length and Transfer-Encoding"
+        if ",".join(encodings).strip().lower() != "chunked":
+            return "unsupported Transfer-Encoding"
+    if lengths:
+        values = {value.strip() for item in lengths for value in item.split(",")}
+        if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+            return "invalid Content-Length"
+    return None
+
+
+def discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Close the response's connection instead of pooling it: after a broken or
+    abandoned response, the bytes left on it belong to nobody."""
+    response.close()
+    response.release_conn()
+
+
+def check(response: urllib3.BaseHTTPResponse) -> Failure | None:
+    """Validate a fresh response; a broken one is discarded and returned as a Failure."""
+    problem = response_problem(response)
+    if problem is None:
+        return None
+    discard(response)
+    return bad_response(problem)
+
+
+class BodyRelay:
+    """Iterates over an upstream body as it arrives, `read1`-style: each chunk is
+    handed on as soon as the socket has it (server-sent events do not wait for a
+    buffer to fill), undecoded. `failure` is set if the backend died mid-body."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
+        self.response = response
+        self.bytes_sent = 0
+        self.complete = False
+        self.failure: Failure | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        read1 = self.response.read1
+        try:
+            while True:
+                chunk = read1(RELAY_CHUNK, decode_content=False)
+                if not chunk:
+                    break
+                self.bytes_sent += len(chunk)
+                yield chunk
+        except Exception as exc:
+            self.failure = classify(exc)
+            return
+        self.complete = True
+
+    def close(self) -> None:
+        if not self.complete:
+            discard(self.response)
