@@ -114,7 +114,7 @@ class ProxyApp:
         tried: list[Backend] = []
         failure: Failure | None = None
         while True:
-            chosen = self._choose(runtime, tried)
+            chosen = self._choose(runtime, request, tried)
             if chosen is None:
                 if failure is not None:
                     return self._fail(request, start_response, failure)
@@ -160,13 +160,23 @@ class ProxyApp:
             if config.retries.backoff:
                 self.sleep(min(config.retries.backoff * self.rng.uniform(0.5, 1.5), left or 1e9))
 
-    def _choose(self, runtime: Runtime, tried: list[Backend]) -> tuple[Backend, Permit] | None:
-        """A backend not yet tried if possible, admitted by its cap and its breaker."""
+    def _choose(
+        self, runtime: Runtime, request: Inbound, tried: list[Backend]
+    ) -> tuple[Backend, Permit] | None:
+        """A backend not yet tried, admitted by its cap and its breaker; the sticky
+        rule first, the strategy otherwise."""
+        sticky = runtime.sticky
         for _ in range(3):  # another thread may take the last slot between look and admit
             candidates = runtime.candidates(exclude=tried)
-            backend = runtime.selector.choose(candidates)
+            backend = sticky.pinned(candidates, request.cookie, request.client)
             if backend is None:
-                return None
+                backend = runtime.selector.choose(candidates)
+                if backend is None:
+                    return None
+                if sticky.mode == "cookie":
+                    request.set_cookie = sticky.set_cookie(backend)
+            elif sticky.mode == "cookie":
+                request.set_cookie = None  # the client's cookie already says this one
             if not backend.try_acquire():
                 continue
             permit = backend.breaker.try_acquire()
@@ -269,6 +279,8 @@ class ProxyApp:
             request_id=request.request_id,
             instance_name=self.instance_name,
         )
+        if request.set_cookie:
+            headers.append(("Set-Cookie", request.set_cookie))
         write = start_response(f"{response.status} {response.reason or ''}".rstrip(), headers)
         # Send the headers now: waitress otherwise waits for the first body byte, and
         # a server-sent event stream may not have one for a while.

@@ -46,6 +46,8 @@ class Inbound:
     holds_retry_token: bool = False  # counted in the retry budget until the request ends
     referer: str = ""
     user_agent: str = ""
+    cookie: str | None = None
+    set_cookie: str | None = None  # a sticky-session cookie to add to the response
 
     @classmethod
     def from_environ(cls, environ: dict[str, Any], max_replay_body: int, started: float) -> Inbound:
@@ -82,6 +84,7 @@ class Inbound:
             started=started,
             referer=environ.get("HTTP_REFERER", ""),
             user_agent=environ.get("HTTP_USER_AGENT", ""),
+            cookie=environ.get("HTTP_COOKIE"),
         )
 
     def refusal(self, instance_name: str) -> tuple[int, str] | None:

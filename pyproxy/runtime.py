@@ -18,6 +18,7 @@ import urllib3
 from pyproxy.backend import Backend
 from pyproxy.config import BackendConfig, Config
 from pyproxy.selection import Selector, make_selector
+from pyproxy.sticky import Sticky
 
 
 def attempt_timeout(connect: float, read: float) -> urllib3.Timeout:
@@ -30,6 +31,7 @@ class Runtime:
     config: Config
     backends: tuple[Backend, ...]
     selector: Selector
+    sticky: Sticky
     default_timeout: urllib3.Timeout  # built once: most attempts are not near the deadline
 
     def candidates(self, exclude: Collection[Backend] = ()) -> list[Backend]:
@@ -98,6 +100,7 @@ def build_runtime(
         config=config,
         backends=tuple(backends),
         selector=selector,
+        sticky=Sticky(config.sticky),
         default_timeout=attempt_timeout(config.timeouts.connect, config.timeouts.read),
     )
     return runtime, list(old.values())
