@@ -1,0 +1,349 @@
+"""EdgeServer: the proxy's client-facing HTTP/1.1 server, waitress made strict and deadline-aware.
+
+waitress parses requests on one asyncore loop thread and runs the WSGI app on a pool of
+worker threads. As an edge server facing untrusted clients it needs, on top of that:
+
+- strict framing (StrictRequestParser, in inbound_parser.py): ambiguous requests are
+  refused before the app runs;
+- deadlines waitress does not have: a client must finish its header block within
+  `limits.header_timeout` (slowloris), and a client that accepts no response bytes for
+  `limits.send_timeout` is dropped, which frees the worker thread blocked writing to it;
+- no `Server: waitress` / `Via: waitress` in responses (pyproxy adds its own Via);
+- draining for graceful shutdown: `Connection: close` on every response;
+- AbortResponse, to cut a response short on purpose without a logged traceback.
+
+The loop runs in whichever thread calls `serve_forever()`; deadlines are enforced on
+that thread between two polls, the only moment a socket can be closed without racing
+the poll's list of file descriptors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, Task, ThreadedTaskDispatcher, WSGITask
+
+from pyproxy.config import LimitsConfig
+from pyproxy.inbound_parser import StrictRequestParser
+
+logger = logging.getLogger(__name__)
+
+# SO_LINGER on with a zero timeout: close() sends RST and drops the unsent bytes the
+# kernel still holds for the client (nginx's `reset_timedout_connection`).
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class AbortResponse(Exception):
+    """Raised by the app's body iterator to cut a response short on purpose — e.g. the
+    backend died mid-body — so the client sees a truncated response.
+
+    The connection is closed without the end of the body (no final chunk) and nothing
+    is logged as an error: the app has already accounted for the failure.
+    """
+
+
+class _EdgeHead(Task):
+    """Response-head changes shared by app responses and error responses."""
+
+    def build_response_header(self) -> bytes:
+        server = self.channel.server
+        if server.draining:
+            # As if the client had sent `Connection: close`: waitress then adds that header
+            # and closes after this response (RFC 9112 §9.6). An app may not send it itself:
+            # waitress refuses hop-by-hop headers from apps (PEP 3333).
+            self.request.headers["CONNECTION"] = "close"
+        app_sent_server = any(name.lower() == "server" for name, _ in self.response_headers)
+        head: bytes = super().build_response_header()
+        # waitress adds exactly one header of its own: `Server: <ident>` when the app sent
+        # no Server, else `Via: <ident>`. Remove that line; pyproxy sets its own Via.
+        own = ("Via: " if app_sent_server else "Server: ") + server.adj.ident
+        return head.replace(f"\r\n{own}\r\n".encode("latin-1"), b"\r\n", 1)
+
+
+class EdgeTask(_EdgeHead, WSGITask):
+    """Runs the WSGI app for one request; AbortResponse closes the connection quietly."""
+
+    aborted = False
+
+    def execute(self) -> None:
+        try:
+            super().execute()
+        except AbortResponse as exc:
+            logger.debug("response to %s cut short: %s", self.request.path, exc)
+            self.aborted = True
+            self.close_on_finish = True
+
+    def finish(self) -> None:
+        # waitress's finish() would write the last chunk ("0\r\n\r\n") and make the
+        # truncated body look complete; an aborted response must end with the connection.
+        if not self.aborted:
+            super().finish()
+
+
+class EdgeErrorTask(_EdgeHead, ErrorTask):
+    """An error waitress produces itself (400, 413, 431, 500, 501, 505): short text, close."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        self.status = f"{error.code} {error.reason}"
+        body = f"{self.status}: {error.body}".encode()
+        self.response_headers.append(("Content-Type", "text/plain; charset=utf-8"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class EdgeChannel(HTTPChannel):
+    """One client connection."""
+
+    parser_class = StrictRequestParser
+    task_class = EdgeTask
+    error_task_class = EdgeErrorTask
+    responses = 0  # requests answered on this connection (a draining server closes it when idle)
+
+    def service(self) -> None:
+        super().service()
+        self.responses += 1
+
+
+class _EdgeWSGIServer(TcpWSGIServer):
+    """waitress's listening socket plus the deadline checks it lacks."""
+
+    channel_class = EdgeChannel
+    draining = False
+
+    def __init__(self, application: Any, limits: LimitsConfig, **kw: Any) -> None:
+        self.limits = limits
+        self._trigger_lock = threading.Lock()  # guards the trigger's fd against use after close
+        self._trigger_closed = False
+        super().__init__(application, **kw)
+
+    def pull_trigger(self) -> None:
+        # waitress's trigger writes to its fd number even after close(); a worker still in
+        # the app could then write into whatever file the OS gave that number next.
+        with self._trigger_lock:
+            if not self._trigger_closed:
+                self.trigger.pull_trigger()
+
+    def close_trigger(self) -> None:
+        with self._trigger_lock:
+            self._trigger_closed = True
+            self.trigger.close()
+
+    def close_listener(self) -> None:
+        """Stop accepting; unlike BaseWSGIServer.close(), keep the trigger the channels use."""
+        if self.socket is not None:
+            wasyncore.dispatcher.close(self)
+
+    def enforce_deadlines(self) -> None:
+        """Close connections that missed a deadline. Loop thread only, between polls."""
+        now, mono, limits = time.time(), time.monotonic(), self.limits
+        # waitress runs its idle check (channel_timeout) from the listening socket's
+        # readable(), which stops being called once we stop accepting: run it here too.
+        self.maintenance(now)
+        for channel in list(self.active_channels.values()):
+            request = channel.request
+            # waitress stamps last_activity (time.time()) whenever the socket accepts output.
+            if (
+                channel.total_outbufs_len
+                and limits.send_timeout > 0
+                and now - channel.last_activity > limits.send_timeout
+            ):
+                logger.info(
+                    "client %s read nothing for %gs, dropped", channel.addr[0], limits.send_timeout
+                )
+                _reset(channel)
+            elif (
+                # a request in progress stops waitress reading, so the client is not late
+                not channel.requests
+                and request is not None
+                and not request.headers_finished
+                and limits.header_timeout > 0
+                and mono - request.started > limits.header_timeout
+            ):
+                logger.info(
+                    "client %s sent no complete header in %gs, closed",
+                    channel.addr[0],
+                    limits.header_timeout,
+                )
+                _send_408(channel, limits.header_timeout)
+            elif self.draining and channel.responses and _is_idle(channel):
+                channel.handle_close()  # an idle keep-alive connection: nothing is lost
+
+
+def _is_idle(channel: EdgeChannel) -> bool:
+    return not channel.requests and channel.request is None and not channel.total_outbufs_len
+
+
+def _reset(channel: EdgeChannel) -> None:
+    with contextlib.suppress(OSError):
+        channel.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    # handle_close() sets connected = False and notifies outbuf_lock, so a worker blocked
+    # in write_soon() raises ClientDisconnected and goes back to the pool.
+    channel.handle_close()
+
+
+def _send_408(channel: EdgeChannel, timeout: float) -> None:
+    body = f"408 Request Timeout: request header not complete within {timeout:g}s".encode()
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with contextlib.suppress(OSError):
+        channel.socket.send(head + body)  # best effort: non-blocking, and we close anyway
+    channel.handle_close()
+
+
+class _NamedDispatcher(ThreadedTaskDispatcher):
+    """waitress's worker pool, with threads named `<prefix>-N` instead of `waitress-N`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def start_new_thread(self, target: Callable[[int], None], thread_no: int) -> None:
+        name = f"{self.prefix}-{thread_no}"
+        threading.Thread(target=target, name=name, args=(thread_no,), daemon=True).start()
+
+
+class EdgeServer:
+    """One listening socket, its asyncore loop and its pool of `threads` worker threads.
+
+    Binds in the constructor (port 0 = an ephemeral port; OSError if the port is taken).
+    `limits` maps onto waitress where it can: max_request_body (413), max_request_header
+    (431), client_idle_timeout, max_connections; header_timeout and send_timeout are
+    enforced here. A timeout of 0 means no limit.
+    """
+
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        host: str,
+        port: int,
+        *,
+        threads: int,
+        limits: LimitsConfig,
+        name: str = "proxy",
+    ) -> None:
+        adj = Adjustments(
+            host=host,
+            port=port,
+            threads=threads,
+            ident="pyproxy",  # SERVER_SOFTWARE; never sent (see _EdgeHead)
+            server_name=host,  # SERVER_NAME when a 1.0 request has no Host
+            # waitress refuses at >= the size; the limits refuse only what is larger.
+            max_request_body_size=limits.max_request_body + 1,
+            max_request_header_size=limits.max_request_header + 1,
+            # waitress counts its map, which also holds the listener and the trigger
+            connection_limit=limits.max_connections + 2,
+            # pyproxy decides itself which X-Forwarded-* to believe (trusted_proxies)
+            clear_untrusted_proxy_headers=False,
+        )
+        # Set after construction: waitress casts these to int, and passing send_bytes warns.
+        adj.channel_timeout = limits.client_idle_timeout or float("inf")
+        adj.cleanup_interval = 1
+        # Hand every write to the socket at once: server-sent events and other small
+        # streamed chunks must not wait for a buffer to fill (waitress's old default was
+        # 18000 bytes; 3.0 defaults to 1 but deprecates the knob, so pin it here).
+        adj.send_bytes = 1
+        self._map: dict[int, Any] = {}
+        self._dispatcher = _NamedDispatcher(f"pyproxy-{name}")
+        try:
+            self._server = _EdgeWSGIServer(
+                app,
+                limits,
+                map=self._map,
+                dispatcher=self._dispatcher,
+                adj=adj,
+                sockinfo=adj.listen[0],
+            )
+        except OSError:
+            wasyncore.close_all(self._map)  # the trigger and the unbound socket
+            raise
+        self._dispatcher.set_thread_count(threads)
+        self.address: tuple[str, int] = (
+            self._server.effective_host,
+            int(self._server.effective_port),
+        )
+        deadlines = [t for t in (limits.header_timeout, limits.send_timeout) if t > 0]
+        self._tick = max(0.05, min([1.0] + [t / 4 for t in deadlines]))
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._loop_exited = threading.Event()
+        self._loop_thread: int | None = None
+        self._close_lock = threading.Lock()  # makes close() run once
+        self._closed = False
+
+    @property
+    def draining(self) -> bool:
+        """True: every response from now on carries `Connection: close`, and idle
+        keep-alive connections are closed."""
+        return bool(self._server.draining)
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._server.draining = value
+
+    def open_connections(self) -> int:
+        return len(self._server.active_channels)
+
+    def serve_forever(self) -> None:
+        """Run the loop in this thread until close()."""
+        self._loop_thread = threading.get_ident()
+        try:
+            while not self._stopping.is_set():
+                # poll(), not select(): select() cannot watch fds above 1023.
+                wasyncore.poll2(self._tick, self._map)
+                while not self._calls.empty():
+                    self._calls.get()()
+                self._server.enforce_deadlines()
+        finally:
+            self._loop_exited.set()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; connections already open keep being served."""
+        self._on_loop(self._server.close_listener)
+
+    def close(self) -> None:
+        """Stop the loop, close every connection, stop the workers (waits about 1 s at most)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()
+        if self._loop_thread not in (None, threading.get_ident()):
+            self._server.pull_trigger()
+            self._loop_exited.wait(0.5)  # the trigger wakes it at once
+        for channel in list(self._server.active_channels.values()):
+            channel.handle_close()  # releases a worker blocked writing to it
+        self._server.close_listener()
+        self._dispatcher.shutdown(cancel_pending=True, timeout=1.0)
+        self._server.close_trigger()
+        self._map.clear()
+
+    def _on_loop(self, call: Callable[[], None]) -> None:
+        """Run `call` on the loop thread between polls (now, if no loop is running)."""
+        if self._loop_thread in (None, threading.get_ident()) or self._loop_exited.is_set():
+            call()
+            return
+        done = threading.Event()
+
+        def call_then_signal() -> None:
+            call()
+            done.set()
+
+        self._calls.put(call_then_signal)
+        self._server.pull_trigger()
+        done.wait(2.0)

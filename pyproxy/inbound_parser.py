@@ -1,0 +1,129 @@
+"""StrictRequestParser: waitress's HTTP/1.1 request parser, made strict about framing.
+
+waitress (3.0.2) is lenient where a proxy cannot afford to be: it accepts a request
+with both Content-Length and Transfer-Encoding, `chunked, chunked`, a missing or
+repeated Host, and any request target. A front server and a backend that frame the
+same bytes differently is how requests get smuggled, so every ambiguous request is
+refused here, before the app runs: the channel answers with the error and closes the
+connection (RFC 9112 §6.3: after a framing error the connection cannot be reused).
+
+Duplicates are found in the raw header block: waitress joins repeated fields with
+", " and drops names containing "_", so its parsed `headers` cannot tell
+`Host: a, b` from two Host lines.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.utilities import Error
+
+# RFC 3986 §3.2.2-3.2.3: IP-literal / IPv4address / reg-name, then an optional port.
+_HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?")
+# RFC 9112 §3.2.2 absolute-form; only the schemes a reverse proxy for HTTP serves.
+_ABSOLUTE_RE = re.compile(r"https?://([^/?#]*)", re.IGNORECASE)
+
+
+class VersionNotSupported(Error):
+    code = 505
+    reason = "HTTP Version Not Supported"
+
+
+class StrictRequestParser(HTTPRequestParser):
+    """One request as waitress parses it, refused (400/501/505) if its framing is ambiguous.
+
+    `started` is when its first byte arrived (time.monotonic()), for the header deadline.
+    """
+
+    error: Error | None  # set by waitress when the request is refused
+    _rejection: Error | None = None  # an error other than waitress's default 400
+
+    def __init__(self, adj: object) -> None:
+        super().__init__(adj)
+        self.started = time.monotonic()
+
+    def received(self, data: bytes) -> int:
+        consumed: int = super().received(data)
+        if self.error is None:
+            return consumed
+        if self._rejection is not None:
+            self.error = self._rejection
+        # The bytes after a refused request are not known to start a new request
+        # (that is the smuggling), so swallow them: the connection closes anyway.
+        return len(data)
+
+    def parse_header(self, header_plus: bytes) -> None:
+        fields = _raw_fields(header_plus)
+        # Before waitress joins the repeats: RFC 9112 §3.2 (Host), §6.3 (Content-Length).
+        for name in (b"host", b"content-length"):
+            if len(fields.get(name, ())) > 1:
+                raise ParsingError(f"repeated {name.decode().title()} header")
+        try:
+            super().parse_header(header_plus)
+        except ValueError as exc:  # urlsplit() on a target like "http://[::1"
+            raise ParsingError("invalid request target") from exc
+        if self.version not in ("1.0", "1.1"):
+            self._rejection = VersionNotSupported(f"HTTP/{self.version or '0.9'}")
+            raise ParsingError("unsupported HTTP version")
+        problem = _framing_problem(fields, self.version) or _target_problem(
+            self.command, self.request_uri
+        )
+        if problem:
+            raise ParsingError(problem)
+
+
+def _raw_fields(header_plus: bytes) -> dict[bytes, list[bytes]]:
+    """The header block as {lowercased name: [value, ...]}, one value per field line."""
+    fields: dict[bytes, list[bytes]] = {}
+    for line in header_plus.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            # RFC 9112 §5.2: a server MUST reject obs-fold or unfold it; waitress unfolds
+            # without a space, so a folded Host or Transfer-Encoding could hide a value.
+            raise ParsingError("obsolete line folding")
+        name, _, value = line.partition(b":")
+        if name:
+            fields.setdefault(name.lower(), []).append(value.strip(b" \t"))
+    return fields
+
+
+def _framing_problem(fields: dict[bytes, list[bytes]], version: str) -> str | None:
+    """Why the message framing or Host is unsafe to pass on, or None. No repeats here."""
+    hosts = fields.get(b"host", [])
+    te = fields.get(b"transfer-encoding")
+    # RFC 9112 §3.2: 400 for a 1.1 request without Host, or with an invalid one.
+    if version == "1.1" and not hosts:
+        return "missing Host header"
+    if hosts and not _HOST_RE.fullmatch(hosts[0]):
+        return "invalid Host header"
+    if te is None:
+        return None
+    # RFC 9112 §6.1: a 1.0 message with Transfer-Encoding must be treated as faulty framing.
+    if version != "1.1":
+        return "Transfer-Encoding on HTTP/1.0"
+    # RFC 9112 §6.1 / §6.3 (3): both headers is the classic smuggling request.
+    if b"content-length" in fields:
+        return "both Content-Length and Transfer-Encoding"
+    # Unknown codings got 501 from waitress already; what is left must be one "chunked".
+    if len(te) != 1 or te[0].lower() != b"chunked":
+        return "Transfer-Encoding must be exactly chunked"
+    return None
+
+
+def _target_problem(method: str, target: str) -> str | None:
+    """Why `target` is not a request target pyproxy serves (RFC 9112 §3.2), or None."""
+    if method in ("CONNECT", "TRACE"):
+        return None  # SPEC §4: refused by method (405) whatever the target, by the app
+    if "#" in target:
+        return "fragment in request target"
+    if target.startswith("/"):
+        return None  # origin-form
+    if target == "*":
+        return None if method == "OPTIONS" else "'*' target is only for OPTIONS"
+    match = _ABSOLUTE_RE.match(target)
+    if match is None or not match.group(1):
+        return "request target must be origin-form or absolute-form"
+    if "@" in match.group(1):
+        return "userinfo in request target"  # RFC 9110 §4.2.4: treat it as an error
+    return None
