@@ -16,8 +16,11 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pyproxy.configload import ConfigError, parse_backend
+from pyproxy.control import Control
 from pyproxy.metrics import Metrics
 from pyproxy.runtime import RuntimeHolder
+from pyproxy.urlguard import refuse_backend_url
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +55,27 @@ def json_reply(status: int, payload: object) -> Reply:
 class AdminApp:
     """Routes admin requests. `lifecycle.ready()` says whether /readyz may say yes."""
 
-    def __init__(self, holder: RuntimeHolder, metrics: Metrics, lifecycle: Any) -> None:
+    def __init__(
+        self,
+        holder: RuntimeHolder,
+        metrics: Metrics,
+        lifecycle: Any,
+        control: Control,
+        own_addresses: Callable[[], list[tuple[str, int]]] = list,
+    ) -> None:
         self.holder = holder
         self.metrics = metrics
         self.lifecycle = lifecycle
+        self.control = control
+        self.own_addresses = own_addresses
         self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
             ("GET", "/livez"): self.livez,
             ("GET", "/readyz"): self.readyz,
             ("GET", "/metrics"): self.metrics_page,
             ("GET", "/admin/backends"): self.list_backends,
+            ("POST", "/admin/add-backend"): self.changes(self.add_backend),
+            ("POST", "/admin/remove-backend"): self.changes(self.remove_backend),
+            ("POST", "/admin/reload"): self.changes(self.reload),
         }
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -129,3 +144,73 @@ class AdminApp:
                 "backends": [dataclasses.asdict(b.snapshot()) for b in runtime.backends],
             },
         )
+
+    # -- changes (bearer token required) -----------------------------------------
+
+    def changes(self, handler: Callable[[Any], Reply]) -> Callable[[dict[str, Any]], Reply]:
+        """Wrap a change: check the token, then parse the JSON body for the handler."""
+
+        def guarded(environ: dict[str, Any]) -> Reply:
+            refusal = self.authorize(environ)
+            if refusal is not None:
+                log.warning("admin: refused %s %s (%s)", environ["REQUEST_METHOD"],
+                            environ.get("PATH_INFO"), refusal[0])  # fmt: skip
+                return refusal
+            try:
+                payload = read_json(environ)
+            except ValueError as error:
+                return text(400, f"400 Bad Request: {error}")
+            return handler(payload)
+
+        return guarded
+
+    def add_backend(self, payload: Any) -> Reply:
+        if not isinstance(payload, dict) or "url" not in payload:
+            return text(400, '400 Bad Request: expected a JSON object with "url"')
+        try:
+            backend = parse_backend(payload)
+        except ConfigError as error:
+            return text(400, "400 Bad Request: " + "; ".join(error.problems))
+        why = refuse_backend_url(backend.url, self.own_addresses())
+        if why is not None:
+            return text(400, f"400 Bad Request: {why}")
+        try:
+            added = self.control.add_backend(backend)
+        except KeyError as error:
+            return text(409, f"409 Conflict: {error.args[0]}")
+        return json_reply(201, dataclasses.asdict(added.snapshot()))
+
+    def remove_backend(self, payload: Any) -> Reply:
+        if not isinstance(payload, dict) or not ({"name", "url"} & payload.keys()):
+            return text(400, '400 Bad Request: expected a JSON object with "name" or "url"')
+        name, url = payload.get("name"), payload.get("url")
+        if isinstance(url, str):
+            url = url.rstrip("/")
+        removed = self.control.remove_backend(name, url)
+        if removed is None:
+            return text(404, f"404 Not Found: no backend {name or url}")
+        return json_reply(200, {"removed": removed.name, "url": removed.url,
+                                "in_flight": removed.in_flight})  # fmt: skip
+
+    def reload(self, payload: Any) -> Reply:
+        result = self.control.reload("admin API")
+        if not result.ok:
+            return json_reply(400, {"reloaded": False, "problems": result.problems})
+        return json_reply(200, {"reloaded": True, "changes": result.changes})
+
+
+def read_json(environ: dict[str, Any]) -> Any:
+    """The request body as JSON; an empty body is an empty object. ValueError says why."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ValueError("invalid Content-Length") from None
+    if length > MAX_ADMIN_BODY:
+        raise ValueError(f"body larger than {MAX_ADMIN_BODY} bytes")
+    raw = environ["wsgi.input"].read(length) if length else b""
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"invalid JSON: {error}") from None

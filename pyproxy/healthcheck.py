@@ -55,12 +55,12 @@ def check_backend(backend: Backend, settings: HealthCheckConfig) -> tuple[bool, 
     status = response.status
     try:
         response.read(MAX_PROBE_BODY, decode_content=False)
+        if response.read(1, decode_content=False):
+            response.close()  # a body past the limit: never pool a connection with bytes left
     except Exception as exc:
         response.close()
         response.release_conn()
         return False, f"{status}, body failed: {classify(exc).detail}"
-    if not response.isclosed():
-        response.close()  # an endless body: do not pool a connection with bytes left on it
     response.release_conn()
     low, high = settings.expected_status
     return low <= status <= high, str(status)

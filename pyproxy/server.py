@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 
 from pyproxy import __version__
@@ -87,8 +88,13 @@ def install_signal_handlers(service: Service) -> None:
         log.info("%s received: draining", signal.Signals(signum).name)
         service.request_shutdown()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        # Reload in a thread of its own: a signal handler should return quickly.
+        threading.Thread(target=service.reload, args=("SIGHUP",), name="pyproxy-sighup").start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
 
 
 def run(argv: list[str] | None = None) -> int:

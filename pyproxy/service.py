@@ -25,12 +25,14 @@ from prometheus_client import CollectorRegistry
 
 from pyproxy.accesslog import AccessLog
 from pyproxy.admin import AdminApp
-from pyproxy.config import Config
 from pyproxy.backend import Backend
+from pyproxy.config import Config
+from pyproxy.control import Control, ReloadResult, load_state
 from pyproxy.healthcheck import HealthChecker
 from pyproxy.inbound import EdgeServer
 from pyproxy.metrics import Metrics
 from pyproxy.proxy import ProxyApp
+from pyproxy.reload import ConfigWatcher
 from pyproxy.runtime import RuntimeHolder, build_runtime
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,9 @@ class Service:
         self.metrics = Metrics(registry)
         # Unique per instance, so two pyproxies chained on purpose are not a "loop".
         self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
-        runtime, _ = build_runtime(config, clock=clock)
-        self.holder = RuntimeHolder(runtime)
+        admin_changes = load_state(config.admin.state_file)
+        runtime, _ = build_runtime(config, admin=admin_changes, clock=clock)
+        self.holder = RuntimeHolder(runtime, admin_changes)
         self.access_log = (
             AccessLog(config.access_log, stream=access_log_stream)
             if config.access_log.enabled
@@ -73,9 +76,16 @@ class Service:
             self.app, config.listen.host, config.listen.port,
             threads=config.threads, limits=config.limits, name="proxy",
         )  # fmt: skip
+        self.watcher: ConfigWatcher | None = None
+        self.control = Control(
+            self.holder, self.metrics,
+            on_backend_added=lambda: self.health_checker.poke(),
+            on_settings=self._apply_settings,
+        )  # fmt: skip
+        admin_app = AdminApp(self.holder, self.metrics, self, self.control, self._own_addresses)
         try:
             self.admin_server = EdgeServer(
-                AdminApp(self.holder, self.metrics, self), config.admin.listen.host,
+                admin_app, config.admin.listen.host,
                 config.admin.listen.port, threads=ADMIN_THREADS, limits=config.limits,
                 name="admin",
             )  # fmt: skip
@@ -90,6 +100,26 @@ class Service:
         )
         for backend in runtime.backends:
             self.publish_backend_state(backend)
+
+    def _own_addresses(self) -> list[tuple[str, int]]:
+        return [self.proxy_server.address[:2], self.admin_server.address[:2]]
+
+    def reload(self, trigger: str) -> ReloadResult:
+        """Re-read the config file (SIGHUP, the admin API and the watcher call this)."""
+        result = self.control.reload(trigger)
+        if self.watcher is not None:
+            self.watcher.note_applied()
+        return result
+
+    def _apply_settings(self, config: Config) -> None:
+        """Settings that live outside the runtime snapshot: the access log."""
+        if config.access_log != self.config.access_log:
+            old = self.access_log
+            self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+            self.app.access_log = self.access_log
+            if old is not None:
+                old.close()
+        self.config = config
 
     def publish_backend_state(self, backend: Backend) -> None:
         self.metrics.set_backend_state(
@@ -118,6 +148,9 @@ class Service:
         self._spawn("pyproxy-proxy", self.proxy_server.serve_forever)
         self._spawn("pyproxy-admin", self.admin_server.serve_forever)
         self.health_checker.start()
+        if self.config.source_path:
+            self.watcher = ConfigWatcher(self.config.source_path, self.reload)
+            self.watcher.start()
         log.info(
             "serving on %s (admin %s), %d backend(s), strategy %s",
             self.proxy_url, self.admin_url, len(self.holder.runtime.backends),
@@ -168,6 +201,8 @@ class Service:
             return
         self._stopped.set()
         self.health_checker.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         self.proxy_server.close()
         self.admin_server.close()
         for thread in self._threads:

@@ -1,0 +1,207 @@
+"""Control: the only code that replaces the running Runtime.
+
+Three things change what pyproxy runs: a config reload (file watcher, SIGHUP,
+`POST /admin/reload`), and adding or removing a backend through the admin API. All
+three build a complete new snapshot and swap it under one lock, so they cannot
+interleave and lose each other, and no request ever sees half a change (SPEC §7).
+
+Backends the admin API added or removed are kept in `AdminChanges`, which every
+rebuild applies on top of the file, and (with `admin.state_file`) on disk, so they
+survive reloads and restarts (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyproxy.backend import Backend
+from pyproxy.config import BackendConfig, Config
+from pyproxy.configload import ConfigError, load_config, parse_backend
+from pyproxy.configreport import describe_changes
+from pyproxy.metrics import Metrics
+from pyproxy.runtime import AdminChanges, RuntimeHolder, build_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    changes: list[str]  # what changed, when ok
+    problems: list[str]  # why nothing changed, when not ok
+
+
+def keep_restart_settings(old: Config, new: Config) -> Config:
+    """Listeners and the thread count are bound at start: the running values stay."""
+    return dataclasses.replace(
+        new,
+        listen=old.listen,
+        threads=old.threads,
+        admin=dataclasses.replace(new.admin, listen=old.admin.listen),
+    )
+
+
+class Control:
+    """Swaps runtimes for reloads and admin changes. `on_backend_added` lets the
+    health checker probe a new backend at once; `on_settings` sees each new Config."""
+
+    def __init__(
+        self,
+        holder: RuntimeHolder,
+        metrics: Metrics,
+        *,
+        on_backend_added: Callable[[], None] = lambda: None,
+        on_settings: Callable[[Config], None] = lambda config: None,
+    ) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self.on_backend_added = on_backend_added
+        self.on_settings = on_settings
+        self._last_file_text: str | None = None
+
+    # -- reload ------------------------------------------------------------------
+
+    def reload(self, trigger: str) -> ReloadResult:
+        """Re-read the config file; apply it only if it is valid in full."""
+        path = self.holder.runtime.config.source_path
+        if path is None:
+            return ReloadResult(False, [], ["no config file: pyproxy was started without one"])
+        try:
+            new = load_config(path)
+        except ConfigError as error:
+            self.metrics.reload_result(False)
+            for problem in error.problems:
+                log.error("reload (%s): %s", trigger, problem)
+            log.error("reload (%s): %s is invalid; the running config stays", trigger, path)
+            return ReloadResult(False, [], error.problems)
+        with self.holder.swap_lock:
+            old = self.holder.runtime
+            changes = describe_changes(old.config, new)
+            self._swap(keep_restart_settings(old.config, new), self.holder.admin)
+        self.metrics.reload_result(True)
+        for line in changes:
+            log.info("reload (%s): %s", trigger, line)
+        if not changes:
+            log.info("reload (%s): no changes", trigger)
+        self.on_settings(self.holder.runtime.config)
+        return ReloadResult(True, changes, [])
+
+    # -- admin changes -------------------------------------------------------------
+
+    def add_backend(self, backend: BackendConfig) -> Backend:
+        """Add a backend (already validated); raises KeyError if its name or URL exists."""
+        with self.holder.swap_lock:
+            runtime = self.holder.runtime
+            for existing in runtime.backends:
+                if existing.name == backend.name or existing.url == backend.url:
+                    raise KeyError(
+                        f"a backend named {existing.name} with url {existing.url} exists"
+                    )
+            admin = self.holder.admin
+            admin = AdminChanges(
+                added=(*admin.added, backend),
+                removed_urls=admin.removed_urls - {backend.url},
+            )
+            self._swap(runtime.config, admin)
+            added = self.holder.runtime.find(url=backend.url)
+        assert added is not None
+        log.info(
+            "admin: added backend %s (%s), weight %d", backend.name, backend.url, backend.weight
+        )
+        self.on_backend_added()
+        return added
+
+    def remove_backend(self, name: str | None, url: str | None) -> Backend | None:
+        """Take a backend out: no new requests; in-flight ones finish. None if unknown."""
+        with self.holder.swap_lock:
+            runtime = self.holder.runtime
+            target = runtime.find(name=name, url=url)
+            if target is None:
+                return None
+            admin = self.holder.admin
+            admin = AdminChanges(
+                added=tuple(b for b in admin.added if b.url != target.url),
+                removed_urls=admin.removed_urls | {target.url},
+            )
+            self._swap(runtime.config, admin)
+        log.info("admin: removed backend %s (%s)", target.name, target.url)
+        return target
+
+    # -- the swap ------------------------------------------------------------------
+
+    def _swap(self, config: Config, admin: AdminChanges) -> None:
+        """Build and install a new runtime. Caller holds `holder.swap_lock`."""
+        runtime, gone = build_runtime(config, previous=self.holder.runtime, admin=admin)
+        self.holder.runtime = runtime
+        self.holder.admin = admin
+        for backend in runtime.backends:
+            self.metrics.set_backend_state(
+                backend.name, backend.health.up, backend.breaker.state.gauge_value
+            )
+        for backend in gone:
+            backend.removed = True
+            self.metrics.forget_backend(backend.name)
+            retire_when_idle(backend)
+        state_file = config.admin.state_file
+        if state_file:
+            save_state(state_file, admin)
+
+
+def retire_when_idle(backend: Backend, poll: float = 0.5, give_up: float = 3600.0) -> None:
+    """Close a removed backend's pool once its in-flight requests have finished."""
+
+    def wait_then_close() -> None:
+        waited = 0.0
+        while backend.in_flight and waited < give_up:
+            threading.Event().wait(poll)
+            waited += poll
+        backend.close()
+
+    threading.Thread(target=wait_then_close, name="pyproxy-retire", daemon=True).start()
+
+
+# -- the state file --------------------------------------------------------------------
+
+
+def save_state(path: str, admin: AdminChanges) -> None:
+    """Write the admin changes atomically: a crash mid-write leaves the old file whole."""
+    payload = {
+        "added": [dataclasses.asdict(b) for b in admin.added],
+        "removed_urls": sorted(admin.removed_urls),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix=".pyproxy-state-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)  # atomic on POSIX: readers see the old or the new file
+    except OSError as error:
+        log.error("admin state file %s not written: %s", path, error)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+
+
+def load_state(path: str | None) -> AdminChanges:
+    """Read the admin changes kept by a previous run; a missing file means none."""
+    if not path or not os.path.exists(path):
+        return AdminChanges()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+        added = tuple(parse_backend(entry) for entry in payload.get("added", []))
+        removed = frozenset(str(url) for url in payload.get("removed_urls", []))
+    except (OSError, ValueError, ConfigError, AttributeError, TypeError) as error:
+        log.error("admin state file %s ignored: %s", path, error)
+        return AdminChanges()
+    log.info("admin state: %d added and %d removed backend(s) restored", len(added), len(removed))
+    return AdminChanges(added=added, removed_urls=removed)
