@@ -149,38 +149,38 @@ class _EdgeWSGIServer(TcpWSGIServer):
 
     def enforce_deadlines(self) -> None:
         """Close connections that missed a deadline. Loop thread only, between polls."""
-        now, mono, limits = time.time(), time.monotonic(), self.limits
+        now = time.time()
+        send_timeout, header_timeout = self.limits.send_timeout, self.limits.header_timeout
         # waitress runs its idle check (channel_timeout) from the listening socket's
         # readable(), which stops being called once we stop accepting: run it here too.
         self.maintenance(now)
         for channel in list(self.active_channels.values()):
-            request = channel.request
-            # waitress stamps last_activity (time.time()) whenever the socket accepts output.
-            if (
-                channel.total_outbufs_len
-                and limits.send_timeout > 0
-                and now - channel.last_activity > limits.send_timeout
-            ):
-                logger.info(
-                    "client %s read nothing for %gs, dropped", channel.addr[0], limits.send_timeout
-                )
+            if _send_stalled(channel, send_timeout, now):
+                logger.info("%s read nothing for %gs: dropped", channel.addr[0], send_timeout)
                 _reset(channel)
-            elif (
-                # a request in progress stops waitress reading, so the client is not late
-                not channel.requests
-                and request is not None
-                and not request.headers_finished
-                and limits.header_timeout > 0
-                and mono - request.started > limits.header_timeout
-            ):
+            elif _header_late(channel, header_timeout):
                 logger.info(
-                    "client %s sent no complete header in %gs, closed",
-                    channel.addr[0],
-                    limits.header_timeout,
+                    "%s sent no full header in %gs: closed", channel.addr[0], header_timeout
                 )
-                _send_408(channel, limits.header_timeout)
+                _send_408(channel, header_timeout)
             elif self.draining and channel.responses and _is_idle(channel):
                 channel.handle_close()  # an idle keep-alive connection: nothing is lost
+
+
+def _send_stalled(channel: EdgeChannel, timeout: float, now: float) -> bool:
+    # waitress stamps last_activity (with time.time()) whenever the socket accepts output;
+    # while output is pending the channel does not read, so nothing else stamps it.
+    return bool(channel.total_outbufs_len) and 0 < timeout < now - channel.last_activity
+
+
+def _header_late(channel: EdgeChannel, timeout: float) -> bool:
+    request = channel.request  # the request being received, if any
+    return (
+        not channel.requests  # one in progress stops waitress reading: the client is not late
+        and request is not None
+        and not request.headers_finished
+        and 0 < timeout < time.monotonic() - request.started
+    )
 
 
 def _is_idle(channel: EdgeChannel) -> bool:
@@ -197,12 +197,10 @@ def _reset(channel: EdgeChannel) -> None:
 
 def _send_408(channel: EdgeChannel, timeout: float) -> None:
     body = f"408 Request Timeout: request header not complete within {timeout:g}s".encode()
-    head = (
-        "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with contextlib.suppress(OSError):
-        channel.socket.send(head + body)  # best effort: non-blocking, and we close anyway
+    head = "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    with contextlib.suppress(OSError):  # best effort: the socket is non-blocking
+        channel.socket.send(head.encode() + body)
     channel.handle_close()
 
 
@@ -262,21 +260,15 @@ class EdgeServer:
         self._dispatcher = _NamedDispatcher(f"pyproxy-{name}")
         try:
             self._server = _EdgeWSGIServer(
-                app,
-                limits,
-                map=self._map,
-                dispatcher=self._dispatcher,
-                adj=adj,
+                app, limits, map=self._map, dispatcher=self._dispatcher, adj=adj,
                 sockinfo=adj.listen[0],
-            )
+            )  # fmt: skip
         except OSError:
             wasyncore.close_all(self._map)  # the trigger and the unbound socket
             raise
         self._dispatcher.set_thread_count(threads)
-        self.address: tuple[str, int] = (
-            self._server.effective_host,
-            int(self._server.effective_port),
-        )
+        server = self._server
+        self.address: tuple[str, int] = (server.effective_host, int(server.effective_port))
         deadlines = [t for t in (limits.header_timeout, limits.send_timeout) if t > 0]
         self._tick = max(0.05, min([1.0] + [t / 4 for t in deadlines]))
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
