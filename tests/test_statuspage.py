@@ -1,0 +1,403 @@
+"""The status page: `render_status()` directly, then in a real headless Chromium.
+
+The direct tests put backends in every state a Backend can be in (health up, down
+and unknown, circuit open, full, drained, rate bucket empty) on a fake clock and
+read the page back cell by cell. The browser tests run a real Service with a dead
+backend among live ones, load the page in Chromium (`--dump-dom`, then
+`--screenshot`) and check what a person would see.
+
+Chromium is a Debian package (`apt-get update && apt-get install -y chromium`); the
+CI script installs it. Without it the browser tests fail with that instruction:
+they never skip silently.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import os
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+import requests
+from backends import closed_port, wait_for
+
+from pyproxy.config import (
+    BackendConfig,
+    CircuitBreakerConfig,
+    Config,
+    HealthCheckConfig,
+    Rate,
+    RateLimitConfig,
+    StickyConfig,
+)
+from pyproxy.runtime import AdminChanges, Runtime, build_runtime
+from pyproxy.service import Service
+from pyproxy.statuspage import ago, render_status
+
+HOSTILE = "<script>alert('x')</script>\"&"
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class PageReader(html.parser.HTMLParser):
+    """Collects the text of each `<tr data-backend>` row, cell by cell, and the whole text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, list[str]] = {}
+        self.text: list[str] = []
+        self._row: str | None = None
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        if tag == "tr":
+            self._row = dict(attrs).get("data-backend")
+            if self._row is not None:
+                self.rows[self._row] = []
+        elif tag == "td" and self._row is not None:
+            self.rows[self._row].append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr":
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self._row is not None and self.rows[self._row]:
+            cell = self.rows[self._row][-1]
+            self.rows[self._row][-1] = (cell + " " + data.strip()).strip()
+
+
+def read_page(page: bytes | str) -> PageReader:
+    reader = PageReader()
+    reader.feed(page.decode() if isinstance(page, bytes) else page)
+    return reader
+
+
+def render(runtime: Runtime, now: float, **kw: Any) -> bytes:
+    options: dict[str, Any] = {
+        "now_monotonic": now, "started_at": now - 3725, "last_reload": None,
+        "instance_name": "pyproxy-test",
+    }  # fmt: skip
+    options.update(kw)
+    return render_status(runtime, **options)
+
+
+# -- the function -------------------------------------------------------------------
+
+
+def test_hostile_names_and_probe_details_are_escaped() -> None:
+    clock = FakeClock()
+    config = Config(
+        backends=(
+            BackendConfig("http://127.0.0.1:9001", HOSTILE),
+            BackendConfig("http://127.0.0.1:9002", '"><img src=x onerror=alert(1)>'),
+        )
+    )
+    runtime, _ = build_runtime(config, clock=clock)
+    runtime.backends[0].health.record(False, "<b>bold</b> & broken", at=999.0)
+    page = render(runtime, clock.now, instance_name="<i>inst</i>").decode()
+
+    assert "<script" not in page.lower()
+    assert "<img" not in page and "<b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&quot;&amp;" in page
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; broken" in page
+    # The parsed page shows exactly what the operator typed, as text.
+    reader = read_page(page)
+    assert set(reader.rows) == {HOSTILE, '"><img src=x onerror=alert(1)>'}
+    assert reader.rows[HOSTILE][0].startswith(HOSTILE)
+    assert reader.tags.count("img") == 0
+
+
+def test_the_page_is_self_contained_and_refreshes_itself() -> None:
+    runtime, _ = build_runtime(Config(backends=(BackendConfig("http://127.0.0.1:9001", "a"),)))
+    page = render(runtime, 10.0).decode()
+    assert page.startswith("<!DOCTYPE html>")
+    assert '<meta http-equiv="refresh" content="5">' in page
+    assert '<meta charset="utf-8">' in page
+    lowered = page.lower()
+    for external in ("<script", "<link", "src=", "href=", "@import", "url("):
+        assert external not in lowered, external
+
+
+def states_runtime(clock: FakeClock) -> Runtime:
+    """Six backends, each in a different state, on `clock`."""
+    config = Config(
+        backends=(
+            BackendConfig("http://127.0.0.1:9001", "fine", weight=2, max_connections=5),
+            BackendConfig("http://127.0.0.1:9002", "sick"),
+            BackendConfig("http://127.0.0.1:9003", "tripped"),
+            BackendConfig("http://127.0.0.1:9004", "full", max_connections=1),
+            BackendConfig("http://127.0.0.1:9005", "drained", weight=0),
+        ),
+        strategy="least_connections",
+        sticky=StickyConfig(mode="cookie"),
+        health_check=HealthCheckConfig(healthy_threshold=2, unhealthy_threshold=3),
+        circuit_breaker=CircuitBreakerConfig(failure_threshold=2, open_duration=30.0),
+    )
+    runtime, _ = build_runtime(config, clock=clock)
+    fine, sick, tripped, full, _ = runtime.backends
+    fine.health.record(True, "200", at=990.0)
+    fine.health.record(True, "204", at=995.0)
+    for _ in range(2):
+        fine.try_acquire()
+    fine.release(failed=True)  # 2 requests, 1 failure, 1 in flight
+    for at in (996.0, 997.0, 998.0):
+        sick.health.record(False, "connect refused", at=at)
+    tripped.breaker.record_failure()
+    tripped.breaker.record_failure()  # opens at 1000 for 30 s
+    full.try_acquire()
+    # An admin-added backend: health unknown until its first passing probe.
+    added, _ = build_runtime(
+        config,
+        previous=runtime,
+        admin=AdminChanges(added=(BackendConfig("http://127.0.0.1:9006", "newcomer"),)),
+        clock=clock,
+    )
+    return added
+
+
+def test_every_fact_and_verdict_is_on_the_page() -> None:
+    clock = FakeClock()
+    runtime = states_runtime(clock)
+    clock.now = 1003.4
+    page = render(runtime, clock.now, last_reload=(False, 1003.4 - 75))
+    reader = read_page(page)
+    rows = reader.rows
+    assert list(rows) == ["fine", "sick", "tripped", "full", "drained", "newcomer"]
+    # Columns: backend, verdict, health, last probe, circuit, in flight, requests,
+    # failures, weight, source.
+    fine = rows["fine"]
+    assert fine[0] == "fine http://127.0.0.1:9001"
+    assert fine[1] == "available"
+    assert fine[2] == "up streak: 2 pass, 0 fail"
+    assert fine[3] == "204 8 s ago"
+    assert fine[4] == "closed failures in a row: 0"
+    assert fine[5:10] == ["1 / 5", "2", "1", "2", "config"]
+
+    sick = rows["sick"]
+    assert sick[1] == "unavailable health down"
+    assert sick[2] == "down streak: 0 pass, 3 fail"
+    assert sick[3] == "connect refused 5 s ago"
+
+    tripped = rows["tripped"]
+    assert tripped[1] == "unavailable circuit open"
+    assert tripped[4] == "open reopens in 27 s failures in a row: 2"
+
+    assert rows["full"][1] == "unavailable at max_connections (1)"
+    assert rows["full"][5] == "1 / 1"
+    assert rows["drained"][1] == "unavailable weight 0 (draining)"
+    assert rows["drained"][5] == "0 / ∞"
+
+    newcomer = rows["newcomer"]
+    assert newcomer[1] == "unavailable health unknown"
+    assert newcomer[2].startswith("unknown")
+    assert newcomer[3] == "never probed"
+    assert newcomer[9] == "admin"
+
+    text = " ".join(" ".join(reader.text).split())
+    assert "1 of 6 backend(s) available" in text
+    assert "Strategy least_connections" in text
+    assert "Sticky sessions cookie" in text
+    assert "Uptime 1 h 2 min" in text
+    assert "Last reload failed 1 min 15 s ago" in text
+
+
+def test_the_circuit_reopening_moves_on_the_clock() -> None:
+    clock = FakeClock()
+    runtime = states_runtime(clock)
+    clock.now = 1029.5
+    row = read_page(render(runtime, clock.now)).rows["tripped"]
+    assert row[4].startswith("open reopens in 1 s")
+    clock.now = 1030.0  # the open period is over: trials are let through
+    row = read_page(render(runtime, clock.now)).rows["tripped"]
+    assert row[4].startswith("half_open")
+    assert "reopens" not in row[4]
+    assert row[1] == "available"
+
+
+def test_checks_off_breaker_off_and_no_backends() -> None:
+    config = Config(
+        backends=(BackendConfig("http://127.0.0.1:9001", "a"),),
+        health_check=HealthCheckConfig(enabled=False),
+        circuit_breaker=CircuitBreakerConfig(enabled=False),
+    )
+    runtime, _ = build_runtime(config)
+    row = read_page(render(runtime, 5.0)).rows["a"]
+    assert row[4] == "off"
+    assert row[2] == "not checked"
+    assert row[3] == "checks off"
+    text = " ".join(read_page(render(runtime, 5.0)).text)
+    assert "Health checks off" in " ".join(text.split())
+
+    empty, _ = build_runtime(Config(backends=()))
+    page = render(empty, 5.0, last_reload=(True, 4.0)).decode()
+    assert "no backends: every request gets 503" in page
+    assert "0 of 0 backend(s) available" in page
+    assert "succeeded" in page
+
+
+def test_per_backend_rate_bucket_level_and_empty_bucket_verdict() -> None:
+    clock = FakeClock()
+    config = Config(
+        backends=(
+            BackendConfig("http://127.0.0.1:9001", "a"),
+            BackendConfig("http://127.0.0.1:9002", "b"),
+        ),
+        rate_limit=RateLimitConfig(per_backend=Rate(4, 3600.0)),  # refills too slowly to see
+    )
+    runtime, _ = build_runtime(config, clock=clock)
+    limiter = getattr(runtime, "backend_limiter", None)
+    assert limiter is not None, "Runtime.backend_limiter missing with rate_limit.per_backend set"
+    for _ in range(4):
+        assert limiter.take("b")
+    reader = read_page(render(runtime, clock.now))
+    assert reader.rows["a"][10] == "4.0 / 4"
+    assert reader.rows["b"][10] == "0.0 / 4"
+    assert reader.rows["b"][1] == "unavailable per-backend rate bucket empty"
+    assert "Rate bucket" in " ".join(reader.text)
+    # Without a per-backend limit there is no bucket column at all.
+    plain, _ = build_runtime(Config(backends=config.backends))
+    assert len(read_page(render(plain, 1.0)).rows["a"]) == 10
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0 s"), (59.9, "59 s"), (60, "1 min 0 s"), (3725, "1 h 2 min"),
+     (90061, "1 d 1 h"), (-3, "0 s")],
+)  # fmt: skip
+def test_ago(seconds: float, text: str) -> None:
+    assert ago(seconds) == text
+
+
+# -- a real Service, a real browser ------------------------------------------------
+
+
+def chromium() -> str:
+    """The Chromium binary, or a loud failure saying how to install it."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail(
+        "chromium is not installed, so the status page cannot be checked in a browser. "
+        "Install it with: apt-get update && apt-get install -y chromium "
+        "(.ci/run does this on a fresh machine)."
+    )
+
+
+def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir(exist_ok=True)
+    command = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", *args,
+    ]  # fmt: skip
+    env = {**os.environ, "HOME": str(tmp_path)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env)
+    assert done.returncode == 0, f"chromium failed ({done.returncode}): {done.stderr[-2000:]}"
+    return done
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def page_url() -> Iterator[Callable[[Service, float], str]]:
+    """The status page URL of a Service: the admin route when it exists, else a tiny
+    local WSGI server calling `render_status` the way the route does."""
+    servers: list[tuple[WSGIServer, threading.Thread]] = []
+
+    def url_for(service: Service, started_at: float) -> str:
+        admin = requests.get(service.admin_url + "/admin/status", timeout=5)
+        if admin.status_code != 404:
+            assert admin.status_code == 200
+            assert admin.headers["Content-Type"].startswith("text/html")
+            return service.admin_url + "/admin/status"
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+            body = render_status(
+                service.holder.runtime, now_monotonic=service.clock(), started_at=started_at,
+                last_reload=None, instance_name=service.instance_name,
+            )  # fmt: skip
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [body]
+
+        server = make_server("127.0.0.1", 0, app, handler_class=QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="test-statuspage")
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_port}/admin/status"
+
+    yield url_for
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def live_service(make_proxy: Any, three_backends: list[Any], http: requests.Session) -> Service:
+    """Three live echo backends and one whose port refuses connections, health-checked."""
+    dead = BackendConfig(f"http://127.0.0.1:{closed_port()}", "dead")
+    service: Service = make_proxy(
+        [*three_backends, dead],
+        health_check=HealthCheckConfig(
+            interval=0.2, timeout=0.5, healthy_threshold=1, unhealthy_threshold=1
+        ),
+    )
+    assert wait_for(lambda: service.holder.runtime.find(name="dead").health.state == "down")
+    for _ in range(6):
+        assert http.get(service.proxy_url + "/hello", timeout=5).status_code == 200
+    return service
+
+
+def test_chromium_renders_every_backend_with_its_state(
+    live_service: Service, page_url: Callable[[Service, float], str], tmp_path: Path
+) -> None:
+    url = page_url(live_service, time.monotonic() - 42)
+    dom = run_chromium(tmp_path, "--dump-dom", url).stdout
+    reader = read_page(dom)
+    assert set(reader.rows) == {"app1", "app2", "app3", "dead"}, dom[:2000]
+    for name in ("app1", "app2", "app3"):
+        row = reader.rows[name]
+        assert row[0].startswith(name)
+        assert row[1] == "available"
+        assert row[2].startswith("up")
+        assert row[6] == "2"  # round robin: 6 requests over 3 live backends
+    dead = reader.rows["dead"]
+    assert dead[1] == "unavailable health down"
+    assert dead[2].startswith("down")
+    assert dead[3].startswith("connection refused")
+    assert "3 of 4 backend(s) available" in " ".join(" ".join(reader.text).split())
+
+
+def test_chromium_screenshot_of_the_status_page(
+    live_service: Service, page_url: Callable[[Service, float], str], tmp_path: Path
+) -> None:
+    url = page_url(live_service, time.monotonic() - 42)
+    shot = tmp_path / "status.png"
+    run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,800", url)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
+    assert (width, height) == (1200, 800)
+    assert len(data) > 20_000, "a blank page compresses to almost nothing"
