@@ -263,9 +263,10 @@ class EdgeServer:
                 app, limits, map=self._map, dispatcher=self._dispatcher, adj=adj,
                 sockinfo=adj.listen[0],
             )  # fmt: skip
-        except OSError:
+        except OSError as exc:
             wasyncore.close_all(self._map)  # the trigger and the unbound socket
-            raise
+            # Name the address, as asyncio's create_server() does: there are two listeners.
+            raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from exc
         self._dispatcher.set_thread_count(threads)
         server = self._server
         self.address: tuple[str, int] = (server.effective_host, int(server.effective_port))

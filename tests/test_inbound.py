@@ -6,6 +6,7 @@ checks the status, that the connection is closed, and that the app never ran.
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -547,8 +548,10 @@ def test_port_in_use_raises_oserror() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as raised:
             EdgeServer(Recorder(), "127.0.0.1", port, threads=1, limits=LIMITS)
+    assert raised.value.errno == errno.EADDRINUSE
+    assert f"127.0.0.1:{port}" in str(raised.value.strerror)  # which listener failed
 
 
 def test_stop_accepting_refuses_new_connections_but_serves_open_ones(serve: Any) -> None:
