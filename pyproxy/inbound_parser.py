@@ -64,6 +64,10 @@ class StrictRequestParser(HTTPRequestParser):
             super().parse_header(header_plus)
         except ValueError as exc:  # urlsplit() on a target like "http://[::1"
             raise ParsingError("invalid request target") from exc
+        if len(fields.get(b"cookie", ())) > 1:
+            # waitress joined them with ", ", which reads as one cookie `a="1, b=2"`; cookie
+            # lists are joined with "; " (RFC 6265 §5.4; RFC 9113 §8.2.3 does the same).
+            self.headers["COOKIE"] = "; ".join(v.decode("latin-1") for v in fields[b"cookie"])
         if self.version not in ("1.0", "1.1"):
             self._rejection = VersionNotSupported(f"HTTP/{self.version or '0.9'}")
             raise ParsingError("unsupported HTTP version")
@@ -72,6 +76,10 @@ class StrictRequestParser(HTTPRequestParser):
         )
         if problem:
             raise ParsingError(problem)
+        cookies = fields.get(b"cookie", [])
+        if len(cookies) > 1:
+            # waitress joined them with ", "; RFC 6265 §5.4 wants one list joined by "; ".
+            self.headers["COOKIE"] = "; ".join(v.decode("latin-1") for v in cookies)
 
 
 def _raw_fields(header_plus: bytes) -> dict[bytes, list[bytes]]:

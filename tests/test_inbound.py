@@ -184,6 +184,17 @@ def test_forwarding_headers_reach_the_app_for_it_to_judge(serve: Any) -> None:
     assert app.seen[0]["HTTP_X_FORWARDED_FOR"] == "192.0.2.1"
 
 
+def test_repeated_cookie_lines_reach_the_app_as_one_cookie_list(serve: Any) -> None:
+    app = Recorder()
+    server = serve(app)
+    raw = b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCookie: b=2, c\r\nX-A: 1\r\nX-A: 2\r\n\r\n"
+    response, sock = exchange(server, raw)
+    sock.close()
+    assert response.status == 200
+    assert app.seen[0]["HTTP_COOKIE"] == "a=1; b=2, c"  # not "a=1, b=2, c"
+    assert app.seen[0]["HTTP_X_A"] == "1, 2"  # other fields: a comma list (RFC 9110 §5.3)
+
+
 # --- 1. strict request parsing -------------------------------------------------------
 
 
