@@ -21,6 +21,7 @@ from requests.adapters import HTTPAdapter
 
 from pyproxy.breaker import CircuitBreaker, CircuitState
 from pyproxy.config import BackendConfig, CircuitBreakerConfig, HealthCheckConfig
+from pyproxy.connection import UpstreamHTTPConnection, UpstreamHTTPSConnection
 from pyproxy.health import HealthStatus
 
 
@@ -102,7 +103,12 @@ class Backend:
         # (docs/performance.md: Session.request costs about half a request's CPU).
         adapter = self.session.get_adapter(config.url)
         assert isinstance(adapter, HTTPAdapter)
-        self.pool: urllib3.HTTPConnectionPool = adapter.poolmanager.connection_from_url(config.url)
+        pool = adapter.poolmanager.connection_from_url(config.url)
+        # Connections that send the raw target and obey timeouts.total (connection.py).
+        pool.ConnectionCls = (
+            UpstreamHTTPSConnection if self.scheme == "https" else UpstreamHTTPConnection
+        )
+        self.pool: urllib3.HTTPConnectionPool = pool
         # Config backends start up; admin-added ones start unknown and wait for a
         # passing probe (SPEC §5) unless health checks are off.
         initially_up: bool | None = True if source == "config" or not health.enabled else None

@@ -239,20 +239,14 @@ class CircuitBreaker:
         return False
 
     def _counts(self, state: CircuitState, permit: Permit | None) -> bool:
-        """Should a result count? Gives back the trial slot either way."""
+        """Should this result count? Stale ones do not. (A counted result in
+        HALF_OPEN always transitions, which frees every trial slot.)"""
         if not self._settings.enabled or state is CircuitState.OPEN:
             return False  # disabled, or a late result: the circuit already opened
         if permit is not None:
-            if permit.generation != self._generation:
-                return False  # admitted before a transition: stale evidence
-            self._give_back(permit)
-            return True
-        if state is CircuitState.HALF_OPEN:
-            # No permit: count it as a trial's result only if a trial is out.
-            if self._trials == 0:
-                return False
-            self._trials -= 1
-        return True
+            return permit.generation == self._generation  # else admitted before a transition
+        # No permit: in HALF_OPEN it can only be a trial's result if a trial is out.
+        return state is CircuitState.CLOSED or self._trials > 0
 
     def _give_back(self, permit: Permit | None) -> None:
         if permit is not None and (not permit.trial or permit.generation != self._generation):

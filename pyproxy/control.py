@@ -139,7 +139,12 @@ class Control:
 
     def _swap(self, config: Config, admin: AdminChanges) -> None:
         """Build and install a new runtime. Caller holds `holder.swap_lock`."""
-        runtime, gone = build_runtime(config, previous=self.holder.runtime, admin=admin)
+        runtime, gone = build_runtime(
+            config,
+            previous=self.holder.runtime,
+            admin=admin,
+            on_store_error=self.holder.on_store_error,
+        )
         self.holder.runtime = runtime
         self.holder.admin = admin
         for backend in runtime.backends:
@@ -148,6 +153,8 @@ class Control:
             )
         for backend in gone:
             backend.removed = True
+            if runtime.backend_limiter is not None:
+                runtime.backend_limiter.forget(backend.name)
             self.metrics.forget_backend(backend.name)
             retire_when_idle(backend)
         state_file = config.admin.state_file

@@ -104,7 +104,7 @@ def banner(service: Any, backends: DemoBackends) -> str:
         f"  curl -s {admin}/metrics | grep proxy_requests_total",
         f"  curl -s {backends.urls[0]}/toggle-health                   # make app1 fail its checks",
         f"  curl -s -H 'Authorization: Bearer {token}' -X POST \\\n"
-        f"       {admin}/admin/remove-backend -d '{{\"name\": \"app2\"}}'",
+        f'       {admin}/admin/remove-backend -d \'{{"name": "app2"}}\'',
         "",
     ]
     return "\n".join(lines)

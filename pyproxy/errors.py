@@ -54,6 +54,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure("timeout", "timeout", 504, "no response in time")
     if isinstance(exc, u3.ProtocolError):
         cause = exc.args[1] if len(exc.args) > 1 else exc.__context__
+        if isinstance(cause, u3.InvalidChunkLength):  # an IncompleteRead subclass, so first
+            return Failure("bad_response", "reset", 502, "invalid chunk size")
         if isinstance(cause, http.client.IncompleteRead):
             return Failure("reset", "reset", 502, "response body cut short")
         if isinstance(cause, http.client.HTTPException) and not isinstance(

@@ -148,7 +148,9 @@ def upstream_request_headers(
     for name, value in client_headers:
         lower = name.lower()
         if lower in received:
-            received[lower] = f"{received[lower]}, {value}"
+            # RFC 6265 §5.4: Cookie is a "; " list; other fields join with ", " (RFC 9110 §5.3).
+            joiner = "; " if lower == "cookie" else ", "
+            received[lower] = f"{received[lower]}{joiner}{value}"
         else:
             received[lower] = value
     names = {name.lower(): name for name, _ in client_headers}
@@ -157,18 +159,21 @@ def upstream_request_headers(
     trusted_peer = is_trusted(peer, trusted)
     if not trusted_peer:
         dropped = dropped | FORWARDING_HEADERS
-    dropped = dropped | {"host", "via", "x-request-id"}
+    # Set below under their canonical names, whatever spelling the client used.
+    dropped = (
+        dropped | {"host", "via", "x-request-id"} | FORWARDING_HEADERS - {"forwarded", "x-real-ip"}
+    )
 
     out = {names[lower]: value for lower, value in received.items() if lower not in dropped}
 
     client, forwarded_for = client_address(peer, received.get("x-forwarded-for"), trusted)
     out["X-Forwarded-For"] = forwarded_for
     if trusted_peer and "x-forwarded-proto" in received:
-        out[names["x-forwarded-proto"]] = received["x-forwarded-proto"]
+        out["X-Forwarded-Proto"] = received["x-forwarded-proto"]
     else:
         out["X-Forwarded-Proto"] = scheme
     if trusted_peer and "x-forwarded-host" in received:
-        out[names["x-forwarded-host"]] = received["x-forwarded-host"]
+        out["X-Forwarded-Host"] = received["x-forwarded-host"]
     else:
         out["X-Forwarded-Host"] = host
     out["X-Request-ID"] = request_id

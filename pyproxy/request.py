@@ -87,6 +87,16 @@ class Inbound:
             cookie=environ.get("HTTP_COOKIE"),
         )
 
+    def rate_limit_key(self, client_key: str) -> str:
+        """The per-client bucket key: `ip` (the client address as SPEC §4 defines it)
+        or `header:<Name>`, falling back to the address when the header is absent."""
+        if client_key.startswith("header:"):
+            wanted = client_key[len("header:") :].lower()
+            for name, value in self.headers:
+                if name.lower() == wanted and value:
+                    return "header:" + value
+        return "ip:" + self.client
+
     def refusal(self, instance_name: str) -> tuple[int, str] | None:
         """(status, why) when pyproxy must answer itself, before any backend."""
         if self.method in REFUSED_METHODS:

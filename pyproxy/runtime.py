@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import urllib3
 
 from pyproxy.backend import Backend
-from pyproxy.config import BackendConfig, Config
+from pyproxy.config import BackendConfig, Config, RateLimitConfig
+from pyproxy.ratelimit import BackendLimiter, ClientLimiter
+from pyproxy.ratelimit_store import make_client_limiter
 from pyproxy.selection import Selector, make_selector
 from pyproxy.sticky import Sticky
 
@@ -33,10 +35,20 @@ class Runtime:
     selector: Selector
     sticky: Sticky
     default_timeout: urllib3.Timeout  # built once: most attempts are not near the deadline
+    client_limiter: ClientLimiter | None = None  # None: no per-client limit
+    backend_limiter: BackendLimiter | None = None  # None: no per-backend limit
 
     def candidates(self, exclude: Collection[Backend] = ()) -> list[Backend]:
-        """The backends that may take a new request now (SPEC §5 "available")."""
-        return [b for b in self.backends if b not in exclude and b.unavailable_reason() is None]
+        """The backends that may take a new request now (SPEC §5 "available"):
+        the backend's own verdict, plus a token in its rate bucket."""
+        limiter = self.backend_limiter
+        return [
+            b
+            for b in self.backends
+            if b not in exclude
+            and b.unavailable_reason() is None
+            and (limiter is None or limiter.has_token(b.name))
+        ]
 
     def find(self, name: str | None = None, url: str | None = None) -> Backend | None:
         for backend in self.backends:
@@ -68,6 +80,7 @@ def build_runtime(
     previous: Runtime | None = None,
     admin: AdminChanges | None = None,
     clock: Callable[[], float] = time.monotonic,
+    on_store_error: Callable[[], None] = lambda: None,
 ) -> tuple[Runtime, list[Backend]]:
     """A new snapshot for `config`, and the Backends of `previous` that are gone.
 
@@ -96,8 +109,11 @@ def build_runtime(
             )
     keep_selector = previous is not None and previous.config.strategy == config.strategy
     selector = previous.selector if previous and keep_selector else make_selector(config.strategy)
+    client_limiter, backend_limiter = _limiters(config.rate_limit, previous, on_store_error)
     runtime = Runtime(
         config=config,
+        client_limiter=client_limiter,
+        backend_limiter=backend_limiter,
         backends=tuple(backends),
         selector=selector,
         sticky=Sticky(config.sticky),
@@ -106,14 +122,43 @@ def build_runtime(
     return runtime, list(old.values())
 
 
+def _limiters(
+    settings: RateLimitConfig, previous: Runtime | None, on_store_error: Callable[[], None]
+) -> tuple[ClientLimiter | None, BackendLimiter | None]:
+    """Rate limiters for `settings`, reusing the previous ones when their settings did
+    not change: a reload must not hand every client a fresh, full bucket."""
+    old = previous.config.rate_limit if previous else None
+    client: ClientLimiter | None = None
+    if settings.per_client is not None:
+        same = old is not None and (
+            (old.per_client, old.burst, old.max_clients, old.store, old.client_key)
+            == (settings.per_client, settings.burst, settings.max_clients, settings.store,
+                settings.client_key)
+        )  # fmt: skip
+        client = previous.client_limiter if same and previous else None
+        client = client or make_client_limiter(settings, on_store_error)
+    backend: BackendLimiter | None = None
+    if settings.per_backend is not None:
+        same = old is not None and old.per_backend == settings.per_backend
+        backend = previous.backend_limiter if same and previous else None
+        backend = backend or BackendLimiter(settings.per_backend)
+    return client, backend
+
+
 class RuntimeHolder:
     """Holds the current Runtime. Reads are a plain attribute load (atomic in
     CPython); swaps are serialised so a reload and an admin change cannot
     interleave and lose one another."""
 
-    def __init__(self, runtime: Runtime, admin: AdminChanges | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        admin: AdminChanges | None = None,
+        on_store_error: Callable[[], None] = lambda: None,
+    ) -> None:
         self.runtime = runtime
         self.admin = admin or AdminChanges()
+        self.on_store_error = on_store_error  # handed to every rebuilt runtime's limiter
         self.swap_lock = threading.Lock()  # held while building and swapping; no network I/O
 
     def all_backends(self) -> Sequence[Backend]:

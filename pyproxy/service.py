@@ -58,8 +58,14 @@ class Service:
         # Unique per instance, so two pyproxies chained on purpose are not a "loop".
         self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
         admin_changes = load_state(config.admin.state_file)
-        runtime, _ = build_runtime(config, admin=admin_changes, clock=clock)
-        self.holder = RuntimeHolder(runtime, admin_changes)
+
+        def store_error() -> None:
+            self.metrics.count_error("", "rate_limit_store")
+
+        runtime, _ = build_runtime(
+            config, admin=admin_changes, clock=clock, on_store_error=store_error
+        )
+        self.holder = RuntimeHolder(runtime, admin_changes, on_store_error=store_error)
         self.access_log = (
             AccessLog(config.access_log, stream=access_log_stream)
             if config.access_log.enabled

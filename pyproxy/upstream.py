@@ -50,7 +50,9 @@ def send(
         assert_same_host=False,
         preload_content=False,  # stream: never hold a whole response in memory
         decode_content=False,  # compressed bodies pass through byte for byte
-        release_conn=True,
+        # The response keeps its connection until the body is read to the end, then
+        # hands it back to the pool (True would pool it at once, mid-body).
+        release_conn=False,
         timeout=timeout,
         chunked=False,  # we always know the length: waitress buffered the request body
     )

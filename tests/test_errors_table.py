@@ -113,11 +113,6 @@ def test_a_protocol_error_chained_by_context_is_judged_by_its_cause() -> None:
         assert row(classify(exc)) == BAD
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: errors.py:57 treats InvalidChunkLength (an IncompleteRead subclass) as "
-    "'body cut short' (reset); an invalid chunk size is invalid framing, SPEC §9 bad_response",
-)
 def test_an_invalid_chunk_size_is_a_bad_response_not_a_reset() -> None:
     class FakeResponse:
         tell = staticmethod(lambda: 0)

@@ -12,6 +12,7 @@ test_max_connections.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_network
 from typing import Any
@@ -99,6 +100,7 @@ class Seen:
     path: str
     headers: list[tuple[str, str]]
     body: bytes
+    at: float = field(default_factory=time.monotonic)  # when it was read
 
     def header_names(self) -> set[str]:
         return {name.lower() for name, _ in self.headers}
@@ -210,8 +212,9 @@ class ControlledBackend:
         self._thread.join(timeout=5)
 
 
-@pytest.fixture
-def controlled() -> Iterator[Callable[..., ControlledBackend]]:
+@contextlib.contextmanager
+def controlled_backends() -> Iterator[Callable[..., ControlledBackend]]:
+    """A factory of ControlledBackends, all closed on exit (for the fixtures)."""
     started: list[ControlledBackend] = []
 
     def start(name: str, status: int = 200) -> ControlledBackend:
@@ -219,9 +222,17 @@ def controlled() -> Iterator[Callable[..., ControlledBackend]]:
         started.append(backend)
         return backend
 
-    yield start
-    for backend in started:
-        backend.close()
+    try:
+        yield start
+    finally:
+        for backend in started:
+            backend.close()
+
+
+@pytest.fixture
+def controlled() -> Iterator[Callable[..., ControlledBackend]]:
+    with controlled_backends() as start:
+        yield start
 
 
 @pytest.fixture
@@ -298,11 +309,6 @@ def test_with_retries_every_get_survives_a_refusing_backend(
     assert metric(proxy, "proxy_retries_total", backend="good") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the retry's choose() advances the shared RoundRobin counter, so with "
-    "[dead, good] the dead backend is the first pick of every request (10 of 10)",
-)
 def test_round_robin_takes_turns_even_when_one_backend_is_dead(
     make_proxy: ProxyFactory, make_echo_backend: Callable[[str], EchoBackend]
 ) -> None:
