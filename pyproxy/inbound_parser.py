@@ -76,10 +76,6 @@ class StrictRequestParser(HTTPRequestParser):
         )
         if problem:
             raise ParsingError(problem)
-        cookies = fields.get(b"cookie", [])
-        if len(cookies) > 1:
-            # waitress joined them with ", "; RFC 6265 §5.4 wants one list joined by "; ".
-            self.headers["COOKIE"] = "; ".join(v.decode("latin-1") for v in cookies)
 
 
 def _raw_fields(header_plus: bytes) -> dict[bytes, list[bytes]]:
