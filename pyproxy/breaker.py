@@ -173,7 +173,10 @@ class CircuitBreaker:
     def release(self, permit: Permit | None = None) -> None:
         """An admitted request ended with no verdict (the client left): free its slot."""
         with self._lock:
-            self._give_back(permit)
+            if permit is not None and (not permit.trial or permit.generation != self._generation):
+                return  # not a trial, or a transition since has reset the slots
+            if self._state is CircuitState.HALF_OPEN and self._trials > 0:
+                self._trials -= 1
 
     # -- results -------------------------------------------------------------
 
@@ -247,12 +250,6 @@ class CircuitBreaker:
             return permit.generation == self._generation  # else admitted before a transition
         # No permit: in HALF_OPEN it can only be a trial's result if a trial is out.
         return state is CircuitState.CLOSED or self._trials > 0
-
-    def _give_back(self, permit: Permit | None) -> None:
-        if permit is not None and (not permit.trial or permit.generation != self._generation):
-            return  # not a trial, or its slots were already reset by a transition
-        if self._state is CircuitState.HALF_OPEN and self._trials > 0:
-            self._trials -= 1
 
     def _open(self, now: float) -> None:
         self._state = CircuitState.OPEN

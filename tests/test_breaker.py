@@ -6,7 +6,10 @@ Time is a FakeClock the tests advance; nothing sleeps.
 from __future__ import annotations
 
 import random
+import sys
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,9 +30,7 @@ class FakeClock:
         self.now += seconds
 
 
-def make(
-    clock: FakeClock | None = None, **overrides: object
-) -> tuple[CircuitBreaker, FakeClock]:
+def make(clock: FakeClock | None = None, **overrides: object) -> tuple[CircuitBreaker, FakeClock]:
     clock = clock or FakeClock()
     settings = CircuitBreakerConfig(
         **{  # type: ignore[arg-type]
@@ -181,7 +182,7 @@ def test_closing_resets_the_doubling() -> None:
 
 
 def test_late_success_while_open_does_not_close() -> None:
-    breaker, clock = make()
+    breaker, _ = make()
     before = breaker.try_acquire()
     open_it(breaker)
     assert breaker.record_success(before) is False
@@ -272,6 +273,13 @@ def test_update_settings_keeps_state_and_applies_new_values() -> None:
     assert breaker.reopens_at is not None
 
 
+def test_update_settings_on_a_closed_breaker_uses_the_new_open_duration() -> None:
+    breaker, clock = make(open_duration=10.0)
+    breaker.update_settings(CircuitBreakerConfig(failure_threshold=3, open_duration=4.0))
+    open_it(breaker)
+    assert breaker.reopens_at == clock.now + 4.0
+
+
 def test_update_settings_cuts_a_long_open_period_short() -> None:
     breaker, clock = make(max_open_duration=100.0)
     open_it(breaker)
@@ -306,6 +314,44 @@ def test_the_clock_is_never_called_under_the_lock() -> None:
     assert breaker.state is CircuitState.OPEN
 
 
+def test_concurrent_try_acquire_hands_out_only_the_free_trial_slots() -> None:
+    breaker, clock = make(half_open_requests=2)
+    open_it(breaker)
+    clock.advance(10)
+    admits = breaker._admits
+
+    def slow_admits(state: CircuitState) -> bool:
+        verdict = admits(state)
+        time.sleep(0.005)  # widen the check-then-take window that the lock must close
+        return verdict
+
+    breaker._admits = slow_admits  # type: ignore[method-assign]
+    start = threading.Barrier(8)
+    permits: list[Permit | None] = []
+
+    def contender() -> None:
+        start.wait()
+        permits.append(breaker.try_acquire())
+
+    threads = [threading.Thread(target=contender) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sum(p is not None for p in permits) == 2
+    assert breaker.trials_in_flight == 2
+
+
+@pytest.fixture
+def busy_switching() -> Iterator[None]:
+    """Switch threads very often, so races get a chance to show."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("busy_switching")
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_threads_hammering_keep_the_invariants(seed: int) -> None:
     clock = FakeClock()
