@@ -23,6 +23,7 @@ from pyproxy.attempt import Tools, judge, try_backend
 from pyproxy.backend import Backend
 from pyproxy.breaker import Permit
 from pyproxy.errors import REASONS, Failure, error_body
+from pyproxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.headers import downstream_response_headers, upstream_request_headers
 from pyproxy.metrics import Metrics
 from pyproxy.ratelimit import rate_limit_headers
@@ -79,6 +80,9 @@ class ProxyApp:
             request_id=request.request_id,
             instance_name=self.instance_name,
         )
+        if wants_explanation(environ.get(REQUEST_HEADER), request.peer, config.trusted_proxies):
+            request.explanation = Explanation(runtime)
+        headers.pop("X-Pyproxy-Explain", None)  # a question for pyproxy, not the backend
         if runtime.client_limiter is not None:
             limited = self._over_client_limit(runtime, request, start_response)
             if limited is not None:
@@ -138,6 +142,8 @@ class ProxyApp:
         while True:
             chosen = self._choose(runtime, request, tried)
             if chosen is None:
+                if request.explanation is not None:
+                    request.explanation.none_available(runtime, tried, self.clock())
                 return self._no_backend(runtime, request, start_response)
             backend, permit = chosen
             tried.append(backend)
@@ -151,6 +157,9 @@ class ProxyApp:
                 return self._relay(runtime, backend, request, response, start_response)
             self.metrics.count_error(backend.name, failure.reason)
             why_not = self._why_not_retry(runtime, request, failure, deadline, tried)
+            if request.explanation is not None:
+                verdict = "retry" if why_not is None else f"no retry: {why_not}"
+                request.explanation.outcome(f"{failure.status} {failure.detail}, {verdict}")
             if why_not is not None:
                 request.detail = why_not
                 if response is not None:  # SPEC §4: the client gets the backend's own answer
@@ -203,7 +212,9 @@ class ProxyApp:
         for _ in range(3):  # another thread may take the last slot between look and admit
             candidates = runtime.candidates(exclude=tried) or runtime.candidates()
             backend = sticky.pinned(candidates, request.cookie, request.client)
+            rule = f"sticky {sticky.mode}"
             if backend is None:
+                rule = runtime.config.strategy if not tried else "retry (random among untried)"
                 # A retry picks at random among the rest: running it through the strategy
                 # would advance a shared rotation, and with [dead, good] every request
                 # would then start on the dead one.
@@ -228,6 +239,8 @@ class ProxyApp:
                 backend.release(failed=False)
                 continue
             self.metrics.backend_in_flight_changed(backend.name, 1)
+            if request.explanation is not None:
+                request.explanation.chose(runtime, backend, rule, tried, self.clock())
             return backend, permit
         return None
 
@@ -249,6 +262,9 @@ class ProxyApp:
         )
         if request.set_cookie:
             headers.append(("Set-Cookie", request.set_cookie))
+        if request.explanation is not None:
+            request.explanation.outcome(str(response.status))
+            headers.append(request.explanation.header())
         write = start_response(f"{response.status} {response.reason or ''}".rstrip(), headers)
         # Send the headers now: waitress otherwise waits for the first body byte, and
         # a server-sent event stream may not have one for a while.
@@ -305,6 +321,7 @@ class ProxyApp:
                 ("Content-Length", str(len(body))),
                 ("X-Request-ID", request.request_id),
                 *(extra or []),
+                *([request.explanation.header()] if request.explanation else []),
             ],
         )
         self.metrics.observe_request(

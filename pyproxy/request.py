@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pyproxy.headers import sane_request_id, via_names, wsgi_request_headers
+
+if TYPE_CHECKING:
+    from pyproxy.explain import Explanation
 
 # SPEC §4: a reverse proxy never tunnels (CONNECT) and never reflects a request
 # with its headers (TRACE: cross-site tracing), whatever the target says.
@@ -48,6 +51,7 @@ class Inbound:
     user_agent: str = ""
     cookie: str | None = None
     set_cookie: str | None = None  # a sticky-session cookie to add to the response
+    explanation: Explanation | None = None  # set when a trusted client asked (explain.py)
 
     @classmethod
     def from_environ(cls, environ: dict[str, Any], max_replay_body: int, started: float) -> Inbound:

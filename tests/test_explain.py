@@ -1,0 +1,65 @@
+"""The X-PyProxy-Explain learning header: who may ask, and what the answer says."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import requests
+from backends import EchoBackend, closed_port
+from conftest import ProxyFactory
+
+from pyproxy.config import BackendConfig, CircuitBreakerConfig, RetryConfig
+from pyproxy.explain import wants_explanation
+
+ASK = {"X-PyProxy-Explain": "1"}
+
+
+def test_only_trusted_peers_may_ask() -> None:
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert wants_explanation("1", "127.0.0.1", ())
+    assert wants_explanation("1", "::1", ())
+    assert wants_explanation("1", "10.1.2.3", trusted)
+    assert not wants_explanation("1", "192.0.2.7", trusted)
+    assert not wants_explanation(None, "127.0.0.1", ())
+    assert not wants_explanation("0", "127.0.0.1", ())
+
+
+def test_the_answer_names_the_choice_and_the_outcome(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    proxy = make_proxy([echo_backend])
+    response = http.get(proxy.proxy_url + "/x", headers=ASK)
+    assert (
+        response.headers["X-PyProxy-Explain"]
+        == "strategy=round_robin; #1 echo by round_robin -> 200"
+    )
+    # The question is for pyproxy: it is not forwarded.
+    assert "x-pyproxy-explain" not in {n.lower() for n in echo_backend.requests()[0].header_names()}
+    assert "X-PyProxy-Explain" not in http.get(proxy.proxy_url + "/x").headers
+
+
+def test_a_retry_and_an_open_circuit_are_explained(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    dead = BackendConfig(url=f"http://127.0.0.1:{closed_port()}", name="dead")
+    proxy = make_proxy(
+        [dead, echo_backend],
+        retries=RetryConfig(max_retries=1),
+        circuit_breaker=CircuitBreakerConfig(failure_threshold=1, open_duration=60),
+    )
+    first = http.get(proxy.proxy_url + "/x", headers=ASK).headers["X-PyProxy-Explain"]
+    assert "#1 dead by round_robin -> 502 connection refused, retry" in first
+    assert "#2 echo by retry" in first and "dead (already tried)" in first
+    assert first.endswith("-> 200")
+    later = http.get(proxy.proxy_url + "/x", headers=ASK).headers["X-PyProxy-Explain"]
+    assert "skipped dead (circuit open, reopens in " in later
+
+
+def test_no_backend_is_explained(make_proxy: ProxyFactory, http: requests.Session) -> None:
+    dead = BackendConfig(url=f"http://127.0.0.1:{closed_port()}", name="dead", weight=0)
+    proxy = make_proxy([dead])
+    response = http.get(proxy.proxy_url + "/x", headers=ASK)
+    assert response.status_code == 503
+    assert (
+        "no backend available: dead (weight 0 (draining))" in response.headers["X-PyProxy-Explain"]
+    )
