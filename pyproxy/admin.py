@@ -11,6 +11,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,7 @@ from pyproxy.configload import ConfigError, parse_backend
 from pyproxy.control import Control
 from pyproxy.metrics import Metrics
 from pyproxy.runtime import RuntimeHolder
+from pyproxy.statuspage import render_status
 from pyproxy.urlguard import refuse_backend_url
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class AdminApp:
             ("GET", "/readyz"): self.readyz,
             ("GET", "/metrics"): self.metrics_page,
             ("GET", "/admin/backends"): self.list_backends,
+            ("GET", "/admin/status"): self.status_page,
             ("POST", "/admin/add-backend"): self.changes(self.add_backend),
             ("POST", "/admin/remove-backend"): self.changes(self.remove_backend),
             ("POST", "/admin/reload"): self.changes(self.reload),
@@ -144,6 +147,16 @@ class AdminApp:
                 "backends": [dataclasses.asdict(b.snapshot()) for b in runtime.backends],
             },
         )
+
+    def status_page(self, environ: dict[str, Any]) -> Reply:
+        page = render_status(
+            self.holder.runtime,
+            now_monotonic=time.monotonic(),
+            started_at=self.lifecycle.started_at,
+            last_reload=self.control.last_reload,
+            instance_name=self.lifecycle.instance_name,
+        )
+        return 200, "text/html; charset=utf-8", page, [("Cache-Control", "no-store")]
 
     # -- changes (bearer token required) -----------------------------------------
 

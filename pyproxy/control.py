@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ class Control:
         self.metrics = metrics
         self.on_backend_added = on_backend_added
         self.on_settings = on_settings
-        self._last_file_text: str | None = None
+        self.last_reload: tuple[bool, float] | None = None  # (succeeded, monotonic time)
 
     # -- reload ------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class Control:
             new = load_config(path)
         except ConfigError as error:
             self.metrics.reload_result(False)
+            self.last_reload = (False, time.monotonic())
             for problem in error.problems:
                 log.error("reload (%s): %s", trigger, problem)
             log.error("reload (%s): %s is invalid; the running config stays", trigger, path)
@@ -87,6 +89,7 @@ class Control:
             changes = describe_changes(old.config, new)
             self._swap(keep_restart_settings(old.config, new), self.holder.admin)
         self.metrics.reload_result(True)
+        self.last_reload = (True, time.monotonic())
         for line in changes:
             log.info("reload (%s): %s", trigger, line)
         if not changes:

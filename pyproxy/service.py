@@ -55,6 +55,7 @@ class Service:
         self.config = config
         self.clock = clock
         self.metrics = Metrics(registry)
+        self.started_at = clock()
         # Unique per instance, so two pyproxies chained on purpose are not a "loop".
         self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
         admin_changes = load_state(config.admin.state_file)
