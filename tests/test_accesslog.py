@@ -1,0 +1,351 @@
+"""The access log (SPEC §10): one parseable line per request, in both formats, to a
+stream, to stdout or to a file; and a stuck disk never holds up a request.
+
+Lines are read back the way a log shipper would: the text format with a regex for
+Apache combined plus pyproxy's key=value fields, the JSON format with json.loads.
+Every SPEC §10 field is checked against what the client actually saw (status, body
+length, X-Request-ID).
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from backends import EchoBackend, closed_port, wait_for
+from conftest import access_log_text, base_config
+from prometheus_client import CollectorRegistry
+
+from pyproxy import accesslog
+from pyproxy.accesslog import AccessLog
+from pyproxy.config import AccessLogConfig, BackendConfig, RetryConfig
+from pyproxy.service import Service
+
+TEXT_LINE = re.compile(
+    r"(?P<client>\S+) - - \[(?P<time>\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} \+0000)\] "
+    r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/1\.[01]" (?P<status>\d{3}) (?P<bytes>\d+) '
+    r'"(?P<referer>[^"]*)" "(?P<user_agent>[^"]*)" '
+    r"backend=(?P<backend>\S+) attempts=(?P<attempts>\d+) duration=(?P<duration>\d+\.\d+) "
+    r'request_id=(?P<request_id>[A-Za-z0-9._:-]+)(?: detail="(?P<detail>[^"]*)")?'
+)
+JSON_FIELDS = {
+    "time",
+    "client",
+    "method",
+    "target",
+    "status",
+    "bytes",
+    "duration",
+    "backend",
+    "attempts",
+    "request_id",
+}
+
+
+def parse_text(line: str) -> dict[str, Any]:
+    match = TEXT_LINE.fullmatch(line)
+    assert match, f"not an access log line: {line!r}"
+    fields: dict[str, Any] = match.groupdict()
+    when = datetime.strptime(fields["time"], "%d/%b/%Y:%H:%M:%S %z")
+    fields["time"] = when.timestamp()
+    for name in ("status", "bytes", "attempts"):
+        fields[name] = int(fields[name])
+    fields["duration"] = float(fields["duration"])
+    fields["backend"] = "" if fields["backend"] == "-" else fields["backend"]
+    return fields
+
+
+def parse_json(line: str) -> dict[str, Any]:
+    fields: dict[str, Any] = json.loads(line)
+    assert isinstance(fields, dict)
+    missing = JSON_FIELDS - fields.keys()
+    assert not missing, f"SPEC §10 fields missing: {missing} in {line}"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fields["time"]), fields
+    fields["time"] = datetime.fromisoformat(fields["time"].replace("Z", "+00:00")).timestamp()
+    for name, kind in (
+        ("status", int),
+        ("bytes", int),
+        ("attempts", int),
+        ("duration", (int, float)),
+        ("client", str),
+        ("target", str),
+    ):
+        assert isinstance(fields[name], kind), (name, fields)
+    return fields
+
+
+PARSERS: dict[str, Callable[[str], dict[str, Any]]] = {"text": parse_text, "json": parse_json}
+
+
+def lines_of(read: Callable[[], str], count: int) -> list[str]:
+    """Wait until `count` lines were written (the writer is a thread), then return them."""
+    assert wait_for(lambda: read().count("\n") >= count), read()
+    lines = read().splitlines()
+    assert len(lines) == count, lines
+    return lines
+
+
+def traffic(service: Service, http: requests.Session) -> list[requests.Response]:
+    """Four kinds of request: relayed, relayed large, retried, refused by pyproxy."""
+    return [
+        http.get(
+            service.proxy_url + "/plain?q=1",
+            timeout=5,
+            headers={"User-Agent": "probe/1.0", "Referer": "http://example.test/from"},
+        ),
+        http.get(service.proxy_url + "/large?size=12345", timeout=5),
+        http.post(
+            service.proxy_url + "/form",
+            data=b"a=1",
+            timeout=5,
+            headers={"X-Request-ID": "client-chosen.id:1"},
+        ),
+        http.request("TRACE", service.proxy_url + "/", timeout=5),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_lines_carry_every_spec_field(
+    fmt: str, make_proxy: Any, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    service = make_proxy([echo_backend], access_log=AccessLogConfig(format=fmt))
+    before = time.time()
+    answers = traffic(service, http)
+    lines = lines_of(lambda: access_log_text(service), len(answers))
+    parsed = [PARSERS[fmt](line) for line in lines]
+    for fields, answer in zip(parsed, answers, strict=True):
+        assert fields["status"] == answer.status_code
+        assert fields["bytes"] == len(answer.content)
+        assert fields["request_id"] == answer.headers["X-Request-ID"]
+        assert fields["client"] == "127.0.0.1"
+        assert before - 1 <= fields["time"] <= time.time() + 1
+        assert 0 <= fields["duration"] < 5
+    plain, large, posted, traced = parsed
+    assert (plain["method"], plain["target"], plain["backend"], plain["attempts"]) == (
+        "GET",
+        "/plain?q=1",
+        "echo",
+        1,
+    )
+    assert large["bytes"] == 12345
+    assert (posted["method"], posted["request_id"]) == ("POST", "client-chosen.id:1")
+    # Answered by pyproxy itself: no backend, no attempt.
+    assert (traced["method"], traced["status"], traced["backend"], traced["attempts"]) == (
+        "TRACE",
+        405,
+        "",
+        0,
+    )
+    if fmt == "json":
+        assert plain["user_agent"] == "probe/1.0"
+        assert plain["referer"] == "http://example.test/from"
+    else:
+        assert (plain["user_agent"], plain["referer"]) == ("probe/1.0", "http://example.test/from")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_retries_failures_and_slow_answers(
+    fmt: str, make_proxy: Any, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    refused = BackendConfig(f"http://127.0.0.1:{closed_port()}", "refused")
+    service = make_proxy(
+        [refused, echo_backend],
+        retries=RetryConfig(max_retries=1),
+        access_log=AccessLogConfig(format=fmt),
+    )
+    answers = [http.get(service.proxy_url + f"/slow?delay=0.2&n={i}", timeout=5) for i in range(2)]
+    assert [a.status_code for a in answers] == [200, 200]
+    parsed = [PARSERS[fmt](x) for x in lines_of(lambda: access_log_text(service), 2)]
+    # Round robin: one request met the refused port first and was retried.
+    assert sorted(p["attempts"] for p in parsed) == [1, 2]
+    assert {p["backend"] for p in parsed} == {"echo"}  # the backend that answered
+    assert all(p["duration"] >= 0.2 for p in parsed)
+
+
+def test_the_client_address_is_the_judged_one(
+    make_proxy: Any, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    spoof = {"X-Forwarded-For": "203.0.113.9"}
+    untrusted = make_proxy([echo_backend], access_log=AccessLogConfig(format="json"))
+    http.get(untrusted.proxy_url + "/", headers=spoof, timeout=5)
+    [line] = lines_of(lambda: access_log_text(untrusted), 1)
+    assert parse_json(line)["client"] == "127.0.0.1"  # a claim from anyone is ignored
+    trusted = make_proxy(
+        [echo_backend],
+        access_log=AccessLogConfig(format="json"),
+        trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
+    )
+    http.get(trusted.proxy_url + "/", headers=spoof, timeout=5)
+    [line] = lines_of(lambda: access_log_text(trusted), 1)
+    assert parse_json(line)["client"] == "203.0.113.9"
+
+
+def test_client_text_cannot_forge_fields_in_text_lines(
+    make_proxy: Any, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    """A User-Agent is client input: a quote must not end its field early and make
+    the rest of the line say something else."""
+    service = make_proxy([echo_backend])
+    for agent in ('a" 500 0 "-" "-" backend=forged', "tab\there", "lat\xe9"):
+        http.get(service.proxy_url + "/", headers={"User-Agent": agent}, timeout=5)
+    lines = lines_of(lambda: access_log_text(service), 3)
+    parsed = [parse_text(line) for line in lines]
+    assert [p["status"] for p in parsed] == [200, 200, 200]
+    assert [p["backend"] for p in parsed] == ["echo"] * 3
+    assert "backend=forged" in parsed[0]["user_agent"]  # kept, but inside its quotes
+
+
+def test_requests_refused_at_the_edge_are_logged_too(
+    make_proxy: Any, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    """SPEC §10: one line per request, including those the strict inbound parser
+    refuses (a control character in a header: 400). Probes and smuggling attempts
+    are exactly what an operator greps the access log for."""
+    service = make_proxy([echo_backend], access_log=AccessLogConfig(format="json"))
+    answer = http.get(service.proxy_url + "/edge", headers={"User-Agent": "\x1b[31mred"}, timeout=5)
+    assert answer.status_code == 400
+    assert echo_backend.requests() == []
+    [line] = lines_of(lambda: access_log_text(service), 1)
+    fields = parse_json(line)
+    assert (fields["status"], fields["backend"], fields["attempts"]) == (400, "", 0)
+    assert "\x1b" not in line  # JSON escapes it; a raw ESC would colour a terminal
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_to_a_file(
+    fmt: str, echo_backend: EchoBackend, tmp_path: Path, http: requests.Session
+) -> None:
+    path = tmp_path / "logs" / "access.log"
+    path.parent.mkdir()
+    path.write_text("an older line\n")  # appended to, never truncated
+    config = base_config([echo_backend], access_log=AccessLogConfig(format=fmt, path=str(path)))
+    service = Service(config, registry=CollectorRegistry())
+    service.start()
+    try:
+        answer = http.get(service.proxy_url + "/to-file", timeout=5)
+        lines = lines_of(path.read_text, 2)
+    finally:
+        service.close()
+    assert lines[0] == "an older line"
+    fields = PARSERS[fmt](lines[1])
+    assert (fields["target"], fields["request_id"]) == ("/to-file", answer.headers["X-Request-ID"])
+
+
+def test_to_stdout(
+    echo_backend: EchoBackend, http: requests.Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = base_config([echo_backend], access_log=AccessLogConfig(format="json", path="-"))
+    service = Service(config, registry=CollectorRegistry())
+    service.start()
+    written = io.StringIO()
+    try:
+        http.get(service.proxy_url + "/to-stdout", timeout=5)
+
+        def read() -> str:
+            written.write(capsys.readouterr().out)
+            return written.getvalue()
+
+        [line] = lines_of(read, 1)
+    finally:
+        service.close()
+    assert parse_json(line)["target"] == "/to-stdout"
+
+
+def test_disabled_writes_nothing(
+    make_proxy: Any, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    service = make_proxy([echo_backend], access_log=AccessLogConfig(enabled=False))
+    assert http.get(service.proxy_url + "/", timeout=5).status_code == 200
+    assert service.access_log is None
+    assert access_log_text(service) == ""
+
+
+# -- a stuck disk --------------------------------------------------------------------
+
+
+class StuckStream(io.StringIO):
+    """A stream whose write() blocks until `unstick` is set, like a full NFS mount."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.unstick = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        self.unstick.wait(30)
+        return super().write(text)
+
+
+def test_a_stuck_log_does_not_hold_up_requests(
+    echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    stream = StuckStream()
+    service = Service(
+        base_config([echo_backend]), registry=CollectorRegistry(), access_log_stream=stream
+    )
+    service.start()
+    try:
+        assert http.get(service.proxy_url + "/first", timeout=5).status_code == 200
+        assert stream.entered.wait(5)  # the writer thread is now stuck in write()
+        started = time.monotonic()
+        codes = [http.get(service.proxy_url + f"/n/{i}", timeout=5).status_code for i in range(50)]
+        elapsed = time.monotonic() - started
+        assert codes == [200] * 50
+        assert elapsed < 5, f"50 requests took {elapsed:.1f}s behind a stuck log"
+        assert stream.getvalue() == ""
+        stream.unstick.set()
+        lines = lines_of(stream.getvalue, 51)  # nothing was lost while it was stuck
+        assert [parse_text(x)["target"] for x in lines] == ["/first"] + [
+            f"/n/{i}" for i in range(50)
+        ]
+    finally:
+        stream.unstick.set()
+        service.close()
+
+
+def test_a_stuck_log_is_bounded_and_close_does_not_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(accesslog, "MAX_QUEUE", 10)
+    stream = StuckStream()
+    log = AccessLog(AccessLogConfig(), stream=stream)
+    request = FakeRequest()
+    try:
+        log.write(request, time.monotonic())
+        assert stream.entered.wait(5)
+        for _ in range(50):
+            log.write(request, time.monotonic())
+        assert log.dropped == 40  # 10 wait in the queue; the rest are counted, not kept
+        started = time.monotonic()
+        log.close(timeout=0.5)
+        assert time.monotonic() - started < 2
+    finally:
+        stream.unstick.set()
+    assert wait_for(lambda: stream.getvalue().count("\n") == 11)
+
+
+class FakeRequest:
+    method = "GET"
+    target = "/x"
+    client = "192.0.2.1"
+    peer = "127.0.0.1"
+    status = 200
+    bytes_sent = 3
+    started = 0.0
+    backend_name = "a"
+    attempts = 1
+    request_id = "r1"
+    referer = ""
+    user_agent = ""
+    detail = ""
