@@ -31,7 +31,7 @@ from backends import (
 from conftest import ProxyFactory
 from rawhttp import RawClient, RawResponse, exchange, request_bytes
 
-from pyproxy.config import BackendConfig, RetryConfig, Timeouts
+from pyproxy.config import BackendConfig, LimitsConfig, RetryConfig, Timeouts
 from pyproxy.service import Service
 
 OK = [send(response(200, b"fine\n")), KEEP]
@@ -101,9 +101,11 @@ def assert_error_body(answer: RawResponse, status: int) -> None:
     assert answer.status == status, (answer.status, answer.body)
     content_type = answer.header("Content-Type") or ""
     assert content_type.split(";")[0].strip() == "text/plain", content_type
-    phrase = http.HTTPStatus(status).phrase
+    # RFC 9110 renamed 413 "Content Too Large"; Python 3.11 still has the old phrase.
+    phrases = {http.HTTPStatus(status).phrase, {413: "Content Too Large"}.get(status, "")}
     text = answer.body.decode()
-    assert re.fullmatch(rf"{status} {re.escape(phrase)}: \S.*\n?", text), text
+    pattern = "|".join(re.escape(p) for p in phrases if p)
+    assert re.fullmatch(rf"{status} ({pattern}): \S.*\n?", text), text
     request_id = answer.header("X-Request-ID")
     assert request_id and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", request_id)
 
@@ -371,3 +373,48 @@ def test_after_retries_the_last_backend_answer_reaches_the_client_as_it_is(
     assert re.fullmatch(rb"status 503 from app[12]\n", answer.body), answer.body
     assert answer.header("X-Backend") in ("app1", "app2")
     assert len(first.requests()) + len(second.requests()) >= 2  # it was retried
+
+
+# -- requests refused before any backend ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # The classic smuggling request: both framings (RFC 9112 §6.3).
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        b"POST /x HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET /x HTTP/1.1\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET x HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+    ids=["cl-and-te", "chunked-twice", "te-on-1.0", "two-cl", "no-host", "two-hosts", "bad-target"],
+)
+def test_an_ambiguous_request_is_a_400_that_reaches_no_backend_and_closes(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, data: bytes
+) -> None:
+    proxy = make_proxy([echo_backend])
+
+    with RawClient.to(proxy.proxy_url) as client:
+        client.send(data)
+        answer = client.read_response()
+        assert client.closed_by_peer()
+
+    assert_error_body(answer, 400)
+    assert echo_backend.requests() == []
+    assert echo_backend.connections == 0
+
+
+def test_a_body_over_the_limit_is_a_413_that_reaches_no_backend(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend
+) -> None:
+    limits = dataclasses.replace(LimitsConfig(), max_request_body=1000)
+    proxy = make_proxy([echo_backend], limits=limits)
+
+    answer = exchange(proxy.proxy_url, request_bytes("POST", "/upload", body=b"x" * 2000))
+
+    assert_error_body(answer, 413)
+    assert echo_backend.requests() == []
