@@ -16,6 +16,8 @@ What it does, in order:
 2. Runs every candidate in turn, and the whole sequence `--rounds` times, so slow drift
    of the machine (other jobs, thermal) hits every candidate alike:
      direct      wrk -> nginx, no proxy: the ceiling
+     waitress    a WSGI app on waitress answering by itself: the ceiling of any proxy
+                 built on waitress (what is left below it is the cost of forwarding)
      naive       scripts/naive_proxy.py: waitress + Session.request, the obvious way
      pyproxy     `python -m pyproxy` with a minimal config (every default)
      pyproxy+    pyproxy with every production feature turned on
@@ -94,8 +96,12 @@ class Processes:
         finally:
             if log:
                 out.close()  # the child has its own copy of the descriptor
-        self._running.append(proc)
+        self.track(proc)
         return proc
+
+    def track(self, proc: subprocess.Popen[bytes]) -> None:
+        """Add a process started elsewhere, so that `stop_all()` stops it too."""
+        self._running.append(proc)
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         if proc.poll() is None:
@@ -151,6 +157,15 @@ def cpu_seconds(pid: int) -> float:
     fields = stat[stat.rindex(")") + 2 :].split()  # the name in (...) may hold spaces
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return (utime + stime) / CLK_TCK
+
+
+def cpu_busy_seconds(cpu: int) -> float:
+    """Seconds CPU `cpu` spent on anything but idle and iowait, since boot (/proc/stat)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            ticks = [int(x) for x in line.split()[1:]]
+            return (sum(ticks[:8]) - ticks[3] - ticks[4]) / CLK_TCK  # minus idle, iowait
+    return 0.0
 
 
 def memory_kib(pid: int, field_name: str = "VmHWM") -> int:
@@ -271,6 +286,29 @@ def start_backend(procs: Processes, workdir: Path, nginx: str | None, cpu: int |
     backend = Backend(kind, f"http://127.0.0.1:{port}", proc)
     wait_http(backend.url + "/health", 15, proc)
     return backend
+
+
+def serve_waitress(listen: str, threads: int, www: Path) -> None:
+    """The "waitress" candidate: a WSGI app on waitress that answers by itself.
+
+    No upstream at all, so it is the ceiling of any proxy built on waitress: what is
+    left between this and pyproxy is what forwarding costs."""
+    import logging
+
+    import waitress
+
+    bodies = {"/1k": b"x" * 1023 + b"\n", "/1m": (www / "1m").read_bytes()}
+
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
+        body = bodies.get(environ["PATH_INFO"], b"ok")
+        start_response(
+            "200 OK",
+            [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    waitress.serve(app, listen=listen, threads=threads, connection_limit=1000, _quiet=True)
 
 
 def serve_python_backend(port: int, www: Path) -> None:
@@ -441,6 +479,23 @@ def make_candidates(
             ],
         ),
     ]
+    hello_listen = f"127.0.0.1:{free_port()}"
+    found.append(
+        Candidate(
+            "waitress",
+            hello_listen,
+            [
+                sys.executable,
+                __file__,
+                "--serve-waitress",
+                hello_listen,
+                "--threads",
+                str(threads),
+                "--www",
+                str(workdir / "www"),
+            ],
+        )
+    )
     configs = pyproxy_configs(workdir, backend, threads)
     for name, label in (("default", "pyproxy"), ("production", "pyproxy+")):
         if label not in wanted:
@@ -457,7 +512,7 @@ def make_candidates(
         found.append(
             Candidate(label, listen, [sys.executable, "-m", "pyproxy", "-c", str(configs[name])])
         )
-    return [c for c in found if c.name in wanted]
+    return [c for name in wanted for c in found if c.name == name]  # in the order asked
 
 
 # ---------------------------------------------------------------------------
@@ -489,6 +544,9 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     proxy_cpu_s: float | None  # CPU time of the proxy process during the run
+    # Share of the proxy's CPU used by *other* processes during the run (other
+    # people's jobs on a shared machine): above a few percent, the figures are noisy.
+    noise: float | None = None
 
     @property
     def rps(self) -> float:
@@ -499,45 +557,59 @@ class LoadResult:
         return self.bytes / self.seconds / 1e6
 
 
+@dataclass
+class Rig:
+    """What every load run needs: wrk, its Lua script, the CPUs, the process registry."""
+
+    wrk: str
+    script: Path  # holds WRK_SCRIPT
+    proxy_cpu: int | None  # where the proxy under test runs (None = not pinned)
+    load_cpu: int | None  # where wrk and the backend run
+    procs: Processes
+
+
 def run_wrk(
-    wrk: str,
-    script: Path,
-    url: str,
-    connections: int,
-    seconds: float,
-    cpu: int | None,
-    proxy_pid: int | None,
-    procs: Processes,
+    rig: Rig, url: str, connections: int, seconds: float, proxy_pid: int | None = None
 ) -> LoadResult:
+    """One wrk run; with `proxy_pid`, also the CPU that process spent meanwhile."""
     # One wrk thread: wrk's event loop on one CPU outruns every proxy measured here.
     duration = f"-d{max(1, round(seconds))}s"  # wrk takes whole seconds
-    argv = [wrk, "-t1", f"-c{connections}", duration, "--timeout", "5s", "-s", str(script), url]
-    if cpu is not None:
-        argv = ["taskset", "-c", str(cpu), *argv]
-    cpu_before = cpu_seconds(proxy_pid) if proxy_pid else None
+    argv = ["wrk", f"-c{connections}", duration, "--timeout", "5s", "-s", str(rig.script), url]
+    argv = [rig.wrk, "-t1", *argv[1:]]
+    if rig.load_cpu is not None:
+        argv = ["taskset", "-c", str(rig.load_cpu), *argv]
+    proxy_before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    core_before = cpu_busy_seconds(rig.proxy_cpu) if rig.proxy_cpu is not None else 0.0
+    started = time.monotonic()
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
-    procs._running.append(proc)  # so Ctrl-C stops it too
+    rig.procs.track(proc)  # so Ctrl-C stops it too
     try:
         out, _ = proc.communicate(timeout=seconds + 30)
     finally:
-        procs.stop(proc)
-    cpu_used = cpu_seconds(proxy_pid) - cpu_before if proxy_pid and cpu_before is not None else None
+        rig.procs.stop(proc)
+    elapsed = time.monotonic() - started
+    proxy_cpu = cpu_seconds(proxy_pid) - proxy_before if proxy_pid else None
+    noise = None
+    if rig.proxy_cpu is not None:
+        others = cpu_busy_seconds(rig.proxy_cpu) - core_before - (proxy_cpu or 0.0)
+        noise = max(0.0, others / elapsed)
     match = re.search(rb"BENCH-JSON (\{.*\})", out)
     if not match:
         raise RuntimeError(f"wrk printed no summary:\n{out.decode(errors='replace')}")
     s = json.loads(match.group(1))
     errors = s["status"] + s["connect"] + s["read"] + s["write"] + s["timeout"]
     return LoadResult(
-        s["requests"],
-        s["duration_us"] / 1e6,
-        s["bytes"],
-        errors,
-        s["p50_us"] / 1000,
-        s["p90_us"] / 1000,
-        s["p99_us"] / 1000,
-        cpu_used,
+        requests=s["requests"],
+        seconds=s["duration_us"] / 1e6,
+        bytes=s["bytes"],
+        errors=errors,
+        p50_ms=s["p50_us"] / 1000,
+        p90_ms=s["p90_us"] / 1000,
+        p99_ms=s["p99_us"] / 1000,
+        proxy_cpu_s=proxy_cpu,
+        noise=noise,
     )
 
 
@@ -558,46 +630,30 @@ class RoundResult:
 
 
 def run_candidate(
-    candidate: Candidate,
-    settings: argparse.Namespace,
-    backend: Backend,
-    procs: Processes,
-    workdir: Path,
-    tools: dict[str, str],
-    cpus: tuple[int | None, int | None],
+    candidate: Candidate, rig: Rig, settings: argparse.Namespace, backend: Backend, workdir: Path
 ) -> RoundResult:
-    proxy_cpu, load_cpu = cpus
+    """Start the candidate, warm it up, run every load of LOADS, stop it."""
     result = RoundResult(candidate.name)
     base = "http://" + candidate.listen
     proc = None
     try:
         if candidate.argv:
-            proc = procs.start(
+            proc = rig.procs.start(
                 candidate.argv,
-                cpu=proxy_cpu,
+                cpu=rig.proxy_cpu,
                 env=proxy_environment(),
                 log=workdir / f"{candidate.name}.out",
             )
             wait_http(base + "/1k", 30, proc)
         pid = proc.pid if proc else None
-        script = workdir / "summary.lua"
-        script.write_text(WRK_SCRIPT)
-        # Warm-up: fill the connection pools and let the interpreter settle.
-        run_wrk(tools["wrk"], script, base + "/1k", 16, settings.warmup, load_cpu, pid, procs)
-        # Backend connections are counted from here on: a pool that works opens a few
-        # more (16 -> 64 clients) and then none; one that does not opens one per request.
+        # Warm-up at the highest concurrency: the proxy's upstream pool grows to its
+        # full size (one connection per busy thread) before anything is counted.
+        run_wrk(rig, base + "/1k", max(c for _, _, c in LOADS), settings.warmup, pid)
+        # From here on a pool that works opens no backend connection; one that does
+        # not opens one per request.
         accepts_before = backend.accepts()
         for label, path, connections in LOADS:
-            load = run_wrk(
-                tools["wrk"],
-                script,
-                base + path,
-                connections,
-                settings.duration,
-                load_cpu,
-                pid,
-                procs,
-            )
+            load = run_wrk(rig, base + path, connections, settings.duration, pid)
             result.loads[label] = load
             result.requests += load.requests
         # -1: the accepts() query is itself one accepted connection.
@@ -606,7 +662,7 @@ def run_candidate(
             result.peak_rss_kib = memory_kib(proc.pid, "VmHWM")
     finally:
         if proc:
-            procs.stop(proc)
+            rig.procs.stop(proc)
     return result
 
 
@@ -784,8 +840,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--candidates",
-        default="direct,naive,pyproxy,pyproxy+",
-        help="comma-separated subset of direct,naive,pyproxy,pyproxy+",
+        default="direct,waitress,naive,pyproxy,pyproxy+",
+        help="comma-separated subset of direct,waitress,naive,pyproxy,pyproxy+",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument(
@@ -794,6 +850,7 @@ def parse_args() -> argparse.Namespace:
         help="keep the temp dir (configs, logs) and print where it is",
     )
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-waitress", help=argparse.SUPPRESS)
     parser.add_argument("--www", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -828,6 +885,9 @@ def main() -> int:
     if args.serve_backend:
         serve_python_backend(args.serve_backend, args.www)
         return 0
+    if args.serve_waitress:
+        serve_waitress(args.serve_waitress, args.threads, args.www)
+        return 0
     tools = {"wrk": find_or_install("wrk", "wrk", required=True) or "wrk"}
     nginx = find_or_install("nginx", "nginx-light", required=False)
     cpus = pick_cpus()
@@ -841,9 +901,14 @@ def main() -> int:
         if cpus[0] is not None
         else "pinning: off (fewer than 2 CPUs or no taskset)"
     )
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    if cpus[1] is not None:
+        os.sched_setaffinity(0, {cpus[1]})  # this script stays off the proxy's CPU too
     wanted = [c.strip() for c in args.candidates.split(",") if c.strip()]
     procs = Processes()
     workdir = Path(tempfile.mkdtemp(prefix="pyproxy-bench-"))
+    (workdir / "summary.lua").write_text(WRK_SCRIPT)
+    rig = Rig(tools["wrk"], workdir / "summary.lua", cpus[0], cpus[1], procs)
     rounds: list[RoundResult] = []
     try:
         with sigterm_as_interrupt():
@@ -859,12 +924,14 @@ def main() -> int:
             for round_no in range(1, args.rounds + 1):
                 for candidate in candidates:
                     print(f"round {round_no}: {candidate.name} ...", end=" ", flush=True)
-                    r = run_candidate(candidate, args, backend, procs, workdir, tools, cpus)
+                    r = run_candidate(candidate, rig, args, backend, workdir)
                     rounds.append(r)
                     f = round_figures(r)
+                    noise = max(load.noise or 0.0 for load in r.loads.values())
                     print(
                         f"{f['rps_c16']:.0f} req/s at c16, {f['mbps_1mib']:.0f} MB/s, "
-                        f"{f['errors']:.0f} errors",
+                        f"{f['errors']:.0f} errors; other load on the proxy CPU up to "
+                        f"{noise:.0%}",
                         flush=True,
                     )
     except KeyboardInterrupt:
@@ -884,6 +951,13 @@ def main() -> int:
         f"\ncommand: {command.strip()}\nbackend: {backend.kind}; threads {args.threads}; "
         f"{args.rounds} round(s) x {args.duration:g}s per load; medians over rounds"
     )
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    noisy = [r for r in rounds if any((x.noise or 0) > 0.1 for x in r.loads.values())]
+    if noisy:
+        print(
+            f"WARNING: in {len(noisy)} of {len(rounds)} candidate runs other processes used "
+            "more than 10% of the proxy's CPU: the machine was busy, the figures are noisy"
+        )
     print_table("figures (these depend on the machine; compare the ratios)", summary, False)
     if ratio_naive:
         print_table(

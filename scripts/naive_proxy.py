@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--listen", default="127.0.0.1:8090", help="host:port")
     parser.add_argument("--backend", required=True, help="e.g. http://127.0.0.1:9001")
     parser.add_argument("--threads", type=int, default=32, help="waitress worker threads")
+    parser.add_argument(
+        "--connection-limit", type=int, default=1000, help="open client connections"
+    )
     args = parser.parse_args()
     # waitress warns "Task queue depth is N" on stderr under load; quiet it, as anyone would.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
@@ -78,7 +81,7 @@ def main() -> None:
         make_app(args.backend.rstrip("/"), args.threads),
         listen=args.listen,
         threads=args.threads,
-        connection_limit=1000,
+        connection_limit=args.connection_limit,
         _quiet=True,
     )
 
