@@ -138,12 +138,15 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(backend.delay)
             status = backend.status
         payload = f"{status} from {backend.name}\n".encode()
-        self.send_response(status)
-        self.send_header("X-Backend", backend.name)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-        self.wfile.flush()
+        try:
+            self.send_response(status)
+            self.send_header("X-Backend", backend.name)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the proxy gave up on this answer (a timeout)
 
 
 class _ControlledServer(ThreadingHTTPServer):
@@ -635,6 +638,60 @@ def test_a_failed_trial_reopens_for_twice_as_long(
     assert metric(proxy, "proxy_circuit_opens_total", backend="flaky") == 2
     assert wait_for(lambda: status_of(proxy)["flaky"]["circuit"] == "half_open", WAIT, 0.02)
     assert time.monotonic() - reopened_at >= 0.55  # 0.6 s, not 0.3 s
+
+
+def test_half_open_lets_through_only_half_open_requests_trials(
+    make_proxy: ProxyFactory,
+    controlled: Callable[..., ControlledBackend],
+    make_echo_backend: Callable[[str], EchoBackend],
+) -> None:
+    flaky, good = controlled("flaky", status=503), make_echo_backend("good")
+    breaker = breaker_config(failure_threshold=2, open_duration=0.3, half_open_requests=2)
+    proxy = make_proxy([cfg(flaky), good], circuit_breaker=breaker)
+    open_then_wait_half_open(proxy, flaky, 2)
+    flaky.status, flaky.gate = 200, Gate(allowed=0)  # trials are held at the backend
+    with ThreadPoolExecutor(8) as pool:
+        replies = [pool.submit(get, proxy) for _ in range(8)]
+        assert flaky.gate.wait_arrived(2)
+        assert wait_for(lambda: sum(r.done() for r in replies) == 6, WAIT)
+        assert len(flaky.traffic()) == 4  # 2 before opening + exactly 2 trials
+        flaky.gate.allow(math.inf)
+        backends = sorted(r.result(timeout=WAIT).headers["X-Backend"] for r in replies)
+    assert backends == ["flaky"] * 2 + ["good"] * 6
+    assert status_of(proxy)["flaky"]["circuit"] == "closed"
+
+
+def test_with_every_circuit_open_the_client_gets_503_without_an_attempt(
+    make_proxy: ProxyFactory, controlled: Callable[..., ControlledBackend]
+) -> None:
+    flaky = controlled("flaky", status=503)
+    proxy = make_proxy([cfg(flaky)], circuit_breaker=breaker_config(failure_threshold=2))
+    send_until(proxy, lambda: status_of(proxy)["flaky"]["circuit"] == "open")
+    connections = flaky.connections
+    reply = get(proxy)
+    assert reply.status_code == 503
+    assert reply.text == "503 Service Unavailable: no backend available\n"
+    assert int(reply.headers["Retry-After"]) >= 1
+    assert len(flaky.traffic()) == 2 and flaky.connections == connections
+    assert requests.get(proxy.admin_url + "/readyz", timeout=WAIT).status_code == 503
+
+
+def test_backoff_pauses_before_a_retry_but_not_past_the_deadline(
+    make_proxy: ProxyFactory, make_echo_backend: Callable[[str], EchoBackend]
+) -> None:
+    good = make_echo_backend("good")
+    proxy = make_proxy([dead(), good], retries=RetryConfig(backoff=0.4))
+    started = time.monotonic()
+    assert get(proxy).status_code == 200  # dead first, then good after the pause
+    assert 0.19 <= time.monotonic() - started < 1.5  # 0.4 s jittered by 0.5x..1.5x
+    slow = make_proxy(
+        [dead(), good],
+        retries=RetryConfig(backoff=30.0),
+        timeouts=Timeouts(connect=0.5, read=0.5, total=0.6),
+    )
+    started = time.monotonic()
+    assert get(slow).status_code == 504  # the pause used up the deadline
+    assert time.monotonic() - started < 1.5
 
 
 # -- the retry budget ------------------------------------------------------------------------
