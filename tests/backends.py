@@ -155,7 +155,7 @@ class EchoHandler(BaseHTTPRequestHandler):
         return self.rfile.read(int(length)), False
 
     def _read_chunked(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             size_line = self.rfile.readline(1024)
             size = int(size_line.split(b";")[0].strip(), 16)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import pytest
 import requests
@@ -37,7 +37,7 @@ class HasUrl(Protocol):
     name: str
 
 
-BackendLike = BackendConfig | HasUrl
+BackendLike: TypeAlias = BackendConfig | HasUrl
 
 
 def as_backend_config(backend: BackendLike) -> BackendConfig:
@@ -53,7 +53,7 @@ def base_config(backends: Sequence[BackendLike] = (), **overrides: Any) -> Confi
         listen=Address("127.0.0.1", 0),
         admin=AdminConfig(listen=Address("127.0.0.1", 0)),
         threads=8,
-        timeouts=Timeouts(connect=1.0, read=2.0, total=5.0),
+        timeouts=Timeouts(connect=1.0, read=2.0, total=10.0),
         health_check=HealthCheckConfig(enabled=False),
         circuit_breaker=CircuitBreakerConfig(enabled=False),
         retries=RetryConfig(max_retries=0),

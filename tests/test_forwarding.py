@@ -25,6 +25,7 @@ from backends import (
     GZIP_PLAIN,
     SSE_EVENTS,
     EchoBackend,
+    Received,
     ScriptedBackend,
     pattern_bytes,
     wait_for,
@@ -58,7 +59,7 @@ ADDED_BY_PROXY = {
 SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def only(backend: EchoBackend):  # type: ignore[no-untyped-def]
+def only(backend: EchoBackend) -> Received:
     """The one request the backend received."""
     received = backend.requests()
     assert len(received) == 1, [r.request_line for r in received]

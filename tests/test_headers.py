@@ -7,6 +7,7 @@ from ipaddress import ip_network
 
 import pytest
 
+from pyproxy.config import Network
 from pyproxy.headers import (
     HOP_BY_HOP,
     append_via,
@@ -39,7 +40,7 @@ def outbound(
     client_headers: list[tuple[str, str]],
     *,
     peer: str = "192.0.2.1",
-    trusted: tuple = (),  # type: ignore[type-arg]
+    trusted: tuple[Network, ...] = (),
     host: str = "site.example",
     upstream_host: str | None = None,
 ) -> tuple[dict[str, str], str]:
