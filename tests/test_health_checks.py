@@ -100,6 +100,14 @@ def test_thresholds_below_one_act_as_one(threshold: int) -> None:
     assert feed(status, "fp") == [True, True]
 
 
+def test_the_rise_and_fall_diagram_in_the_docs() -> None:
+    """docs/health-checks.md: rise 2, fall 3; transitions at probes 7 and 12 only."""
+    status = HealthStatus(2, 3, True)
+    changed = feed(status, "pffpffffpfpp")
+    assert [i + 1 for i, c in enumerate(changed) if c] == [7, 12]
+    assert status.up
+
+
 def test_the_facts_behind_the_verdict_are_kept() -> None:
     status = HealthStatus(1, 1, True)
     status.record(False, "connection refused", 12.5)

@@ -903,3 +903,38 @@ def test_ip_stickiness_moves_only_the_clients_of_a_removed_backend(
             assert after[client] == backend  # rendezvous hashing: nobody else moves
         else:
             assert after[client] != gone
+
+
+# -- the worked examples in docs/ -------------------------------------------------------------
+
+
+def test_weighted_5_1_1_goes_a_a_b_a_c_a_a_through_the_proxy(
+    make_proxy: ProxyFactory, make_echo_backend: Callable[[str], EchoBackend]
+) -> None:
+    """docs/balancing.md: nginx's smooth weighted round robin, as a client sees it."""
+    a, b, c = (make_echo_backend(n) for n in "abc")
+    proxy = make_proxy([cfg(a, weight=5), cfg(b, weight=1), cfg(c, weight=1)], strategy="weighted")
+    picks = "".join(get(proxy).headers["X-Backend"] for _ in range(14))
+    assert picks == "aabacaa" * 2
+
+
+def test_the_rendezvous_example_in_the_docs() -> None:
+    """docs/stickiness.md's table: scores, winners, and who moves when app3 goes."""
+    from pyproxy.sticky import rendezvous_score
+
+    @dataclass
+    class Pool:
+        name: str
+        url: str
+        weight: int = 1
+        in_flight: int = 0
+
+    apps = [Pool(f"app{i}", f"http://10.0.0.{i}:80") for i in (1, 2, 3)]
+
+    def winner(client: str, pool: list[Pool]) -> str:
+        return max(pool, key=lambda b: rendezvous_score(client, b)).name
+
+    assert round(rendezvous_score("10.1.1.1", apps[2]), 3) == 4.247
+    clients = [f"10.1.1.{i}" for i in range(1, 7)]
+    assert [winner(c, apps) for c in clients] == ["app3"] * 3 + ["app1"] * 3
+    assert [winner(c, apps[:2]) for c in clients] == ["app1", "app2", "app2"] + ["app1"] * 3
