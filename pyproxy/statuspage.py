@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any
 
 from pyproxy.backend import Backend
+from pyproxy.ratelimit import BackendLimiter
 from pyproxy.runtime import Runtime
 
 REFRESH_SECONDS = 5
@@ -83,12 +83,9 @@ def ago(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
-def backend_limiter(runtime: Runtime) -> Any:
-    """The per-backend rate limiter (`BackendLimiter`) if the runtime has one, else None."""
-    return getattr(runtime, "backend_limiter", None)
-
-
-def backend_row(backend: Backend, limiter: Any, now: float, breaker_on: bool) -> tuple[str, bool]:
+def backend_row(
+    backend: Backend, limiter: BackendLimiter | None, now: float, breaker_on: bool
+) -> tuple[str, bool]:
     """One table row, and whether the backend is available."""
     snap = backend.snapshot()
     health = backend.health
@@ -98,7 +95,6 @@ def backend_row(backend: Backend, limiter: Any, now: float, breaker_on: bool) ->
     verdict = pill("available")
     if why is not None:
         verdict = pill("unavailable") + f'<span class="why">{e(why)}</span>'
-
     if backend.health_checked:
         health_cell = (
             f"{pill(snap.health)}<br><small>streak: {health.pass_streak} pass, "
@@ -155,7 +151,7 @@ def render_status(
     of the most recent reload, or None if there was none since start.
     """
     config = runtime.config
-    limiter = backend_limiter(runtime)
+    limiter = runtime.backend_limiter
     breaker_on = config.circuit_breaker.enabled
     judged = [backend_row(b, limiter, now_monotonic, breaker_on) for b in runtime.backends]
     rows = [row for row, _ in judged]

@@ -258,8 +258,8 @@ def test_per_backend_rate_bucket_level_and_empty_bucket_verdict() -> None:
         rate_limit=RateLimitConfig(per_backend=Rate(4, 3600.0)),  # refills too slowly to see
     )
     runtime, _ = build_runtime(config, clock=clock)
-    limiter = getattr(runtime, "backend_limiter", None)
-    assert limiter is not None, "Runtime.backend_limiter missing with rate_limit.per_backend set"
+    limiter = runtime.backend_limiter
+    assert limiter is not None
     for _ in range(4):
         assert limiter.take("b")
     reader = read_page(render(runtime, clock.now))
