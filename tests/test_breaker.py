@@ -314,6 +314,31 @@ def test_the_clock_is_never_called_under_the_lock() -> None:
     assert breaker.state is CircuitState.OPEN
 
 
+class WatchedBreaker(CircuitBreaker):
+    """A CircuitBreaker that fails any field change made without its lock held."""
+
+    watching = False
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.watching:
+            assert self._lock.locked(), f"{name} changed without the lock"
+        super().__setattr__(name, value)
+
+
+def test_every_change_happens_under_the_lock() -> None:
+    clock = FakeClock()
+    breaker = WatchedBreaker(CircuitBreakerConfig(failure_threshold=1), clock=clock)
+    breaker.watching = True
+    breaker.record_failure(breaker.try_acquire())
+    clock.advance(30)
+    assert breaker.state is CircuitState.HALF_OPEN
+    permit = breaker.try_acquire()
+    breaker.release(permit)
+    breaker.record_success(breaker.try_acquire())
+    breaker.update_settings(CircuitBreakerConfig(enabled=False))
+    assert breaker.opens_total == 1 and breaker.state is CircuitState.CLOSED
+
+
 def test_concurrent_try_acquire_hands_out_only_the_free_trial_slots() -> None:
     breaker, clock = make(half_open_requests=2)
     open_it(breaker)

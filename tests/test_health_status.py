@@ -123,3 +123,22 @@ def test_concurrent_passes_report_the_transition_exactly_once() -> None:
         sys.setswitchinterval(before)
     assert transitions.count(True) == 1
     assert status.up and status.pass_streak == 16000
+
+
+class WatchedStatus(HealthStatus):
+    """A HealthStatus that fails any field change made without its lock held."""
+
+    watching = False
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.watching:
+            assert self._lock.locked(), f"{name} changed without the lock"
+        super().__setattr__(name, value)
+
+
+def test_every_change_happens_under_the_lock() -> None:
+    status = WatchedStatus(2, 2, initially_up=None)
+    status.watching = True  # a class attribute set on the instance: not a field
+    feed(status, "pffpp")
+    status.update_thresholds(3, 3)
+    assert status.up and status.changed_at == 4.0
