@@ -40,6 +40,7 @@ from backends import (
     trickle,
     wait_for,
 )
+from backends import sleep as sleep_step
 from conftest import ProxyFactory
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -527,6 +528,36 @@ def test_a_backend_trickling_its_headers_is_cut_off_at_the_total_deadline(
     assert reply.status_code == 504
     assert time.monotonic() - started < 2.0
     assert metric(proxy, "proxy_errors_total", backend="slow", reason="deadline_exceeded") == 1
+
+
+def test_headers_just_before_the_deadline_never_become_a_cut_short_200(
+    make_proxy: ProxyFactory,
+    scripted: Callable[..., ScriptedBackend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deadline watchdog may fire between the headers arriving and the worker
+    unregistering the socket (a thread can be preempted there). The client must then
+    get a clean 504, not a 200 whose body the watchdog cuts off."""
+    from pyproxy import connection
+
+    late = scripted(
+        "late",
+        [sleep_step(0.3), send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"),
+         sleep_step(0.3), send(b"body"), KEEP],
+    )  # fmt: skip
+    proxy = make_proxy([cfg(late)], timeouts=Timeouts(connect=0.5, read=1.0, total=0.4))
+    unwatch = connection.WATCHDOG.unwatch
+
+    def preempted(token: int) -> bool:
+        time.sleep(0.25)  # descheduled right after getresponse() returned, past the deadline
+        return unwatch(token)
+
+    monkeypatch.setattr(connection.WATCHDOG, "unwatch", preempted)
+    reply = get(proxy)
+    assert (reply.status_code, reply.content) in {
+        (504, b"504 Gateway Timeout: total deadline reached\n"),
+        (200, b"body"),
+    }
 
 
 def test_no_retry_once_the_response_has_started(
