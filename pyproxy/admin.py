@@ -11,12 +11,12 @@ import dataclasses
 import hmac
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pyproxy import statuspage
 from pyproxy.configload import ConfigError, parse_backend
 from pyproxy.control import Control
 from pyproxy.metrics import Metrics
@@ -134,29 +134,33 @@ class AdminApp:
     def metrics_page(self, environ: dict[str, Any]) -> Reply:
         for backend in self.holder.runtime.backends:
             self.metrics.set_backend_state(
-                backend.name, backend.health.up, backend.breaker.state.gauge_value
+                backend.name,
+                backend.health.up,
+                backend.breaker.state.gauge_value,
+                in_flight=backend.in_flight,  # read here: no per-request gauge updates
             )
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:
         runtime = self.holder.runtime
-        return json_reply(
-            200,
-            {
-                "strategy": runtime.config.strategy,
-                "backends": [dataclasses.asdict(b.snapshot()) for b in runtime.backends],
-            },
-        )
+        limiter = runtime.backend_limiter
+        backends = []
+        for backend in runtime.backends:
+            facts = dataclasses.asdict(backend.snapshot())
+            if facts["available"] and limiter is not None and not limiter.has_token(backend.name):
+                facts["available"], facts["why_unavailable"] = False, "rate bucket empty"
+            backends.append(facts)
+        return json_reply(200, {"strategy": runtime.config.strategy, "backends": backends})
 
     def status_page(self, environ: dict[str, Any]) -> Reply:
         page = render_status(
             self.holder.runtime,
-            now_monotonic=time.monotonic(),
+            now_monotonic=self.lifecycle.clock(),
             started_at=self.lifecycle.started_at,
             last_reload=self.control.last_reload,
             instance_name=self.lifecycle.instance_name,
         )
-        return 200, "text/html; charset=utf-8", page, [("Cache-Control", "no-store")]
+        return 200, statuspage.CONTENT_TYPE, page, list(statuspage.HEADERS)
 
     # -- changes (bearer token required) -----------------------------------------
 

@@ -58,7 +58,8 @@ def judge(tools: Tools, backend: Backend, permit: Permit | None, failed: bool | 
             tools.metrics.circuit_opens.labels(backend.name).inc()
         else:
             log.info("backend %s: circuit %s", backend.name, state.value)
-        tools.metrics.set_backend_state(backend.name, backend.health.up, state.gauge_value)
+        if not backend.removed:  # a removed backend's gauges stay removed (SPEC §9)
+            tools.metrics.set_backend_state(backend.name, backend.health.up, state.gauge_value)
 
 
 def attempt_timeout_for(runtime: Runtime, deadline: float | None, now: float) -> urllib3.Timeout:
@@ -86,6 +87,9 @@ def try_backend(
     if chaos.latency and tools.rng.random() < chaos.latency_rate:
         left = None if deadline is None else deadline - tools.clock()
         tools.sleep(chaos.latency if left is None else max(0.0, min(chaos.latency, left)))
+        if deadline is not None and tools.clock() >= deadline:
+            judge(tools, backend, permit, None)
+            return None, DEADLINE_EXCEEDED
     if chaos.error_rate and tools.rng.random() < chaos.error_rate:
         # What a backend answering error_status would cause: same breaker, same retries.
         judge(tools, backend, permit, chaos.error_status in config.circuit_breaker.failure_statuses)

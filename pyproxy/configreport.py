@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,12 @@ def config_warnings(config: Config) -> list[str]:
         )
     elif all(backend.weight == 0 for backend in config.backends):
         warnings.append("backends: every weight is 0 (drain); the proxy answers 503")
+    admin_host = config.admin.listen.host
+    if not _is_loopback(admin_host):
+        warnings.append(
+            f"admin.listen: {config.admin.listen} is not a loopback address; /metrics,"
+            " /admin/backends and the status page are readable by anyone who can reach it"
+        )
     if config.admin.token is None:
         warnings.append("admin.token: not set (nor $PYPROXY_ADMIN_TOKEN); admin changes answer 403")
     timeouts = config.timeouts
@@ -64,6 +71,15 @@ def config_warnings(config: Config) -> list[str]:
             " names containing '_'); every client would be keyed by address"
         )
     return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name or a wildcard: could be reachable from anywhere
 
 
 def describe_changes(old: Config, new: Config) -> list[str]:

@@ -29,6 +29,7 @@ from pyproxy.configload import ConfigError, load_config, parse_backend
 from pyproxy.configreport import describe_changes
 from pyproxy.metrics import Metrics
 from pyproxy.runtime import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.urlguard import url_identity
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,20 @@ class Control:
             log.error("reload (%s): %s is invalid; the running config stays", trigger, path)
             return ReloadResult(False, [], error.problems)
         with self.holder.swap_lock:
+            clash = name_clashes(new, self.holder.admin)
+            if clash:
+                self.metrics.reload_result(False)
+                self.last_reload = (False, time.monotonic())
+                for problem in clash:
+                    log.error("reload (%s): %s", trigger, problem)
+                return ReloadResult(False, [], clash)
             old = self.holder.runtime
             changes = describe_changes(old.config, new)
+            # Counted just before the swap, so whoever sees the new backends also sees
+            # the reload counted (nothing in the swap can fail on a validated config).
+            self.metrics.reload_result(True)
+            self.last_reload = (True, time.monotonic())
             self._swap(keep_restart_settings(old.config, new), self.holder.admin)
-        self.metrics.reload_result(True)
-        self.last_reload = (True, time.monotonic())
         for line in changes:
             log.info("reload (%s): %s", trigger, line)
         if not changes:
@@ -103,8 +113,9 @@ class Control:
         """Add a backend (already validated); raises KeyError if its name or URL exists."""
         with self.holder.swap_lock:
             runtime = self.holder.runtime
+            identity = url_identity(backend.url)
             for existing in runtime.backends:
-                if existing.name == backend.name or existing.url == backend.url:
+                if existing.name == backend.name or url_identity(existing.url) == identity:
                     raise KeyError(
                         f"a backend named {existing.name} with url {existing.url} exists"
                     )
@@ -163,6 +174,20 @@ class Control:
         state_file = config.admin.state_file
         if state_file:
             save_state(state_file, admin)
+
+
+def name_clashes(config: Config, admin: AdminChanges) -> list[str]:
+    """File backends that would share a name with an admin-added backend: names label
+    metrics and address remove-backend, so they must stay unique (SPEC §3)."""
+    added = {b.name: b.url for b in admin.added}
+    return [
+        f"backends[{index}].name: {backend.name!r} is already used by the backend "
+        f"{added[backend.name]} added through the admin API"
+        for index, backend in enumerate(config.backends)
+        if backend.name in added
+        and backend.url != added[backend.name]
+        and backend.url not in admin.removed_urls
+    ]
 
 
 def retire_when_idle(backend: Backend, poll: float = 0.5, give_up: float = 3600.0) -> None:

@@ -9,6 +9,7 @@ the final outcome (SPEC §4), and whether the request may have reached the backe
 
 from __future__ import annotations
 
+import http
 import http.client
 from dataclasses import dataclass
 
@@ -86,6 +87,16 @@ def chaos_failure(status: int) -> Failure:
     return Failure("chaos", status, status, f"chaos injected {status}")
 
 
+def reason_phrase(status: int) -> str:
+    """The standard reason phrase (RFC 9110 §15), e.g. 418 -> "I'm a Teapot"."""
+    if status in REASONS:
+        return REASONS[status]
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def error_body(status: int, why: str) -> bytes:
     """SPEC §4: a short text/plain body `<code> <reason>: <why>`."""
-    return f"{status} {REASONS.get(status, 'Error')}: {why}\n".encode()
+    return f"{status} {reason_phrase(status)}: {why}\n".encode()

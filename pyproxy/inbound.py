@@ -27,6 +27,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from waitress import wasyncore
@@ -36,6 +37,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, Task, ThreadedTaskDispatcher, WSGITask
 
 from pyproxy.config import LimitsConfig
+from pyproxy.headers import sane_request_id
 from pyproxy.inbound_parser import StrictRequestParser
 
 logger = logging.getLogger(__name__)
@@ -92,17 +94,60 @@ class EdgeTask(_EdgeHead, WSGITask):
             super().finish()
 
 
+@dataclass(frozen=True)
+class EdgeRefusal:
+    """A request refused at the edge, before any app ran (for the access log)."""
+
+    peer: str
+    method: str
+    target: str
+    status: int
+    why: str
+    bytes_sent: int
+    request_id: str
+
+
 class EdgeErrorTask(_EdgeHead, ErrorTask):
     """An error waitress produces itself (400, 413, 431, 500, 501, 505): short text, close."""
 
     def execute(self) -> None:
         error = self.request.error
         self.status = f"{error.code} {error.reason}"
-        body = f"{self.status}: {error.body}".encode()
+        body = f"{self.status}: {_plain_reason(error.body, self.channel.server.limits)}".encode()
+        # SPEC §4: every answer pyproxy makes itself carries an X-Request-ID.
+        request_id = sane_request_id(self.request.headers.get("X_REQUEST_ID"))
         self.response_headers.append(("Content-Type", "text/plain; charset=utf-8"))
+        self.response_headers.append(("X-Request-ID", request_id))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+        report = self.channel.server.on_refused
+        if report is not None:  # the access log and metrics hear of it too
+            try:
+                report(
+                    EdgeRefusal(
+                        peer=str(self.channel.addr[0]),
+                        method=str(getattr(self.request, "command", "") or "-"),
+                        target=str(getattr(self.request, "request_uri", "") or "-"),
+                        status=int(error.code),
+                        why=str(error.body),
+                        bytes_sent=len(body),
+                        request_id=request_id,
+                    )
+                )
+            except Exception:
+                logger.exception("reporting a refused request failed")
+
+
+def _plain_reason(body: str, limits: LimitsConfig) -> str:
+    """waitress words its limit errors with its own names and its off-by-one values
+    (we pass limit + 1, see EdgeServer); say them in the config's terms instead."""
+    if body.startswith("exceeds max_body"):
+        return f"body larger than limits.max_request_body ({limits.max_request_body} bytes)"
+    if body.startswith("exceeds max_header"):
+        size = limits.max_request_header
+        return f"header block larger than limits.max_request_header ({size} bytes)"
+    return body
 
 
 class EdgeChannel(HTTPChannel):
@@ -123,6 +168,7 @@ class _EdgeWSGIServer(TcpWSGIServer):
 
     channel_class = EdgeChannel
     draining = False
+    on_refused: Callable[[EdgeRefusal], None] | None = None
 
     def __init__(self, application: Any, limits: LimitsConfig, **kw: Any) -> None:
         self.limits = limits
@@ -288,6 +334,15 @@ class EdgeServer:
     @draining.setter
     def draining(self, value: bool) -> None:
         self._server.draining = value
+
+    @property
+    def on_refused(self) -> Callable[[EdgeRefusal], None] | None:
+        """Called (in a worker thread) for each request refused before the app ran."""
+        return self._server.on_refused
+
+    @on_refused.setter
+    def on_refused(self, report: Callable[[EdgeRefusal], None] | None) -> None:
+        self._server.on_refused = report
 
     def open_connections(self) -> int:
         return len(self._server.active_channels)

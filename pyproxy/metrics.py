@@ -11,12 +11,19 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # Upstream latency from ~1 ms to a minute; roughly doubling so quantiles stay honest.
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+# RFC 9110 §9 methods (case-sensitive). Any other token a client sends is counted as
+# "other": a label value taken verbatim from a request is unbounded cardinality, a
+# memory and scrape-size attack (the bug of client_golang's promhttp, CVE-2022-21698).
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
 
 ERROR_REASONS = (
     "connect_error",
@@ -37,6 +44,9 @@ class Metrics:
     """The proxy's instruments. `Metrics()` makes its own fresh registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # SPEC §9 lists the series exactly; *_created gauges would double their number.
+        # (A process-wide switch, read at collection time: one pyproxy per process.)
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -95,6 +105,7 @@ class Metrics:
     # -- hot path ------------------------------------------------------------
 
     def observe_request(self, backend: str, method: str, code: int, seconds: float) -> None:
+        method = method if method in KNOWN_METHODS else "other"
         self._child(self.requests, backend, method, str(code)).inc()
         self._child(self.duration, backend).observe(seconds)
 
@@ -104,14 +115,17 @@ class Metrics:
     def count_retry(self, backend: str) -> None:
         self._child(self.retries, backend).inc()
 
-    def backend_in_flight_changed(self, backend: str, delta: int) -> None:
-        self._child(self.backend_in_flight, backend).inc(delta)
-
     # -- state changes -------------------------------------------------------
 
-    def set_backend_state(self, backend: str, up: bool, circuit_value: int) -> None:
+    def set_backend_state(
+        self, backend: str, up: bool, circuit_value: int, in_flight: int | None = None
+    ) -> None:
+        """Publish a backend's gauges. Called on transitions and at each scrape, for
+        backends that are still configured only, so a removed one stays removed."""
         self._child(self.backend_up, backend).set(1 if up else 0)
         self._child(self.circuit_state, backend).set(circuit_value)
+        if in_flight is not None:
+            self._child(self.backend_in_flight, backend).set(in_flight)
 
     def forget_backend(self, backend: str) -> None:
         """SPEC §9: gauges of a removed backend are removed (counters stay: they are history)."""

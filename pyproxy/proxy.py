@@ -22,9 +22,10 @@ from pyproxy.accesslog import AccessLog
 from pyproxy.attempt import Tools, judge, try_backend
 from pyproxy.backend import Backend
 from pyproxy.breaker import Permit
-from pyproxy.errors import REASONS, Failure, error_body
+from pyproxy.errors import Failure, error_body, reason_phrase
 from pyproxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.headers import downstream_response_headers, upstream_request_headers
+from pyproxy.inbound import EdgeRefusal
 from pyproxy.metrics import Metrics
 from pyproxy.ratelimit import rate_limit_headers
 from pyproxy.request import ALLOWED_METHODS, Inbound
@@ -115,6 +116,14 @@ class ProxyApp:
         extra = rate_limit_headers(decision, settings.per_client, burst)
         return self._answer(request, start_response, 429, "rate limit exceeded", extra)
 
+    def record_refusal(self, refusal: EdgeRefusal) -> None:
+        """A request the edge parser refused (400, 413, 431, ...): counted and logged
+        like any other, though no app code ran for it."""
+        now = self.clock()
+        self.metrics.observe_request("", refusal.method, refusal.status, 0.0)
+        if self.access_log is not None:
+            self.access_log.write(Inbound.refused(refusal, now), now)
+
     def _request_done(self, request: Inbound) -> None:
         if request.holds_retry_token:
             self.budget.retry_finished()
@@ -141,6 +150,11 @@ class ProxyApp:
         tried: list[Backend] = []
         while True:
             chosen = self._choose(runtime, request, tried)
+            if chosen is None and self.holder.runtime is not runtime:
+                # A reload or an admin change replaced this snapshot's backends while the
+                # request waited: the new snapshot's backends are the ones to try.
+                runtime = self.holder.runtime
+                chosen = self._choose(runtime, request, tried)
             if chosen is None:
                 if request.explanation is not None:
                     request.explanation.none_available(runtime, tried, self.clock())
@@ -165,13 +179,11 @@ class ProxyApp:
                 if response is not None:  # SPEC §4: the client gets the backend's own answer
                     return self._relay(runtime, backend, request, response, start_response)
                 backend.release(failed=True)
-                self.metrics.backend_in_flight_changed(backend.name, -1)
                 return self._fail(request, start_response, failure)
             self.metrics.count_retry(backend.name)
             if response is not None:
                 upstream.discard(response)
             backend.release(failed=True)
-            self.metrics.backend_in_flight_changed(backend.name, -1)
             if config.retries.backoff:
                 pause = config.retries.backoff * self.tools.rng.uniform(0.5, 1.5)
                 left = math.inf if deadline is None else deadline - self.clock()
@@ -238,7 +250,6 @@ class ProxyApp:
                 backend.breaker.release(permit)
                 backend.release(failed=False)
                 continue
-            self.metrics.backend_in_flight_changed(backend.name, 1)
             if request.explanation is not None:
                 request.explanation.chose(runtime, backend, rule, tried, self.clock())
             return backend, permit
@@ -315,7 +326,7 @@ class ProxyApp:
         body = error_body(status, why)
         request.status, request.bytes_sent, request.detail = status, len(body), why
         start_response(
-            f"{status} {REASONS.get(status, 'Error')}",
+            f"{status} {reason_phrase(status)}",
             [
                 ("Content-Type", "text/plain; charset=utf-8"),
                 ("Content-Length", str(len(body))),

@@ -117,18 +117,22 @@ class RedisClientLimiter:
 
 
 def make_client_limiter(
-    settings: RateLimitConfig, on_store_error: Callable[[], None] = lambda: None
+    settings: RateLimitConfig,
+    on_store_error: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ClientLimiter:
     """The per-client limiter `settings.store` asks for (`per_client` must be set)."""
     assert settings.per_client is not None
     if settings.store.startswith("redis://"):
         try:
             return RedisClientLimiter(
-                settings.store, settings.per_client, settings.burst, on_store_error
+                settings.store, settings.per_client, settings.burst, on_store_error, clock
             )
         except ImportError:
             log.error(
                 "rate_limit.store is Redis but the redis package is missing "
                 "(pip install pyproxy[redis]); limiting in memory, per instance"
             )
-    return MemoryClientLimiter(settings.per_client, settings.burst, settings.max_clients)
+    return MemoryClientLimiter(
+        settings.per_client, settings.burst, settings.max_clients, clock=clock
+    )

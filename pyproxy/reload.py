@@ -75,9 +75,9 @@ class ConfigWatcher:
         self._observer.join(timeout=2)
         self._thread.join(timeout=2)
 
-    def note_applied(self) -> None:
-        """A reload happened by other means (SIGHUP, admin API): remember these bytes."""
-        self._seen = file_digest(self.path)
+    def note_applied(self, digest: str) -> None:
+        """A reload by other means (SIGHUP) applied the bytes with this digest."""
+        self._seen = digest
 
     def _poke(self) -> None:
         self._last_event = time.monotonic()

@@ -16,6 +16,7 @@ from pyproxy.headers import sane_request_id, via_names, wsgi_request_headers
 
 if TYPE_CHECKING:
     from pyproxy.explain import Explanation
+    from pyproxy.inbound import EdgeRefusal
 
 # SPEC §4: a reverse proxy never tunnels (CONNECT) and never reflects a request
 # with its headers (TRACE: cross-site tracing), whatever the target says.
@@ -89,6 +90,28 @@ class Inbound:
             referer=environ.get("HTTP_REFERER", ""),
             user_agent=environ.get("HTTP_USER_AGENT", ""),
             cookie=environ.get("HTTP_COOKIE"),
+        )
+
+    @classmethod
+    def refused(cls, refusal: EdgeRefusal, now: float) -> Inbound:
+        """A record of a request the edge refused before it was read in full."""
+        return cls(
+            method=refusal.method,
+            target=refusal.target,
+            host="",
+            peer=refusal.peer,
+            scheme="http",
+            headers=[],
+            body=None,
+            body_length=None,
+            replayable=False,
+            request_id=refusal.request_id,
+            via=None,
+            started=now,
+            client=refusal.peer,
+            status=refusal.status,
+            bytes_sent=refusal.bytes_sent,
+            detail=refusal.why,
         )
 
     def rate_limit_key(self, client_key: str) -> str:

@@ -109,7 +109,7 @@ def build_runtime(
             )
     keep_selector = previous is not None and previous.config.strategy == config.strategy
     selector = previous.selector if previous and keep_selector else make_selector(config.strategy)
-    client_limiter, backend_limiter = _limiters(config.rate_limit, previous, on_store_error)
+    client_limiter, backend_limiter = _limiters(config.rate_limit, previous, on_store_error, clock)
     runtime = Runtime(
         config=config,
         client_limiter=client_limiter,
@@ -123,7 +123,10 @@ def build_runtime(
 
 
 def _limiters(
-    settings: RateLimitConfig, previous: Runtime | None, on_store_error: Callable[[], None]
+    settings: RateLimitConfig,
+    previous: Runtime | None,
+    on_store_error: Callable[[], None],
+    clock: Callable[[], float],
 ) -> tuple[ClientLimiter | None, BackendLimiter | None]:
     """Rate limiters for `settings`, reusing the previous ones when their settings did
     not change: a reload must not hand every client a fresh, full bucket."""
@@ -136,12 +139,12 @@ def _limiters(
                 settings.client_key)
         )  # fmt: skip
         client = previous.client_limiter if same and previous else None
-        client = client or make_client_limiter(settings, on_store_error)
+        client = client or make_client_limiter(settings, on_store_error, clock)
     backend: BackendLimiter | None = None
     if settings.per_backend is not None:
         same = old is not None and old.per_backend == settings.per_backend
         backend = previous.backend_limiter if same and previous else None
-        backend = backend or BackendLimiter(settings.per_backend)
+        backend = backend or BackendLimiter(settings.per_backend, clock=clock)
     return client, backend
 
 

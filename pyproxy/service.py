@@ -32,7 +32,7 @@ from pyproxy.healthcheck import HealthChecker
 from pyproxy.inbound import EdgeServer
 from pyproxy.metrics import Metrics
 from pyproxy.proxy import ProxyApp
-from pyproxy.reload import ConfigWatcher
+from pyproxy.reload import ConfigWatcher, file_digest
 from pyproxy.runtime import RuntimeHolder, build_runtime
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Service:
             self.app, config.listen.host, config.listen.port,
             threads=config.threads, limits=config.limits, name="proxy",
         )  # fmt: skip
+        self.proxy_server.on_refused = self.app.record_refusal
         self.watcher: ConfigWatcher | None = None
         self.control = Control(
             self.holder, self.metrics,
@@ -113,9 +114,13 @@ class Service:
 
     def reload(self, trigger: str) -> ReloadResult:
         """Re-read the config file (SIGHUP, the admin API and the watcher call this)."""
+        path = self.holder.runtime.config.source_path
+        digest = file_digest(path) if path else None  # read before the reload reads it
         result = self.control.reload(trigger)
-        if self.watcher is not None:
-            self.watcher.note_applied()
+        if self.watcher is not None and digest is not None:
+            # The watcher need not reload these bytes again; a write landing after
+            # this point has another digest and is still picked up.
+            self.watcher.note_applied(digest)
         return result
 
     def _apply_settings(self, config: Config) -> None:
@@ -129,6 +134,8 @@ class Service:
         self.config = config
 
     def publish_backend_state(self, backend: Backend) -> None:
+        if backend.removed:  # a probe that ended after the removal: its gauges stay gone
+            return
         self.metrics.set_backend_state(
             backend.name, backend.health.up, backend.breaker.state.gauge_value
         )
@@ -156,7 +163,9 @@ class Service:
         self._spawn("pyproxy-admin", self.admin_server.serve_forever)
         self.health_checker.start()
         if self.config.source_path:
-            self.watcher = ConfigWatcher(self.config.source_path, self.reload)
+            self.watcher = ConfigWatcher(
+                self.config.source_path, lambda trigger: self.control.reload(trigger)
+            )
             self.watcher.start()
         log.info(
             "serving on %s (admin %s), %d backend(s), strategy %s",

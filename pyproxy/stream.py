@@ -67,5 +67,4 @@ class ResponseStream:
             request.detail = "client disconnected"
             self.metrics.count_error(self.backend.name, "client_disconnected")
         self.backend.release(failed=relay.failure is not None or self.failed_status)
-        self.metrics.backend_in_flight_changed(self.backend.name, -1)
         self.on_close(request)

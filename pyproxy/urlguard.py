@@ -13,17 +13,37 @@ import socket
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+
+def _unwrapped(address: Address) -> Address:
+    """The IPv4 address inside an IPv4-mapped IPv6 one (::ffff:169.254.169.254):
+    Python's is_link_local and friends do not look inside, but the kernel connects
+    to the IPv4 address all the same."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _addresses(host: str) -> list[Address]:
     try:
-        return [ipaddress.ip_address(host)]
+        return [_unwrapped(ipaddress.ip_address(host.strip("[]")))]
     except ValueError:
         pass
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return []
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    return [_unwrapped(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos]
+
+
+def url_identity(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) with the default port filled in: http://h and http://h:80
+    are one backend."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
 
 
 def refuse_backend_url(url: str, own_listeners: Sequence[tuple[str, int]]) -> str | None:

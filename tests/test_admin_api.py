@@ -312,11 +312,6 @@ def test_add_duplicate_is_409(
     assert list(listed(http, service)) == ["echo"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: http://h and http://h:80 are one backend to the config loader but not"
-    " to add-backend (see .bugs-for-core.md)",
-)
 def test_add_same_backend_with_explicit_default_port_is_409(
     make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
 ) -> None:
@@ -365,10 +360,6 @@ def test_refused_urls_are_400_with_the_reason(
     assert echo_backend.requests() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: IPv4-mapped IPv6 addresses bypass the URL guard (see .bugs-for-core.md)",
-)
 @pytest.mark.parametrize(
     "url",
     [
@@ -462,11 +453,6 @@ def test_remove_stops_new_traffic_and_lets_in_flight_finish(
     assert len(result["body"]) == int(result["headers"]["Content-Length"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a removed backend's in-flight gauge comes back (at -1) when its last"
-    " request finishes (see .bugs-for-core.md)",
-)
 def test_removed_backend_gauges_stay_gone_after_its_in_flight_request(
     make_proxy: ProxyFactory,
     make_echo_backend: Callable[[str], EchoBackend],

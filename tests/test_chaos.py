@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import Callable
 
-import pytest
 import requests
 from backends import EchoBackend
 from conftest import ProxyFactory
@@ -86,11 +85,6 @@ def test_the_configured_error_status_is_what_the_client_gets(
     assert echo_backend.requests() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: errors.REASONS has no 500 (or 418, 501, ...): a chaos error_status of 500 "
-    "answers '500 Error' instead of '500 Internal Server Error'",
-)
 def test_an_error_status_outside_the_proxys_own_table_keeps_its_reason_phrase(
     make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
 ) -> None:
@@ -307,12 +301,6 @@ def test_latency_counts_against_the_total_deadline(
     assert sample(proxy, "proxy_errors_total", backend="echo", reason="deadline_exceeded") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: attempt.try_backend injects the failure after the latency sleep without "
-    "checking the deadline, so a request whose deadline the latency used up gets the "
-    "chaos status (503) instead of 504 deadline_exceeded",
-)
 def test_latency_that_uses_up_the_deadline_is_a_504_even_when_a_failure_is_injected_too(
     make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
 ) -> None:

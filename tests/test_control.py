@@ -252,11 +252,6 @@ def test_reload_without_a_file_is_refused() -> None:
     assert "without one" in result.problems[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a reload may bring a file backend named like an admin-added one;"
-    " names are then no longer unique (see .bugs-for-core.md)",
-)
 def test_names_stay_unique_when_the_file_gains_an_admin_added_name(tmp_path: Path) -> None:
     path = tmp_path / "pyproxy.yaml"
     write_yaml(path, [A])
@@ -268,10 +263,6 @@ def test_names_stay_unique_when_the_file_gains_an_admin_added_name(tmp_path: Pat
     assert len(running) == len(set(running)), running
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: no warning when admin.listen is not a loopback address (see .bugs-for-core.md)",
-)
 def test_admin_listener_off_loopback_is_warned_about() -> None:
     # Issue 6: "A warning at start when the admin listener is bound to a non-loopback
     # address." `config_warnings` is what start-up and --check print.

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from ipaddress import ip_network
 from pathlib import Path
 
-import pytest
 import requests
 from backends import EchoBackend
 from conftest import ProxyFactory
@@ -381,11 +380,6 @@ def test_backend_buckets_on_the_real_clock(
     assert sample(proxy, "proxy_rate_limited_total", scope="backend") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: /admin/backends `available` ignores the per-backend rate bucket "
-    "(Backend.snapshot uses unavailable_reason only), unlike selection and /admin/status",
-)
 def test_admin_backends_says_a_backend_with_an_empty_bucket_is_not_available(
     make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
 ) -> None:
