@@ -24,6 +24,8 @@ MAX_QUEUE = 100_000
 
 
 class LoggedRequest(Protocol):
+    protocol: str
+    upstream_seconds: float | None
     method: str
     target: str
     client: str
@@ -42,7 +44,8 @@ class LoggedRequest(Protocol):
 def format_text(fields: dict[str, Any]) -> str:
     """Apache combined log format, then pyproxy's fields as key=value."""
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(fields["time"]))
-    request_line = f"{fields['method']} {fields['target']} HTTP/1.1".replace('"', "%22")
+    request_line = f"{fields['method']} {fields['target']} {fields['protocol']}"
+    request_line = request_line.replace('"', "%22")
 
     def quoted(value: str) -> str:
         return '"' + (value or "-").replace('"', "%22") + '"'
@@ -51,9 +54,14 @@ def format_text(fields: dict[str, Any]) -> str:
         f'{fields["client"] or "-"} - - [{stamp}] "{request_line}" {fields["status"]} '
         f"{fields['bytes']} {quoted(fields['referer'])} {quoted(fields['user_agent'])} "
         f"backend={fields['backend'] or '-'} attempts={fields['attempts']} "
-        f"duration={fields['duration']:.6f} request_id={fields['request_id']}"
+        f"duration={fields['duration']:.6f} upstream_time={_seconds(fields['upstream_time'])} "
+        f"request_id={fields['request_id']}"
         + (f" detail={quoted(fields['detail'])}" if fields["detail"] else "")
     )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
 
 
 def format_json(fields: dict[str, Any]) -> str:
@@ -62,6 +70,8 @@ def format_json(fields: dict[str, Any]) -> str:
         f".{int(fields['time'] % 1 * 1000):03d}Z"
     )
     out["duration"] = round(fields["duration"], 6)
+    if fields["upstream_time"] is not None:
+        out["upstream_time"] = round(fields["upstream_time"], 6)
     return json.dumps(out, separators=(",", ":"))
 
 
@@ -93,9 +103,11 @@ class AccessLog:
                 "client": request.client or request.peer,
                 "method": request.method,
                 "target": request.target,
+                "protocol": request.protocol,
                 "status": request.status,
                 "bytes": request.bytes_sent,
                 "duration": now - request.started,
+                "upstream_time": request.upstream_seconds,
                 "backend": request.backend_name,
                 "attempts": request.attempts,
                 "request_id": request.request_id,
@@ -120,6 +132,10 @@ class AccessLog:
             self._emit(lines)
 
     def _emit(self, lines: list[str]) -> None:
+        dropped, self.dropped = self.dropped, 0
+        if dropped:
+            # Said in the log itself, where whoever reads it will notice the gap.
+            log.warning("access log: %d line(s) dropped, the writer could not keep up", dropped)
         try:
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()

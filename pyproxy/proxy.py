@@ -163,9 +163,11 @@ class ProxyApp:
             tried.append(backend)
             request.attempts += 1
             request.backend_name = backend.name
+            attempt_started = self.clock()
             response, failure = try_backend(
                 self.tools, runtime, backend, permit, request, headers, deadline
             )
+            request.upstream_seconds = self.clock() - attempt_started
             if failure is None:
                 assert response is not None
                 return self._relay(runtime, backend, request, response, start_response)

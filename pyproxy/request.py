@@ -48,6 +48,8 @@ class Inbound:
     bytes_sent: int = 0
     detail: str = ""
     holds_retry_token: bool = False  # counted in the retry budget until the request ends
+    protocol: str = "HTTP/1.1"
+    upstream_seconds: float | None = None  # last attempt: sent -> response headers
     referer: str = ""
     user_agent: str = ""
     cookie: str | None = None
@@ -90,6 +92,7 @@ class Inbound:
             referer=environ.get("HTTP_REFERER", ""),
             user_agent=environ.get("HTTP_USER_AGENT", ""),
             cookie=environ.get("HTTP_COOKIE"),
+            protocol=environ.get("SERVER_PROTOCOL", "HTTP/1.1"),
         )
 
     @classmethod

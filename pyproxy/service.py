@@ -67,6 +67,7 @@ class Service:
             config, admin=admin_changes, clock=clock, on_store_error=store_error
         )
         self.holder = RuntimeHolder(runtime, admin_changes, on_store_error=store_error)
+        self._access_log_stream = access_log_stream  # kept for rebuilds on reload
         self.access_log = (
             AccessLog(config.access_log, stream=access_log_stream)
             if config.access_log.enabled
@@ -127,7 +128,11 @@ class Service:
         """Settings that live outside the runtime snapshot: the access log."""
         if config.access_log != self.config.access_log:
             old = self.access_log
-            self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+            self.access_log = (
+                AccessLog(config.access_log, stream=self._access_log_stream)
+                if config.access_log.enabled
+                else None
+            )
             self.app.access_log = self.access_log
             if old is not None:
                 old.close()

@@ -36,6 +36,7 @@ TEXT_LINE = re.compile(
     r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/1\.[01]" (?P<status>\d{3}) (?P<bytes>\d+) '
     r'"(?P<referer>[^"]*)" "(?P<user_agent>[^"]*)" '
     r"backend=(?P<backend>\S+) attempts=(?P<attempts>\d+) duration=(?P<duration>\d+\.\d+) "
+    r"upstream_time=(?P<upstream_time>-|\d+\.\d+) "
     r'request_id=(?P<request_id>[A-Za-z0-9._:-]+)(?: detail="(?P<detail>[^"]*)")?'
 )
 JSON_FIELDS = {
@@ -349,3 +350,5 @@ class FakeRequest:
     referer = ""
     user_agent = ""
     detail = ""
+    protocol = "HTTP/1.1"
+    upstream_seconds = 0.5
