@@ -887,6 +887,31 @@ def test_a_client_is_re_pinned_when_its_backend_is_down(
     assert len(by_name[pinned].traffic()) == 1
 
 
+def test_the_cookie_carries_max_age_and_name_when_configured(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend
+) -> None:
+    sticky = StickyConfig(mode="cookie", cookie_name="lb", cookie_max_age=3600)
+    proxy = make_proxy([echo_backend], sticky=sticky)
+    (value,) = get(proxy).raw.headers.getlist("Set-Cookie")
+    assert re.fullmatch(r"lb=[0-9a-f]{18}; Path=/; HttpOnly; SameSite=Lax; Max-Age=3600", value)
+
+
+def test_a_client_whose_backend_fails_is_re_pinned_where_the_retry_landed(
+    make_proxy: ProxyFactory, controlled: Callable[..., ControlledBackend]
+) -> None:
+    backends = [controlled(f"c{i}") for i in (1, 2, 3)]
+    proxy = cookie_proxy(make_proxy, [cfg(b) for b in backends], retries=RetryConfig())
+    first = get(proxy)
+    token, pinned = sticky_token(first), first.headers["X-Backend"]
+    {b.name: b for b in backends}[pinned].status = 503  # now it fails; GETs are retried
+    moved = get(proxy, headers={"Cookie": f"pyproxy_backend={token}"})
+    assert moved.status_code == 200 and moved.headers["X-Backend"] != pinned
+    new_token = sticky_token(moved)
+    assert new_token not in (None, token)
+    again = get(proxy, headers={"Cookie": f"pyproxy_backend={new_token}"})
+    assert again.headers["X-Backend"] == moved.headers["X-Backend"]
+
+
 def test_a_cookie_from_one_instance_works_on_another(
     make_proxy: ProxyFactory, three_backends: list[EchoBackend]
 ) -> None:
