@@ -171,6 +171,8 @@ class Backend:
     def try_acquire(self) -> bool:
         """Count a request in flight if the cap allows it; False means "full"."""
         with self._lock:
+            if self.removed:  # its pool is closing: a request must not start on it now
+                return False
             cap = self.config.max_connections
             if cap and self.in_flight >= cap:
                 return False
@@ -202,8 +204,17 @@ class Backend:
             failures_total=self.failures_total,
         )
 
+    def retire(self) -> bool:
+        """Mark removed; True once no request is in flight (then `close()` is safe).
+        Under the lock, so no request can be admitted between the check and the close."""
+        with self._lock:
+            self.removed = True
+            return self.in_flight == 0
+
     def close(self) -> None:
-        """Drop pooled connections. In-flight requests keep theirs until they finish."""
+        """Close the pool's idle keep-alive connections (urllib3 2's PoolManager.clear()
+        does not close its pools, so the hot path's pool is closed explicitly)."""
+        self.pool.close()
         self.session.close()
 
 

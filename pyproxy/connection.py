@@ -45,7 +45,7 @@ class DeadlineWatchdog:
             self._live[token] = sock
             earliest = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, token))
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="pyproxy-deadline", daemon=True
                 )
@@ -71,6 +71,11 @@ class DeadlineWatchdog:
                     if sock is not None:
                         expired.append(sock)
                 if not expired:
+                    if not self._live:
+                        # Nothing to watch: end the thread; watch() starts a new one.
+                        self._heap.clear()
+                        self._thread = None
+                        return
                     if len(self._heap) > 2 * len(self._live) + 1024:
                         # Mostly finished requests: rebuild instead of growing.
                         live = set(self._live)

@@ -195,7 +195,7 @@ def retire_when_idle(backend: Backend, poll: float = 0.5, give_up: float = 3600.
 
     def wait_then_close() -> None:
         waited = 0.0
-        while backend.in_flight and waited < give_up:
+        while not backend.retire() and waited < give_up:
             threading.Event().wait(poll)
             waited += poll
         backend.close()

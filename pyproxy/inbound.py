@@ -347,6 +347,17 @@ class EdgeServer:
     def open_connections(self) -> int:
         return len(self._server.active_channels)
 
+    def busy_connections(self) -> int:
+        """Connections with a request being read or served, or a response not yet fully
+        written to the client. An app can be done with a response while waitress still
+        holds megabytes of it for a slow reader: a drain must wait for those too."""
+        channels = list(self._server.active_channels.values())
+        return sum(
+            1
+            for channel in channels
+            if channel.requests or channel.total_outbufs_len or channel.request is not None
+        )
+
     def serve_forever(self) -> None:
         """Run the loop in this thread until close()."""
         self._loop_thread = threading.get_ident()

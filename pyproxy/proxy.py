@@ -125,8 +125,6 @@ class ProxyApp:
             self.access_log.write(Inbound.refused(refusal, now), now)
 
     def _request_done(self, request: Inbound) -> None:
-        if request.holds_retry_token:
-            self.budget.retry_finished()
         self.budget.request_finished()
         self.metrics.in_flight.dec()
         self._log(request, None)
@@ -139,6 +137,22 @@ class ProxyApp:
     # -- the attempt loop ------------------------------------------------------
 
     def _forward(
+        self,
+        runtime: Runtime,
+        request: Inbound,
+        headers: dict[str, str],
+        start_response: StartResponse,
+    ) -> Iterable[bytes]:
+        try:
+            return self._attempts(runtime, request, headers, start_response)
+        finally:
+            # The budget caps retries being *attempted*; a retried request that now
+            # streams a long body must not hold a token for the length of the stream.
+            if request.holds_retry_token:
+                self.budget.retry_finished()
+                request.holds_retry_token = False
+
+    def _attempts(
         self,
         runtime: Runtime,
         request: Inbound,

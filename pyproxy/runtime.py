@@ -21,6 +21,7 @@ from pyproxy.ratelimit import BackendLimiter, ClientLimiter
 from pyproxy.ratelimit_store import make_client_limiter
 from pyproxy.selection import Selector, make_selector
 from pyproxy.sticky import Sticky
+from pyproxy.urlguard import url_identity
 
 
 def attempt_timeout(connect: float, read: float) -> urllib3.Timeout:
@@ -51,8 +52,10 @@ class Runtime:
         ]
 
     def find(self, name: str | None = None, url: str | None = None) -> Backend | None:
+        """The backend with this name, or at this URL (http://h and http://h:80 are one)."""
+        identity = url_identity(url) if url else None
         for backend in self.backends:
-            if backend.name == name or backend.url == url:
+            if backend.name == name or (identity and url_identity(backend.url) == identity):
                 return backend
         return None
 

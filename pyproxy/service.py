@@ -205,13 +205,17 @@ class Service:
             self._stopped.wait(settings.delay)
         self.proxy_server.stop_accepting()
         deadline = self.clock() + settings.drain_timeout
-        while self.in_flight() and self.clock() < deadline:
+        while self._unfinished() and self.clock() < deadline:
             self._stopped.wait(0.05)
-        left = self.in_flight()
+        left = self._unfinished()
         if left:
             log.warning("shutdown: drain timeout passed with %d request(s) in flight", left)
         else:
             log.info("shutdown: all requests finished")
+
+    def _unfinished(self) -> int:
+        """Requests in the app, or responses still being written to their clients."""
+        return max(self.in_flight(), self.proxy_server.busy_connections())
 
     def in_flight(self) -> int:
         return self.app.budget.requests_in_flight

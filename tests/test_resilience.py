@@ -753,11 +753,6 @@ def test_the_retry_budget_stops_a_retry_storm(
     assert sum(metric(proxy, "proxy_retries_total", backend=b.name) for b in backends) == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: proxy.py keeps a request's retry token until the response body ends "
-    "(_request_done), so retried long streams exhaust the budget with no retry in flight",
-)
 def test_long_responses_that_were_retried_do_not_use_up_the_budget(
     make_proxy: ProxyFactory,
     controlled: Callable[..., ControlledBackend],
