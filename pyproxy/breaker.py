@@ -150,6 +150,10 @@ class CircuitBreaker:
         Selection uses it to filter candidates; only the chosen backend's
         `try_acquire` then takes a slot, so filtering never leaks trial slots.
         """
+        if self._state is CircuitState.CLOSED:
+            # The common case, read without the lock or the clock: a closed circuit
+            # only leaves CLOSED through a recorded failure, never through time.
+            return True
         now = self._clock()
         with self._lock:
             return self._admits(self._refresh(now))

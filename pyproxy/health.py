@@ -79,9 +79,11 @@ class HealthStatus:
 
     @property
     def up(self) -> bool:
-        """The judgement selection uses: True only when known to be up (unknown is not)."""
-        with self._lock:
-            return self._up is True
+        """The judgement selection uses: True only when known to be up (unknown is not).
+
+        Read without the lock: it is one attribute load (atomic in CPython), and this
+        runs for every backend on every request."""
+        return self._up is True
 
     @property
     def state(self) -> str:
