@@ -270,7 +270,7 @@ def test_latency_delays_the_response_and_the_backend_still_answers(
     answer = http.get(proxy.proxy_url, timeout=WAIT)
     elapsed = time.monotonic() - started
     assert answer.status_code == 200
-    assert 0.29 <= elapsed < 2.5, elapsed
+    assert 0.29 <= elapsed < 4.0, elapsed  # generous: a shared machine may be slow
     assert len(echo_backend.requests()) == 1
 
 
@@ -289,14 +289,14 @@ def test_latency_counts_against_the_total_deadline(
     proxy = make_proxy(
         [echo_backend],
         timeouts=Timeouts(connect=1.0, read=2.0, total=0.4),
-        chaos=ChaosConfig(latency=3.0, latency_rate=1.0),
+        chaos=ChaosConfig(latency=30.0, latency_rate=1.0),
     )
     started = time.monotonic()
     answer = http.get(proxy.proxy_url, timeout=WAIT)
     elapsed = time.monotonic() - started
     assert answer.status_code == 504
     assert answer.text.startswith("504 Gateway Timeout: ")
-    assert 0.35 <= elapsed < 2.0, elapsed  # the deadline, not the 3 s of latency
+    assert 0.35 <= elapsed < 4.0, elapsed  # the deadline, not the 30 s of latency
     assert echo_backend.requests() == []  # no time was left for a real attempt
     assert sample(proxy, "proxy_errors_total", backend="echo", reason="deadline_exceeded") == 1
 

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,9 +183,12 @@ def test_the_shared_limit_is_atomic_under_concurrent_requests_to_both_instances(
         thread.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
     assert len(codes) == 32
-    assert codes.count(200) == 10  # never an 11th: the Lua script takes the last token once
-    assert codes.count(429) == 22
-    assert len(echo_backend.requests()) == 10
+    # Exactly 10 pass the limiter, never an 11th: the script is atomic. Counted as
+    # "not 429", so that a backend too slow for the test's 2 s read timeout on a
+    # loaded machine (a 504) is not mistaken for a token the limiter did not grant.
+    assert codes.count(429) == 22, Counter(codes)
+    assert set(codes) <= {200, 429, 502, 504}, Counter(codes)
+    assert len(echo_backend.requests()) <= 10
 
 
 # -- the Lua token bucket --------------------------------------------------------------
@@ -199,9 +203,9 @@ def test_the_script_refills_at_the_rate_on_the_servers_clock(store: str) -> None
     assert refused.retry_after == 1 and refused.remaining == 0 and refused.limit == 2
 
     # Refused checks take nothing, so polling does not delay the refill.
-    assert wait_for(lambda: limiter.check("k").allowed, timeout=3.0, interval=0.05)
+    assert wait_for(lambda: limiter.check("k").allowed, timeout=6.0, interval=0.05)
     waited = time.monotonic() - emptied
-    assert 0.3 <= waited < 2.5, waited
+    assert 0.3 <= waited < 5.0, waited
     assert not limiter.check("k").allowed  # that token was the only one back
 
 
@@ -211,8 +215,9 @@ def test_the_bucket_never_holds_more_than_the_burst_and_expires_when_idle(
     limiter = RedisClientLimiter(store, Rate(100, 1.0), burst=3)
     first = limiter.check("idle")
     assert first.allowed and first.remaining == 2
-    time.sleep(0.05)  # 5 tokens' worth of refill: the bucket still holds at most 3
-    assert [limiter.check("idle").allowed for _ in range(4)] == [True, True, True, False]
+    time.sleep(0.05)  # let 5 tokens' worth of time pass on the server's clock ...
+    second = limiter.check("idle")
+    assert second.allowed and second.remaining == 2  # ... yet it held 3 at most, not 2 + 5
     ttl = redis_server.client.pttl("pyproxy:rl:idle")
     assert 0 < ttl <= 3 / 100 * 1000 + 1000  # a full bucket is forgotten by Redis itself
 
