@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +283,72 @@ def test_the_limit_comes_back_when_the_store_does(
         assert any("reachable again" in m for m in messages)
     finally:
         server.stop()
+
+
+class SilentStore:
+    """A stand-in Redis client whose script never answers in time (a blackholed store):
+    each call waits on `gate` (the client's socket timeout), then raises."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.calls = 0
+        self.inside = 0
+        self._lock = threading.Lock()  # guards calls and inside
+
+    def register_script(self, _lua: str) -> Callable[..., Any]:
+        def run(keys: list[str], args: list[Any]) -> Any:
+            with self._lock:
+                self.calls += 1
+                self.inside += 1
+            try:
+                self.gate.wait(WAIT)
+                raise ConnectionError("Timeout reading from socket")
+            finally:
+                with self._lock:
+                    self.inside -= 1
+
+        return run
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: RedisClientLimiter.check lets every request that arrives during the "
+    "once-a-second probe of a down store call Redis too, so each pays the store timeout",
+)
+def test_a_down_store_is_probed_by_one_request_while_the_others_pass_at_once() -> None:
+    now = [1000.0]
+    failures: list[int] = []
+    store = SilentStore()
+    limiter = RedisClientLimiter(
+        "redis://unused", Rate(5, 60.0), None,
+        on_store_error=lambda: failures.append(1), clock=lambda: now[0], client=store,
+    )  # fmt: skip
+    store.gate.set()
+    assert limiter.check("k").allowed  # the store is found down: fail open
+    store.gate.clear()
+    now[0] += RETRY_STORE_AFTER + 0.5  # time to look at the store again
+
+    finished: list[bool] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def request() -> None:
+        start.wait(WAIT)
+        allowed = limiter.check("k").allowed
+        with lock:
+            finished.append(allowed)
+
+    threads = [threading.Thread(target=request, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        # Every request has either answered or is waiting on the silent store.
+        assert wait_for(lambda: len(finished) + store.inside == 8, timeout=WAIT)
+        waiting = store.inside
+    finally:
+        store.gate.set()
+        for thread in threads:
+            thread.join(timeout=WAIT)
+    assert finished == [True] * 8  # fail open, all of them
+    assert waiting == 1, f"{waiting} requests waited on the down store at once"
+    assert store.calls == 2  # the first discovery, then one probe
