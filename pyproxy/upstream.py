@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from typing import IO
 
 import urllib3
-from urllib3.util import SKIP_HEADER
+from urllib3.util import SKIP_HEADER, Retry
 
 from pyproxy.backend import Backend
 from pyproxy.errors import Failure, bad_response, classify
 
 RELAY_CHUNK = 64 * 1024
+# Built once: `retries=False` makes urllib3 build an equivalent Retry on every call.
+NO_RETRIES = Retry(total=False, redirect=False, raise_on_redirect=False)
 _DIGITS = re.compile(r"[0-9]+")
 
 
@@ -45,7 +47,7 @@ def send(
         target,
         body=body,
         headers=headers,
-        retries=False,  # retrying is pyproxy's decision, made with the whole pool in view
+        retries=NO_RETRIES,  # retrying is pyproxy's decision, made with the whole pool in view
         redirect=False,  # a redirect is the client's to follow
         assert_same_host=False,
         preload_content=False,  # stream: never hold a whole response in memory
