@@ -344,7 +344,8 @@ def test_idle_keep_alive_connections_are_closed_and_threads_stop(
 
     # Background threads stop cleanly (issue 6): none of this Service's is left running.
     # (`pyproxy-deadline` is the process-wide upstream deadline watchdog of
-    # pyproxy/connection.py, shared by every Service and started on first use.)
+    # pyproxy/connection.py, shared by every Service: it ends by itself once nothing is
+    # watched, at the latest at the last request's deadline, which may be far off.)
     def ours() -> list[str]:
         return [
             t.name
