@@ -32,7 +32,7 @@ from pyproxy.config import (
     Config,
     HealthCheckConfig,
 )
-from pyproxy.configload import load_config
+from pyproxy.configload import ConfigError, load_config
 from pyproxy.service import Service
 
 TOKEN = "t0ken-for-tests"
@@ -668,3 +668,40 @@ def test_state_file_is_valid_json_at_every_moment(
     assert len(reads) > 15
     assert [p.name for p in tmp_path.iterdir()] == ["admin.json"]  # no temp files left
     assert len(json.loads(state.read_text())["added"]) == 8
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: at start the state file's added backends are not checked against the"
+    " file's names (see .bugs-for-core.md)",
+)
+def test_a_restart_keeps_names_unique_when_the_file_took_an_admin_added_name(
+    tmp_path: Path, start_service: Callable[[Config], Service], http: requests.Session
+) -> None:
+    # An admin added "shared" (kept in the state file); later someone adds a different
+    # backend named "shared" to the file and restarts. The reload path refuses this
+    # clash; start must not end up with two backends of one name either. (Refusing to
+    # start with a clear error would also do.)
+    state = tmp_path / "admin.json"
+    admin = {"listen": "127.0.0.1:0", "token": TOKEN, "state_file": str(state)}
+    path = tmp_path / "pyproxy.yaml"
+    write_config(path, [BackendConfig(url="http://127.0.0.1:9301", name="base")], admin=admin)
+    first = start_service(load_config(str(path)))
+    body = {"url": "http://127.0.0.1:9302", "name": "shared"}
+    assert post(http, first, "/admin/add-backend", body).status_code == 201
+    first.close()
+
+    write_config(
+        path,
+        [
+            BackendConfig(url="http://127.0.0.1:9301", name="base"),
+            BackendConfig(url="http://127.0.0.1:9303", name="shared"),
+        ],
+        admin=admin,
+    )
+    try:
+        second = start_service(load_config(str(path)))
+    except (ConfigError, ValueError):
+        return  # refused to start, with a reason: acceptable
+    names = [b.name for b in second.holder.runtime.backends]
+    assert len(names) == len(set(names)), names
