@@ -28,6 +28,7 @@ import yaml
 from backends import EchoBackend, closed_port, free_ports, wait_for
 from prometheus_client import CollectorRegistry
 
+from pyproxy import control as control_module
 from pyproxy.config import BackendConfig
 from pyproxy.configload import load_config
 from pyproxy.service import Service
@@ -483,6 +484,52 @@ def test_a_write_landing_as_a_reload_finishes_is_applied(
     assert wait_for(lambda: list(backends(http, service)) == ["app3"], timeout=3), list(
         backends(http, service)
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: two overlapping reloads can apply the older file last (see .bugs-for-core.md)",
+)
+def test_overlapping_reloads_end_with_the_newest_file(
+    tmp_path: Path,
+    three_backends: list[EchoBackend],
+    start_service: Callable[[Path], Service],
+    http: requests.Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SIGHUP right after an edit, and the next edit lands while that reload is still
+    # parsing: whichever reload finishes last must not put the older file back.
+    app1, app2, app3 = three_backends
+    path = tmp_path / "pyproxy.yaml"
+    write_config(path, [cfg(app1)])
+    service = start_service(path)
+    assert service.watcher is not None
+    service.watcher.stop()  # only the two reloads below run
+    real_load = control_module.load_config
+    loaded, go = threading.Event(), threading.Event()
+
+    def slow_first_load(file: str, *args: Any, **kwargs: Any) -> Any:
+        config = real_load(file, *args, **kwargs)
+        if not loaded.is_set():
+            loaded.set()  # the first reload has read the file ...
+            go.wait(5)  # ... and is slow to get on with it
+        return config
+
+    monkeypatch.setattr(control_module, "load_config", slow_first_load)
+    write_config(path, [cfg(app2)])
+    first = threading.Thread(target=service.reload, args=("SIGHUP",))
+    first.start()
+    try:
+        assert loaded.wait(5)
+        write_config(path, [cfg(app3)])  # the newest file
+        second = threading.Thread(target=service.reload, args=("admin API",))
+        second.start()
+        second.join(1.0)  # the window in which a second reload may overtake the first
+    finally:
+        go.set()
+    first.join(10)
+    second.join(10)
+    assert list(backends(http, service)) == ["app3"]
 
 
 # -- races between a request and a swap --------------------------------------------------
