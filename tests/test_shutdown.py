@@ -294,14 +294,15 @@ def service_and_backend() -> Iterator[tuple[Service, EchoBackend]]:
 def test_a_response_still_being_sent_at_shutdown_is_delivered_whole(
     service_and_backend: tuple[Service, EchoBackend],
 ) -> None:
-    service, _ = service_and_backend
+    service, backend = service_and_backend
     size = 16 * 1024 * 1024
     host, port = service.proxy_server.address[:2]
     client = socket.create_connection((host, port), timeout=10)
     try:
         client.sendall(f"GET /large?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         # The client reads nothing yet: most of the body waits in pyproxy's buffers.
-        wait_for(lambda: service.in_flight() == 0, timeout=5)
+        assert wait_for(lambda: len(backend.requests()) == 1, timeout=5)
+        wait_for(lambda: service.in_flight() == 0, timeout=5)  # the app is done with it
         service.request_shutdown()
         serving = threading.Thread(target=service.serve, daemon=True)
         serving.start()
