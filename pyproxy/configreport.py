@@ -34,6 +34,12 @@ def config_warnings(config: Config) -> list[str]:
         )
     elif all(backend.weight == 0 for backend in config.backends):
         warnings.append("backends: every weight is 0 (drain); the proxy answers 503")
+    chaos = config.chaos
+    if chaos.error_rate or (chaos.latency and chaos.latency_rate):
+        warnings.append(
+            f"chaos: on (error_rate {chaos.error_rate}, latency {chaos.latency}s at"
+            f" {chaos.latency_rate}); requests fail or slow down on purpose"
+        )
     admin_host = config.admin.listen.host
     if not _is_loopback(admin_host):
         warnings.append(

@@ -19,15 +19,15 @@ import urllib3
 
 from pyproxy import upstream
 from pyproxy.accesslog import AccessLog
+from pyproxy.answers import Answers
 from pyproxy.attempt import Tools, judge, try_backend
 from pyproxy.backend import Backend
 from pyproxy.breaker import Permit
-from pyproxy.errors import Failure, error_body, reason_phrase
+from pyproxy.errors import Failure
 from pyproxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.headers import downstream_response_headers, upstream_request_headers
 from pyproxy.inbound import EdgeRefusal
 from pyproxy.metrics import Metrics
-from pyproxy.ratelimit import rate_limit_headers
 from pyproxy.request import ALLOWED_METHODS, Inbound
 from pyproxy.retry import RetryBudget, retry_verdict
 from pyproxy.runtime import Runtime, RuntimeHolder
@@ -61,6 +61,7 @@ class ProxyApp:
         self.clock = clock
         self.tools = Tools(metrics, clock, rng or random.Random(), sleep)
         self.budget = RetryBudget()
+        self.answers = Answers(metrics, clock)
         self.retry_selector = RandomSelector(self.tools.rng)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -70,7 +71,7 @@ class ProxyApp:
         refusal = request.refusal(self.instance_name)
         if refusal is not None:
             extra = [("Allow", ALLOWED_METHODS)] if refusal[0] == 405 else []
-            return self._log(request, self._answer(request, start_response, *refusal, extra))
+            return self._log(request, self.answers.answer(request, start_response, *refusal, extra))
         headers, request.client = upstream_request_headers(
             request.headers,
             peer=request.peer,
@@ -85,7 +86,7 @@ class ProxyApp:
             request.explanation = Explanation(runtime)
         headers.pop("X-Pyproxy-Explain", None)  # a question for pyproxy, not the backend
         if runtime.client_limiter is not None:
-            limited = self._over_client_limit(runtime, request, start_response)
+            limited = self.answers.over_client_limit(runtime, request, start_response)
             if limited is not None:
                 return self._log(request, limited)
         if request.body_length is not None:
@@ -100,21 +101,6 @@ class ProxyApp:
         finally:
             if finished_here:
                 self._request_done(request)
-
-    def _over_client_limit(
-        self, runtime: Runtime, request: Inbound, start_response: StartResponse
-    ) -> Iterable[bytes] | None:
-        """429 when this client's bucket is empty (SPEC §4); None to go on."""
-        settings = runtime.config.rate_limit
-        assert runtime.client_limiter is not None and settings.per_client is not None
-        decision = runtime.client_limiter.check(request.rate_limit_key(settings.client_key))
-        if decision.allowed:
-            return None
-        self.metrics.rate_limited.labels("client").inc()
-        self.metrics.count_error("", "rate_limited")
-        burst = settings.burst or settings.per_client.count
-        extra = rate_limit_headers(decision, settings.per_client, burst)
-        return self._answer(request, start_response, 429, "rate limit exceeded", extra)
 
     def record_refusal(self, refusal: EdgeRefusal) -> None:
         """A request the edge parser refused (400, 413, 431, ...): counted and logged
@@ -172,7 +158,7 @@ class ProxyApp:
             if chosen is None:
                 if request.explanation is not None:
                     request.explanation.none_available(runtime, tried, self.clock())
-                return self._no_backend(runtime, request, start_response)
+                return self.answers.no_backend(runtime, request, start_response)
             backend, permit = chosen
             tried.append(backend)
             request.attempts += 1
@@ -195,7 +181,7 @@ class ProxyApp:
                 if response is not None:  # SPEC §4: the client gets the backend's own answer
                     return self._relay(runtime, backend, request, response, start_response)
                 backend.release(failed=True)
-                return self._fail(request, start_response, failure)
+                return self.answers.failed(request, start_response, failure)
             self.metrics.count_retry(backend.name)
             if response is not None:
                 upstream.discard(response)
@@ -308,50 +294,3 @@ class ProxyApp:
             on_backend_failure=lambda b: judge(self.tools, b, None, True),
             on_close=self._request_done,
         )
-
-    def _no_backend(
-        self, runtime: Runtime, request: Inbound, start_response: StartResponse
-    ) -> Iterable[bytes]:
-        """SPEC §4: 503 + Retry-After when nothing is available, with no upstream attempt."""
-        wait = 1.0
-        limiter = runtime.backend_limiter
-        if limiter is not None:
-            ready = [b for b in runtime.backends if b.unavailable_reason() is None]
-            if ready:  # otherwise fine, but every bucket is empty
-                self.metrics.rate_limited.labels("backend").inc()
-                wait = max(wait, limiter.seconds_until_token(b.name for b in ready))
-        self.metrics.count_error("", "no_backend")
-        retry_after = [("Retry-After", str(math.ceil(min(wait, 3600.0))))]
-        return self._answer(request, start_response, 503, "no backend available", retry_after)
-
-    def _fail(
-        self, request: Inbound, start_response: StartResponse, failure: Failure
-    ) -> Iterable[bytes]:
-        extra = [("Retry-After", "1")] if failure.status == 503 else []
-        return self._answer(request, start_response, failure.status, failure.detail, extra)
-
-    def _answer(
-        self,
-        request: Inbound,
-        start_response: StartResponse,
-        status: int,
-        why: str,
-        extra: Headers | None = None,
-    ) -> Iterable[bytes]:
-        """A response pyproxy produces itself (SPEC §4: short text body + X-Request-ID)."""
-        body = error_body(status, why)
-        request.status, request.bytes_sent, request.detail = status, len(body), why
-        start_response(
-            f"{status} {reason_phrase(status)}",
-            [
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))),
-                ("X-Request-ID", request.request_id),
-                *(extra or []),
-                *([request.explanation.header()] if request.explanation else []),
-            ],
-        )
-        self.metrics.observe_request(
-            request.backend_name, request.method, status, self.clock() - request.started
-        )
-        return [body]

@@ -79,13 +79,22 @@ class RedisClientLimiter:
         self._redis = client
         self._script = client.register_script(TOKEN_BUCKET_LUA)
         self._lock = threading.Lock()  # guards the two fields below; never held across I/O
-        self._down_until = 0.0
-        self._warned = False
+        self._down_until = 0.0  # while the store is down: when to probe it again
+        self._warned = False  # True while the store is known to be down
+        self._probing = False  # a request is probing the down store right now
 
     def check(self, key: str) -> Decision:
         now = self.clock()
-        if now < self._down_until:
-            return self._fail_open()
+        with self._lock:
+            if self._warned:
+                # The store is down. Once a second, one request (and only one) probes
+                # it; everyone else passes at once instead of queueing on a timeout.
+                if now < self._down_until or self._probing:
+                    probe = False
+                else:
+                    self._probing = probe = True
+                if not probe:
+                    return self._fail_open()
         try:
             allowed, tokens = self._script(
                 keys=[f"pyproxy:rl:{key}"], args=[self.rate.per_second, self.capacity]
@@ -93,14 +102,15 @@ class RedisClientLimiter:
         except Exception as error:  # any client or network error: fail open
             with self._lock:
                 self._down_until = now + RETRY_STORE_AFTER
+                self._probing = False
                 first = not self._warned
                 self._warned = True
             if first:
                 log.error("rate limit store unreachable (%s): letting requests through", error)
             return self._fail_open()
-        if self._warned:
-            with self._lock:
-                self._warned = False
+        with self._lock:
+            recovered, self._warned, self._probing = self._warned, False, False
+        if recovered:
             log.info("rate limit store reachable again")
         level = float(tokens)
         per_second = self.rate.per_second

@@ -310,11 +310,6 @@ class SilentStore:
         return run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: RedisClientLimiter.check lets every request that arrives during the "
-    "once-a-second probe of a down store call Redis too, so each pays the store timeout",
-)
 def test_a_down_store_is_probed_by_one_request_while_the_others_pass_at_once() -> None:
     now = [1000.0]
     failures: list[int] = []

@@ -1,0 +1,90 @@
+"""Answers: the responses pyproxy makes itself, in one place.
+
+SPEC §4: a short `text/plain` body `<code> <reason>: <why>`, the X-Request-ID, and for
+the statuses that invite a retry (429, 503) a `Retry-After`. Each answer is counted
+in `proxy_requests_total` like a relayed one. Which failure becomes which status is
+decided in errors.py; this module only writes the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pyproxy.errors import Failure, error_body, reason_phrase
+from pyproxy.metrics import Metrics
+from pyproxy.ratelimit import rate_limit_headers
+from pyproxy.request import Inbound
+from pyproxy.runtime import Runtime
+
+StartResponse = Callable[..., Any]
+Headers = list[tuple[str, str]]
+
+
+class Answers:
+    def __init__(self, metrics: Metrics, clock: Callable[[], float]) -> None:
+        self.metrics = metrics
+        self.clock = clock
+
+    def answer(
+        self,
+        request: Inbound,
+        start_response: StartResponse,
+        status: int,
+        why: str,
+        extra: Headers | None = None,
+    ) -> Iterable[bytes]:
+        """A response pyproxy produces itself (SPEC §4: short text body + X-Request-ID)."""
+        body = error_body(status, why)
+        request.status, request.bytes_sent, request.detail = status, len(body), why
+        start_response(
+            f"{status} {reason_phrase(status)}",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("X-Request-ID", request.request_id),
+                *(extra or []),
+                *([request.explanation.header()] if request.explanation else []),
+            ],
+        )
+        self.metrics.observe_request(
+            request.backend_name, request.method, status, self.clock() - request.started
+        )
+        return [body]
+
+    def failed(
+        self, request: Inbound, start_response: StartResponse, failure: Failure
+    ) -> Iterable[bytes]:
+        extra = [("Retry-After", "1")] if failure.status == 503 else []
+        return self.answer(request, start_response, failure.status, failure.detail, extra)
+
+    def no_backend(
+        self, runtime: Runtime, request: Inbound, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """SPEC §4: 503 + Retry-After when nothing is available, with no upstream attempt."""
+        wait = 1.0
+        limiter = runtime.backend_limiter
+        if limiter is not None:
+            ready = [b for b in runtime.backends if b.unavailable_reason() is None]
+            if ready:  # otherwise fine, but every bucket is empty
+                self.metrics.rate_limited.labels("backend").inc()
+                wait = max(wait, limiter.seconds_until_token(b.name for b in ready))
+        self.metrics.count_error("", "no_backend")
+        retry_after = [("Retry-After", str(math.ceil(min(wait, 3600.0))))]
+        return self.answer(request, start_response, 503, "no backend available", retry_after)
+
+    def over_client_limit(
+        self, runtime: Runtime, request: Inbound, start_response: StartResponse
+    ) -> Iterable[bytes] | None:
+        """429 when this client's bucket is empty (SPEC §4); None to go on."""
+        settings = runtime.config.rate_limit
+        assert runtime.client_limiter is not None and settings.per_client is not None
+        decision = runtime.client_limiter.check(request.rate_limit_key(settings.client_key))
+        if decision.allowed:
+            return None
+        self.metrics.rate_limited.labels("client").inc()
+        self.metrics.count_error("", "rate_limited")
+        burst = settings.burst or settings.per_client.count
+        extra = rate_limit_headers(decision, settings.per_client, burst)
+        return self.answer(request, start_response, 429, "rate limit exceeded", extra)

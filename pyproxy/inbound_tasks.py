@@ -1,0 +1,123 @@
+"""The tasks of the edge server: how one response (or one refusal) is written.
+
+waitress runs each request as a Task on a worker thread. pyproxy's tasks change three
+things: the response head (no waitress identity; `Connection: close` while draining),
+an app that cuts a response short on purpose (AbortResponse: no final chunk, no
+traceback), and the errors waitress answers itself (short text, X-Request-ID, and a
+report to the access log through `on_refused`). See inbound.py for the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from waitress.task import ErrorTask, Task, WSGITask
+
+from pyproxy.config import LimitsConfig
+from pyproxy.headers import sane_request_id
+
+logger = logging.getLogger("pyproxy.inbound")
+
+
+class AbortResponse(Exception):
+    """Raised by the app's body iterator to cut a response short on purpose — e.g. the
+    backend died mid-body — so the client sees a truncated response.
+
+    The connection is closed without the end of the body (no final chunk) and nothing
+    is logged as an error: the app has already accounted for the failure.
+    """
+
+
+class _EdgeHead(Task):
+    """Response-head changes shared by app responses and error responses."""
+
+    def build_response_header(self) -> bytes:
+        server = self.channel.server
+        if server.draining:
+            # As if the client had sent `Connection: close`: waitress then adds that header
+            # and closes after this response (RFC 9112 §9.6). An app may not send it itself:
+            # waitress refuses hop-by-hop headers from apps (PEP 3333).
+            self.request.headers["CONNECTION"] = "close"
+        app_sent_server = any(name.lower() == "server" for name, _ in self.response_headers)
+        head: bytes = super().build_response_header()
+        # waitress adds exactly one header of its own: `Server: <ident>` when the app sent
+        # no Server, else `Via: <ident>`. Remove that line; pyproxy sets its own Via.
+        own = ("Via: " if app_sent_server else "Server: ") + server.adj.ident
+        return head.replace(f"\r\n{own}\r\n".encode("latin-1"), b"\r\n", 1)
+
+
+class EdgeTask(_EdgeHead, WSGITask):
+    """Runs the WSGI app for one request; AbortResponse closes the connection quietly."""
+
+    aborted = False
+
+    def execute(self) -> None:
+        try:
+            super().execute()
+        except AbortResponse as exc:
+            logger.debug("response to %s cut short: %s", self.request.path, exc)
+            self.aborted = True
+            self.close_on_finish = True
+
+    def finish(self) -> None:
+        # waitress's finish() would write the last chunk ("0\r\n\r\n") and make the
+        # truncated body look complete; an aborted response must end with the connection.
+        if not self.aborted:
+            super().finish()
+
+
+@dataclass(frozen=True)
+class EdgeRefusal:
+    """A request refused at the edge, before any app ran (for the access log)."""
+
+    peer: str
+    method: str
+    target: str
+    status: int
+    why: str
+    bytes_sent: int
+    request_id: str
+
+
+class EdgeErrorTask(_EdgeHead, ErrorTask):
+    """An error waitress produces itself (400, 413, 431, 500, 501, 505): short text, close."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        self.status = f"{error.code} {error.reason}"
+        body = f"{self.status}: {_plain_reason(error.body, self.channel.server.limits)}".encode()
+        # SPEC §4: every answer pyproxy makes itself carries an X-Request-ID.
+        request_id = sane_request_id(self.request.headers.get("X_REQUEST_ID"))
+        self.response_headers.append(("Content-Type", "text/plain; charset=utf-8"))
+        self.response_headers.append(("X-Request-ID", request_id))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+        report = self.channel.server.on_refused
+        if report is not None:  # the access log and metrics hear of it too
+            try:
+                report(
+                    EdgeRefusal(
+                        peer=str(self.channel.addr[0]),
+                        method=str(getattr(self.request, "command", "") or "-"),
+                        target=str(getattr(self.request, "request_uri", "") or "-"),
+                        status=int(error.code),
+                        why=str(error.body),
+                        bytes_sent=len(body),
+                        request_id=request_id,
+                    )
+                )
+            except Exception:
+                logger.exception("reporting a refused request failed")
+
+
+def _plain_reason(body: str, limits: LimitsConfig) -> str:
+    """waitress words its limit errors with its own names and its off-by-one values
+    (we pass limit + 1, see EdgeServer); say them in the config's terms instead."""
+    if body.startswith("exceeds max_body"):
+        return f"body larger than limits.max_request_body ({limits.max_request_body} bytes)"
+    if body.startswith("exceeds max_header"):
+        size = limits.max_request_header
+        return f"header block larger than limits.max_request_header ({size} bytes)"
+    return body
