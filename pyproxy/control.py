@@ -68,11 +68,18 @@ class Control:
         self.on_backend_added = on_backend_added
         self.on_settings = on_settings
         self.last_reload: tuple[bool, float] | None = None  # (succeeded, monotonic time)
+        # Whole reloads run one at a time (read + validate + swap), so the last one to
+        # run read the newest file; admin changes only need swap_lock.
+        self._reload_lock = threading.Lock()
 
     # -- reload ------------------------------------------------------------------
 
     def reload(self, trigger: str) -> ReloadResult:
         """Re-read the config file; apply it only if it is valid in full."""
+        with self._reload_lock:
+            return self._reload(trigger)
+
+    def _reload(self, trigger: str) -> ReloadResult:
         path = self.holder.runtime.config.source_path
         if path is None:
             return ReloadResult(False, [], ["no config file: pyproxy was started without one"])
@@ -188,6 +195,23 @@ def name_clashes(config: Config, admin: AdminChanges) -> list[str]:
         and backend.url != added[backend.name]
         and backend.url not in admin.removed_urls
     ]
+
+
+def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
+    """At start the file wins: admin-added backends whose name the file now uses for
+    another URL are dropped, with a warning, so names stay unique."""
+    clashing = {b.name for b in config.backends} & {b.name for b in admin.added}
+    kept = []
+    for backend in admin.added:
+        twin = next((b for b in config.backends if b.name == backend.name), None)
+        if backend.name in clashing and twin is not None and twin.url != backend.url:
+            log.warning(
+                "admin state: dropped added backend %s (%s): the config file now names %s so",
+                backend.name, backend.url, twin.url,
+            )  # fmt: skip
+            continue
+        kept.append(backend)
+    return AdminChanges(added=tuple(kept), removed_urls=admin.removed_urls)
 
 
 def retire_when_idle(backend: Backend, poll: float = 0.5, give_up: float = 3600.0) -> None:

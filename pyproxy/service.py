@@ -27,7 +27,7 @@ from pyproxy.accesslog import AccessLog
 from pyproxy.admin import AdminApp
 from pyproxy.backend import Backend
 from pyproxy.config import Config
-from pyproxy.control import Control, ReloadResult, load_state
+from pyproxy.control import Control, ReloadResult, drop_name_clashes, load_state
 from pyproxy.healthcheck import HealthChecker
 from pyproxy.inbound import EdgeServer
 from pyproxy.metrics import Metrics
@@ -58,7 +58,7 @@ class Service:
         self.started_at = clock()
         # Unique per instance, so two pyproxies chained on purpose are not a "loop".
         self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
-        admin_changes = load_state(config.admin.state_file)
+        admin_changes = drop_name_clashes(config, load_state(config.admin.state_file))
 
         def store_error() -> None:
             self.metrics.count_error("", "rate_limit_store")

@@ -670,11 +670,6 @@ def test_state_file_is_valid_json_at_every_moment(
     assert len(json.loads(state.read_text())["added"]) == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: at start the state file's added backends are not checked against the"
-    " file's names (see .bugs-for-core.md)",
-)
 def test_a_restart_keeps_names_unique_when_the_file_took_an_admin_added_name(
     tmp_path: Path, start_service: Callable[[Config], Service], http: requests.Session
 ) -> None:

@@ -486,10 +486,6 @@ def test_a_write_landing_as_a_reload_finishes_is_applied(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: two overlapping reloads can apply the older file last (see .bugs-for-core.md)",
-)
 def test_overlapping_reloads_end_with_the_newest_file(
     tmp_path: Path,
     three_backends: list[EchoBackend],
