@@ -32,6 +32,9 @@ class AbortResponse(Exception):
 class _EdgeHead(Task):
     """Response-head changes shared by app responses and error responses."""
 
+    chunked_response: bool  # waitress's Task attributes, declared for the type checker
+    close_on_finish: bool
+
     def build_response_header(self) -> bytes:
         server = self.channel.server
         if server.draining:
@@ -40,11 +43,38 @@ class _EdgeHead(Task):
             # waitress refuses hop-by-hop headers from apps (PEP 3333).
             self.request.headers["CONNECTION"] = "close"
         app_sent_server = any(name.lower() == "server" for name, _ in self.response_headers)
+        keep_alive = self._may_keep_alive()
         head: bytes = super().build_response_header()
         # waitress adds exactly one header of its own: `Server: <ident>` when the app sent
         # no Server, else `Via: <ident>`. Remove that line; pyproxy sets its own Via.
         own = ("Via: " if app_sent_server else "Server: ") + server.adj.ident
-        return head.replace(f"\r\n{own}\r\n".encode("latin-1"), b"\r\n", 1)
+        head = head.replace(f"\r\n{own}\r\n".encode("latin-1"), b"\r\n", 1)
+        if self._bodiless():
+            head = self._fix_bodiless(head, keep_alive)
+        return head
+
+    def _bodiless(self) -> bool:
+        """RFC 9112 §6.3: answers to HEAD, and 1xx/204/304, end at their head."""
+        command = getattr(self.request, "command", None)  # unset when parsing failed
+        return command == "HEAD" or self.status[:3] in ("204", "304")
+
+    def _may_keep_alive(self) -> bool:
+        """Whether this 1.1 connection stays open, as far as the client and we decide."""
+        connection = self.request.headers.get("CONNECTION", "").lower()
+        return self.version == "1.1" and connection != "close" and not self.close_on_finish
+
+    def _fix_bodiless(self, head: bytes, keep_alive: bool) -> bytes:
+        """waitress treats a response without Content-Length as one whose body runs to a
+        chunked end or to the close: for a bodiless answer it would send a stray
+        `0 CRLF CRLF` after a HEAD response (read by the client as the start of the
+        next response) and close every 204/304. Both are wrong; undo them."""
+        if self.chunked_response:
+            self.chunked_response = False
+            head = head.replace(b"\r\nTransfer-Encoding: chunked\r\n", b"\r\n", 1)
+        if keep_alive and self.close_on_finish:
+            self.close_on_finish = False
+            head = head.replace(b"\r\nConnection: close\r\n", b"\r\n", 1)
+        return head
 
 
 class EdgeTask(_EdgeHead, WSGITask):
