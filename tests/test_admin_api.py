@@ -279,6 +279,8 @@ def test_backends_listing_has_every_spec_field(
 ) -> None:
     service = make_proxy([echo_backend], admin=ADMIN, strategy="least_connections")
     http.get(service.proxy_url + "/", timeout=5)
+    # The slot is released in the body's close(), a moment after the client's last byte.
+    assert wait_for(lambda: service.in_flight() == 0, 5)
     payload = http.get(service.admin_url + "/admin/backends", timeout=5).json()
     assert payload["strategy"] == "least_connections"
     (entry,) = payload["backends"]

@@ -118,4 +118,4 @@ def test_a_failure_status_relayed_gives_its_slot_back(
     proxy = make_proxy([capped(echo_backend, 1)])
     for _ in range(3):
         assert get(proxy, "/status/503").text.startswith("status 503 from")
-    assert status_of(proxy)[echo_backend.name]["in_flight"] == 0
+    assert wait_for(lambda: status_of(proxy)[echo_backend.name]["in_flight"] == 0, WAIT)

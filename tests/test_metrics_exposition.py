@@ -162,6 +162,8 @@ def after_faults(faulty_proxy: Service, http: requests.Session) -> str:
         ),
         timeout=10,
     )
+    # Slots are released in each body's close(), a moment after the client's last byte.
+    assert wait_for(lambda: faulty_proxy.in_flight() == 0, timeout=5)
     return scrape(faulty_proxy)
 
 
