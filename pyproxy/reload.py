@@ -34,6 +34,18 @@ def file_digest(path: str) -> str | None:
         return None
 
 
+class _StopRace(logging.Filter):
+    """watchdog's inotify emitter logs an ERROR when stop() lands while it is reading
+    ("queue_events() called when the thread is inactive"): a harmless race inside
+    watchdog at shutdown that an operator should not see as an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+_STOP_RACE = _StopRace()
+
+
 class _AnyEvent(FileSystemEventHandler):
     def __init__(self, poke: Callable[[], None]) -> None:
         self._poke = poke
@@ -58,6 +70,9 @@ class ConfigWatcher:
         self._changed = threading.Event()
         self._stop = threading.Event()
         self._last_event = 0.0
+        emitter_log = logging.getLogger("watchdog.observers.inotify")
+        if _STOP_RACE not in emitter_log.filters:
+            emitter_log.addFilter(_STOP_RACE)
         self._observer = Observer()
         self._observer.name = "pyproxy-watchdog"
         self._observer.daemon = True
