@@ -23,6 +23,8 @@ Headers = list[tuple[str, str]]
 
 
 class Answers:
+    """Writes pyproxy's own responses and counts them; `clock` times them."""
+
     def __init__(self, metrics: Metrics, clock: Callable[[], float]) -> None:
         self.metrics = metrics
         self.clock = clock

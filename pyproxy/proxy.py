@@ -37,7 +37,6 @@ from pyproxy.stream import ResponseStream
 log = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
-Headers = list[tuple[str, str]]
 
 
 class ProxyApp:
