@@ -65,6 +65,7 @@ class BackendSnapshot:
     source: str
     healthy: bool
     health: str
+    health_transitions: int
     circuit: str
     available: bool
     why_unavailable: str | None
@@ -195,6 +196,7 @@ class Backend:
             source=self.source,
             healthy=self.health.up,
             health=self.health.state,
+            health_transitions=self.health.transitions,
             circuit=self.breaker.state.value,
             available=reason is None,
             why_unavailable=reason,

@@ -38,6 +38,7 @@ class HealthStatus:
         self._last_probe_at: float | None = None  # None = never probed
         self._last_result: str | None = None  # e.g. "200", "connect refused"
         self._changed_at: float | None = None  # time of the last transition; None = none yet
+        self._transitions = 0  # up/down changes so far (SPEC §5: transitions are counted)
 
     def update_thresholds(self, healthy_threshold: int, unhealthy_threshold: int) -> None:
         """Apply reloaded thresholds; the verdict and streaks are kept.
@@ -75,6 +76,7 @@ class HealthStatus:
                 return False
             self._up = new_up
             self._changed_at = at
+            self._transitions += 1
             return True
 
     @property
@@ -114,6 +116,11 @@ class HealthStatus:
         """What the last probe saw ("200", "connect refused"); None if never probed."""
         with self._lock:
             return self._last_result
+
+    @property
+    def transitions(self) -> int:
+        """How many times the verdict changed (unknown -> up counts as one)."""
+        return self._transitions
 
     @property
     def changed_at(self) -> float | None:

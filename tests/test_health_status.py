@@ -142,3 +142,12 @@ def test_every_change_happens_under_the_lock() -> None:
     feed(status, "pffpp")
     status.update_thresholds(3, 3)
     assert status.up and status.changed_at == 4.0
+
+
+def test_only_real_transitions_are_counted() -> None:
+    status = HealthStatus(healthy_threshold=2, unhealthy_threshold=2, initially_up=None)
+    results = [True, True, False, False, False, True, True, True]
+    changes = [status.record(passed, "x", float(i)) for i, passed in enumerate(results)]
+    # unknown -> up (first pass), up -> down (2nd failure), down -> up (2nd pass)
+    assert changes == [True, False, False, True, False, False, True, False]
+    assert status.transitions == 3
