@@ -85,6 +85,8 @@ class AccessLog:
     def __init__(self, settings: AccessLogConfig, stream: IO[str] | None = None) -> None:
         self.format = format_json if settings.format == "json" else format_text
         self._owns_stream = stream is None and settings.path != "-"
+        self._path = settings.path
+        self._reopen = False  # set by reopen(); the writer thread acts on it
         if stream is not None:
             self._stream = stream
         elif settings.path == "-":
@@ -136,7 +138,21 @@ class AccessLog:
                 lines.append(self.format(pending.popleft()))
             self._emit(lines)
 
+    def reopen(self) -> None:
+        """Reopen the file before the next write (SIGHUP, after logrotate moved it), as
+        nginx does on USR1. The writer thread does it, so no line is half-written."""
+        self._reopen = self._owns_stream
+
     def _emit(self, lines: list[str]) -> None:
+        if self._reopen:
+            self._reopen = False
+            try:
+                fresh = open(self._path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            except OSError as exc:
+                log.error("access log %s not reopened: %s", self._path, exc)
+            else:
+                self._stream.close()
+                self._stream = fresh
         dropped, self.dropped = self.dropped, 0
         if dropped:
             # Said in the log itself, where whoever reads it will notice the gap.

@@ -115,6 +115,8 @@ class Service:
 
     def reload(self, trigger: str) -> ReloadResult:
         """Re-read the config file (SIGHUP, the admin API and the watcher call this)."""
+        if self.access_log is not None:
+            self.access_log.reopen()  # after logrotate moved the file away
         path = self.holder.runtime.config.source_path
         digest = file_digest(path) if path else None  # read before the reload reads it
         result = self.control.reload(trigger)

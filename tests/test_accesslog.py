@@ -352,3 +352,20 @@ class FakeRequest:
     detail = ""
     protocol = "HTTP/1.1"
     upstream_seconds = 0.5
+
+
+def test_reopen_follows_logrotate(tmp_path: Path) -> None:
+    """After logrotate renames the file, reopen() (SIGHUP) writes to a fresh one."""
+    path = tmp_path / "access.log"
+    log = AccessLog(AccessLogConfig(format="json", path=str(path)))
+    try:
+        log.write(FakeRequest(), 1.0)
+        assert wait_for(lambda: path.exists() and path.read_text().count("\n") == 1)
+        rotated = tmp_path / "access.log.1"
+        path.rename(rotated)
+        log.reopen()
+        log.write(FakeRequest(), 2.0)
+        assert wait_for(lambda: path.exists() and path.read_text().count("\n") == 1)
+        assert rotated.read_text().count("\n") == 1  # nothing more went to the old file
+    finally:
+        log.close()
