@@ -132,6 +132,9 @@ class AdminApp:
         return text(200, "ready")
 
     def metrics_page(self, environ: dict[str, Any]) -> Reply:
+        # Gauges of counts pyproxy keeps anyway are read at scrape time, not updated on
+        # every request: the hot path pays nothing for them.
+        self.metrics.in_flight.set(self.lifecycle.in_flight())
         for backend in self.holder.runtime.backends:
             self.metrics.set_backend_state(
                 backend.name,

@@ -39,6 +39,14 @@ FORWARDING_HEADERS = frozenset(
 # (copying Content-Length next to a streamed body is a request-smuggling primitive).
 FRAMING = frozenset({"content-length", "transfer-encoding"})
 
+# Never copied from the client: removed, or set below under their canonical names.
+_ALWAYS_REBUILT = frozenset(
+    {"host", "via", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+)
+_DROP_FROM_TRUSTED = HOP_BY_HOP | FRAMING | _ALWAYS_REBUILT
+_DROP_FROM_UNTRUSTED = _DROP_FROM_TRUSTED | FORWARDING_HEADERS
+_DROP_DOWNSTREAM = HOP_BY_HOP | {"x-request-id", "via"}
+
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -155,14 +163,10 @@ def upstream_request_headers(
             received[lower] = value
     names = {name.lower(): name for name, _ in client_headers}
 
-    dropped = HOP_BY_HOP | FRAMING | connection_tokens(received.get("connection"))
     trusted_peer = is_trusted(peer, trusted)
-    if not trusted_peer:
-        dropped = dropped | FORWARDING_HEADERS
-    # Set below under their canonical names, whatever spelling the client used.
-    dropped = (
-        dropped | {"host", "via", "x-request-id"} | FORWARDING_HEADERS - {"forwarded", "x-real-ip"}
-    )
+    dropped = _DROP_FROM_TRUSTED if trusted_peer else _DROP_FROM_UNTRUSTED
+    if "connection" in received:
+        dropped = dropped | connection_tokens(received["connection"])
 
     out = {names[lower]: value for lower, value in received.items() if lower not in dropped}
 
@@ -192,15 +196,14 @@ def downstream_response_headers(
     Content-Length is kept: it lets the client detect a truncated body.
     """
     pairs = list(upstream_headers)
-    dropped = set(HOP_BY_HOP) | {"x-request-id"}
+    dropped = _DROP_DOWNSTREAM
     via = None
     for name, value in pairs:
         lower = name.lower()
         if lower == "connection":
-            dropped |= connection_tokens(value)
+            dropped = dropped | connection_tokens(value)
         elif lower == "via":
             via = f"{via}, {value}" if via else value
-    dropped.add("via")
     out = [(name, value) for name, value in pairs if name.lower() not in dropped]
     out.append(("Via", append_via(via, instance_name)))
     out.append(("X-Request-ID", request_id))

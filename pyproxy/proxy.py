@@ -90,8 +90,7 @@ class ProxyApp:
                 return self._log(request, limited)
         if request.body_length is not None:
             headers["Content-Length"] = str(request.body_length)
-        self.budget.request_started()
-        self.metrics.in_flight.inc()
+        self.budget.request_started()  # also what proxy_in_flight_requests reports
         finished_here = True
         try:
             result = self._forward(runtime, request, headers, start_response)
@@ -111,7 +110,6 @@ class ProxyApp:
 
     def _request_done(self, request: Inbound) -> None:
         self.budget.request_finished()
-        self.metrics.in_flight.dec()
         self._log(request, None)
 
     def _log(self, request: Inbound, result: Iterable[bytes] | None) -> Iterable[bytes]:
@@ -223,11 +221,12 @@ class ProxyApp:
         sticky rule first, the strategy otherwise; admitted by cap, breaker, bucket."""
         sticky = runtime.sticky
         for _ in range(3):  # another thread may take the last slot between look and admit
-            candidates = runtime.candidates(exclude=tried) or runtime.candidates()
+            candidates = runtime.candidates(exclude=tried)
+            if not candidates and tried:  # every backend was tried: one may take a retry
+                candidates = runtime.candidates()
             backend = sticky.pinned(candidates, request.cookie, request.client)
-            rule = f"sticky {sticky.mode}"
+            pinned = backend is not None
             if backend is None:
-                rule = runtime.config.strategy if not tried else "retry (random among untried)"
                 # A retry picks at random among the rest: running it through the strategy
                 # would advance a shared rotation, and with [dead, good] every request
                 # would then start on the dead one.
@@ -252,6 +251,10 @@ class ProxyApp:
                 backend.release(failed=False)
                 continue
             if request.explanation is not None:
+                if pinned:
+                    rule = f"sticky {sticky.mode}"
+                else:
+                    rule = "retry (random among untried)" if tried else runtime.config.strategy
                 request.explanation.chose(runtime, backend, rule, tried, self.clock())
             return backend, permit
         return None
@@ -278,9 +281,12 @@ class ProxyApp:
             request.explanation.outcome(str(response.status))
             headers.append(request.explanation.header())
         write = start_response(f"{response.status} {response.reason or ''}".rstrip(), headers)
-        # Send the headers now: waitress otherwise waits for the first body byte, and
-        # a server-sent event stream may not have one for a while.
-        write(b"")
+        if "content-length" not in response.headers:
+            # A body of unknown length (server-sent events, a long poll) may not send a
+            # byte for a while, and waitress holds the head until the first one: send it
+            # now. With a Content-Length the body follows, and the head goes out with its
+            # first chunk in one write instead of two.
+            write(b"")
         self.metrics.observe_request(
             backend.name, request.method, response.status, self.clock() - request.started
         )
@@ -292,4 +298,5 @@ class ProxyApp:
             metrics=self.metrics,
             on_backend_failure=lambda b: judge(self.tools, b, None, True),
             on_close=self._request_done,
+            send_head=write,
         )

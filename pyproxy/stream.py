@@ -34,12 +34,14 @@ class ResponseStream:
         metrics: Metrics,
         on_backend_failure: Callable[[Backend], None],
         on_close: Callable[[Inbound], None],
+        send_head: Callable[[bytes], object],
     ) -> None:
         self.backend, self.request, self.relay = backend, request, relay
         self.failed_status = failed_status
         self.metrics = metrics
         self.on_backend_failure = on_backend_failure
         self.on_close = on_close
+        self.send_head = send_head  # the WSGI write(): write(b"") sends the head alone
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -53,6 +55,10 @@ class ResponseStream:
             )  # fmt: skip
             self.metrics.count_error(self.backend.name, failure.reason)
             self.on_backend_failure(self.backend)
+            if not self.relay.bytes_sent:
+                # The head waits for the first body byte; without it the client would
+                # see no answer at all. It gets the head, then the cut.
+                self.send_head(b"")
             # SPEC §4: the client must see the truncation, never a complete short body.
             raise AbortResponse(failure.detail)
 
