@@ -186,6 +186,9 @@ class Backend:
             self.in_flight -= 1
             if failed:
                 self.failures_total += 1
+            last_of_removed = self.removed and self.in_flight == 0
+        if last_of_removed:
+            self.close()  # outside the lock: it is socket I/O
 
     def snapshot(self) -> BackendSnapshot:
         reason = self.unavailable_reason()
@@ -206,12 +209,15 @@ class Backend:
             failures_total=self.failures_total,
         )
 
-    def retire(self) -> bool:
-        """Mark removed; True once no request is in flight (then `close()` is safe).
-        Under the lock, so no request can be admitted between the check and the close."""
+    def retire(self) -> None:
+        """Take out of service: no new request is admitted (try_acquire checks `removed`
+        under the same lock), and the pool is closed once the last request in flight
+        ends (in `release`), or now if none is."""
         with self._lock:
             self.removed = True
-            return self.in_flight == 0
+            idle = self.in_flight == 0
+        if idle:
+            self.close()
 
     def close(self) -> None:
         """Close the pool's idle keep-alive connections (urllib3 2's PoolManager.clear()

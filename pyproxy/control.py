@@ -173,58 +173,48 @@ class Control:
                 backend.name, backend.health.up, backend.breaker.state.gauge_value
             )
         for backend in gone:
-            backend.removed = True
+            backend.retire()
             if runtime.backend_limiter is not None:
                 runtime.backend_limiter.forget(backend.name)
             self.metrics.forget_backend(backend.name)
-            retire_when_idle(backend)
         state_file = config.admin.state_file
         if state_file:
             save_state(state_file, admin)
 
 
-def name_clashes(config: Config, admin: AdminChanges) -> list[str]:
-    """File backends that would share a name with an admin-added backend: names label
-    metrics and address remove-backend, so they must stay unique (SPEC §3)."""
-    added = {b.name: b.url for b in admin.added}
+def _clashes(config: Config, admin: AdminChanges) -> list[tuple[int, BackendConfig, BackendConfig]]:
+    """(index, file backend, admin-added backend) sharing a name but not a URL: names
+    label metrics and address remove-backend, so they must stay unique (SPEC §3)."""
+    added = {b.name: b for b in admin.added}
     return [
-        f"backends[{index}].name: {backend.name!r} is already used by the backend "
-        f"{added[backend.name]} added through the admin API"
+        (index, backend, added[backend.name])
         for index, backend in enumerate(config.backends)
         if backend.name in added
-        and backend.url != added[backend.name]
+        and backend.url != added[backend.name].url
         and backend.url not in admin.removed_urls
     ]
 
 
+def name_clashes(config: Config, admin: AdminChanges) -> list[str]:
+    """On reload the running admin changes win: the clashing file is refused."""
+    return [
+        f"backends[{index}].name: {backend.name!r} is already used by the backend "
+        f"{added.url} added through the admin API"
+        for index, backend, added in _clashes(config, admin)
+    ]
+
+
 def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
-    """At start the file wins: admin-added backends whose name the file now uses for
-    another URL are dropped, with a warning, so names stay unique."""
-    clashing = {b.name for b in config.backends} & {b.name for b in admin.added}
-    kept = []
-    for backend in admin.added:
-        twin = next((b for b in config.backends if b.name == backend.name), None)
-        if backend.name in clashing and twin is not None and twin.url != backend.url:
-            log.warning(
-                "admin state: dropped added backend %s (%s): the config file now names %s so",
-                backend.name, backend.url, twin.url,
-            )  # fmt: skip
-            continue
-        kept.append(backend)
-    return AdminChanges(added=tuple(kept), removed_urls=admin.removed_urls)
-
-
-def retire_when_idle(backend: Backend, poll: float = 0.5, give_up: float = 3600.0) -> None:
-    """Close a removed backend's pool once its in-flight requests have finished."""
-
-    def wait_then_close() -> None:
-        waited = 0.0
-        while not backend.retire() and waited < give_up:
-            threading.Event().wait(poll)
-            waited += poll
-        backend.close()
-
-    threading.Thread(target=wait_then_close, name="pyproxy-retire", daemon=True).start()
+    """At start the file wins: clashing admin-added backends are dropped, with a warning."""
+    dropped = set()
+    for _, backend, added in _clashes(config, admin):
+        log.warning(
+            "admin state: dropped added backend %s (%s): the config file now names %s so",
+            added.name, added.url, backend.url,
+        )  # fmt: skip
+        dropped.add(added.url)
+    kept = tuple(b for b in admin.added if b.url not in dropped)
+    return AdminChanges(added=kept, removed_urls=admin.removed_urls)
 
 
 # -- the state file --------------------------------------------------------------------
