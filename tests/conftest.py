@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeAlias
 
@@ -147,3 +149,37 @@ def http() -> Iterator[requests.Session]:
     session.trust_env = False
     yield session
     session.close()
+
+
+# -- pure-logic helpers ------------------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def busy_switching() -> Iterator[None]:
+    """Switch threads very often, so a race gets a chance to show."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def run_to_end(threads: Sequence[threading.Thread], timeout: float = 30.0) -> None:
+    """Start the threads and wait for every one of them to finish (bounded)."""
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+        assert not thread.is_alive(), f"{thread.name} still running after {timeout}s"

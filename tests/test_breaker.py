@@ -6,28 +6,14 @@ Time is a FakeClock the tests advance; nothing sleeps.
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
+from conftest import FakeClock
 
 from pyproxy.breaker import CircuitBreaker, CircuitState, Permit
 from pyproxy.config import CircuitBreakerConfig
-
-
-class FakeClock:
-    """A clock that only moves when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make(clock: FakeClock | None = None, **overrides: object) -> tuple[CircuitBreaker, FakeClock]:
@@ -365,15 +351,6 @@ def test_concurrent_try_acquire_hands_out_only_the_free_trial_slots() -> None:
         thread.join(timeout=30)
     assert sum(p is not None for p in permits) == 2
     assert breaker.trials_in_flight == 2
-
-
-@pytest.fixture
-def busy_switching() -> Iterator[None]:
-    """Switch threads very often, so races get a chance to show."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(before)
 
 
 @pytest.mark.usefixtures("busy_switching")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 import threading
+
+import pytest
+from conftest import run_to_end
 
 from pyproxy.health import HealthStatus
 
@@ -100,6 +102,7 @@ def test_thresholds_below_one_act_as_one() -> None:
     assert feed(status, "fp") == [True, True]
 
 
+@pytest.mark.usefixtures("busy_switching")
 def test_concurrent_passes_report_the_transition_exactly_once() -> None:
     status = HealthStatus(healthy_threshold=50, unhealthy_threshold=1, initially_up=False)
     transitions: list[bool] = []
@@ -110,17 +113,7 @@ def test_concurrent_passes_report_the_transition_exactly_once() -> None:
         with lock:
             transitions.extend(mine)
 
-    threads = [threading.Thread(target=prober) for _ in range(8)]
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often, so a race gets a chance to show
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-            assert not thread.is_alive()
-    finally:
-        sys.setswitchinterval(before)
+    run_to_end([threading.Thread(target=prober) for _ in range(8)])
     assert transitions.count(True) == 1
     assert status.up and status.pass_streak == 16000
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
+from backends import wait_for
 
 from pyproxy.config import LimitsConfig
 from pyproxy.inbound import AbortResponse, EdgeServer
@@ -375,16 +376,7 @@ def test_a_client_trickling_its_headers_is_cut_after_header_timeout(serve: Any) 
     if received:  # the 408 is best effort
         assert received.startswith(b"HTTP/1.1 408 ")
     assert app.seen == []
-    assert wait_for(lambda: server.open_connections() == 0)
-
-
-def wait_for(predicate: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    assert wait_for(lambda: server.open_connections() == 0, WAIT)
 
 
 def worker_is_in(function: str) -> bool:
@@ -600,7 +592,7 @@ def test_close_is_prompt_and_frees_a_worker_blocked_on_a_stalled_client(serve: A
     with socket.create_connection(server.address) as stalled:
         stalled.sendall(GOOD)
         recv_until(stalled, b"\r\n\r\n")
-        assert wait_for(lambda: worker_is_in("_flush_outbufs_below_high_watermark"))
+        assert wait_for(lambda: worker_is_in("_flush_outbufs_below_high_watermark"), WAIT)
         began = time.monotonic()
         server.close()
         assert time.monotonic() - began < 1.5

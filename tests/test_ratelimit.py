@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import threading
 import time
 
 import pytest
+from conftest import FakeClock, run_to_end
 
 from pyproxy.config import Rate
 from pyproxy.ratelimit import (
@@ -22,20 +22,6 @@ from pyproxy.ratelimit import (
     TokenBucket,
     rate_limit_headers,
 )
-
-
-class FakeClock:
-    """A clock that only moves when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
 
 PER_SECOND = Rate(1, 1.0)
 PER_MINUTE_6 = Rate(6, 60.0)  # one token every 10 s
@@ -237,6 +223,7 @@ def test_a_flood_of_distinct_keys_stays_bounded_and_fast() -> None:
     assert time.perf_counter() - started < 30
 
 
+@pytest.mark.usefixtures("busy_switching")
 def test_one_key_hammered_by_threads_gets_exactly_its_burst() -> None:
     limiter = MemoryClientLimiter(PER_MINUTE_6, burst=500, max_clients=10, clock=FakeClock())
     allowed: list[bool] = []
@@ -247,17 +234,7 @@ def test_one_key_hammered_by_threads_gets_exactly_its_burst() -> None:
         with lock:
             allowed.extend(mine)
 
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often, so a race gets a chance to show
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-            assert not thread.is_alive()
-    finally:
-        sys.setswitchinterval(before)
+    run_to_end([threading.Thread(target=client) for _ in range(6)])
     assert allowed.count(True) == 500
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 from backends import EchoBackend
-from conftest import ProxyFactory
+from conftest import FakeClock, ProxyFactory
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyproxy.config import Rate, RateLimitConfig
@@ -29,19 +29,6 @@ from pyproxy.runtime import build_runtime
 from pyproxy.service import Service
 
 WAIT = 5.0
-
-
-class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def sample(service: Service, name: str, **labels: str) -> float:

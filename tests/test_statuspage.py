@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import requests
 from backends import closed_port, wait_for
+from conftest import FakeClock
 
 from pyproxy.config import (
     BackendConfig,
@@ -39,14 +40,6 @@ from pyproxy.service import Service
 from pyproxy.statuspage import CONTENT_TYPE, HEADERS, ago, render_status
 
 HOSTILE = "<script>alert('x')</script>\"&"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class PageReader(html.parser.HTMLParser):
