@@ -25,20 +25,6 @@ KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
 
-ERROR_REASONS = (
-    "connect_error",
-    "timeout",
-    "reset",
-    "bad_response",
-    "upstream_status",
-    "chaos",
-    "no_backend",
-    "rate_limited",
-    "deadline_exceeded",
-    "client_disconnected",
-    "rate_limit_store",
-)
-
 
 class Metrics:
     """The proxy's instruments. `Metrics()` makes its own fresh registry."""
@@ -63,6 +49,8 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter(
+            # reason: errors.Failure.reason, or no_backend, rate_limited,
+            # client_disconnected, rate_limit_store (SPEC §9)
             "proxy_errors_total", "Failures, by backend and reason", ["backend", "reason"],
             registry=r,
         )  # fmt: skip

@@ -76,7 +76,6 @@ class RedisClientLimiter:
             client = redis.Redis.from_url(
                 url, socket_timeout=STORE_TIMEOUT, socket_connect_timeout=STORE_TIMEOUT
             )
-        self._redis = client
         self._script = client.register_script(TOKEN_BUCKET_LUA)
         self._lock = threading.Lock()  # guards the two fields below; never held across I/O
         self._down_until = 0.0  # while the store is down: when to probe it again

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import urllib3
@@ -166,6 +166,3 @@ class RuntimeHolder:
         self.admin = admin or AdminChanges()
         self.on_store_error = on_store_error  # handed to every rebuilt runtime's limiter
         self.swap_lock = threading.Lock()  # held while building and swapping; no network I/O
-
-    def all_backends(self) -> Sequence[Backend]:
-        return self.runtime.backends
