@@ -146,12 +146,11 @@ class AdminApp:
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:
         runtime = self.holder.runtime
-        limiter = runtime.backend_limiter
         backends = []
         for backend in runtime.backends:
             facts = dataclasses.asdict(backend.snapshot())
-            if facts["available"] and limiter is not None and not limiter.has_token(backend.name):
-                facts["available"], facts["why_unavailable"] = False, "rate bucket empty"
+            why = runtime.why_unavailable(backend)
+            facts["available"], facts["why_unavailable"] = why is None, why
             backends.append(facts)
         return json_reply(200, {"strategy": runtime.config.strategy, "backends": backends})
 

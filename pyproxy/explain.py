@@ -47,16 +47,13 @@ def why_excluded(runtime: Runtime, backend: Backend, tried: Sequence[Backend], n
     """Why `backend` is not a candidate, in a few words; "" when it is one."""
     if backend in tried:
         return "already tried"
-    reason = backend.unavailable_reason()
-    if reason is not None:
-        breaker = backend.breaker
-        if breaker.state is CircuitState.OPEN and breaker.reopens_at is not None:
-            return f"{reason}, reopens in {max(0.0, breaker.reopens_at - now):.0f}s"
-        return reason
-    limiter = runtime.backend_limiter
-    if limiter is not None and not limiter.has_token(backend.name):
-        return "rate bucket empty"
-    return ""
+    reason = runtime.why_unavailable(backend)
+    if reason is None:
+        return ""
+    breaker = backend.breaker
+    if breaker.state is CircuitState.OPEN and breaker.reopens_at is not None:
+        return f"{reason}, reopens in {max(0.0, breaker.reopens_at - now):.0f}s"
+    return reason
 
 
 class Explanation:

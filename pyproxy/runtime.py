@@ -39,17 +39,20 @@ class Runtime:
     client_limiter: ClientLimiter | None = None  # None: no per-client limit
     backend_limiter: BackendLimiter | None = None  # None: no per-backend limit
 
-    def candidates(self, exclude: Collection[Backend] = ()) -> list[Backend]:
-        """The backends that may take a new request now (SPEC §5 "available"):
-        the backend's own verdict, plus a token in its rate bucket."""
+    def why_unavailable(self, backend: Backend) -> str | None:
+        """SPEC §5 "available", whole: the backend's own verdict, then a token in its
+        rate bucket (the buckets belong to the runtime). None when available. The
+        admin JSON, the status page and the explain header all say this."""
+        reason = backend.unavailable_reason()
         limiter = self.backend_limiter
-        return [
-            b
-            for b in self.backends
-            if b not in exclude
-            and b.unavailable_reason() is None
-            and (limiter is None or limiter.has_token(b.name))
-        ]
+        if reason is None and limiter is not None and not limiter.has_token(backend.name):
+            return "per-backend rate bucket empty"
+        return reason
+
+    def candidates(self, exclude: Collection[Backend] = ()) -> list[Backend]:
+        """The backends that may take a new request now."""
+        why = self.why_unavailable
+        return [b for b in self.backends if b not in exclude and why(b) is None]
 
     def find(self, name: str | None = None, url: str | None = None) -> Backend | None:
         """The backend with this name, or at this URL (http://h and http://h:80 are one)."""

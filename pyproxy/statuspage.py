@@ -18,7 +18,6 @@ import html
 import math
 
 from pyproxy.backend import Backend
-from pyproxy.ratelimit import BackendLimiter
 from pyproxy.runtime import Runtime
 
 REFRESH_SECONDS = 5
@@ -84,14 +83,13 @@ def ago(seconds: float) -> str:
 
 
 def backend_row(
-    backend: Backend, limiter: BackendLimiter | None, now: float, breaker_on: bool
+    backend: Backend, runtime: Runtime, now: float, breaker_on: bool
 ) -> tuple[str, bool]:
     """One table row, and whether the backend is available."""
     snap = backend.snapshot()
     health = backend.health
-    why = snap.why_unavailable
-    if why is None and limiter is not None and not limiter.has_token(backend.name):
-        why = "per-backend rate bucket empty"  # the runtime's judgement, not the Backend's
+    limiter = runtime.backend_limiter
+    why = runtime.why_unavailable(backend)  # the verdict selection uses, bucket included
     verdict = pill("available")
     if why is not None:
         verdict = pill("unavailable") + f'<span class="why">{e(why)}</span>'
@@ -153,7 +151,7 @@ def render_status(
     config = runtime.config
     limiter = runtime.backend_limiter
     breaker_on = config.circuit_breaker.enabled
-    judged = [backend_row(b, limiter, now_monotonic, breaker_on) for b in runtime.backends]
+    judged = [backend_row(b, runtime, now_monotonic, breaker_on) for b in runtime.backends]
     rows = [row for row, _ in judged]
     available = sum(1 for _, ok in judged if ok)
     if last_reload is None:
