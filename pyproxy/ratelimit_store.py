@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyproxy.config import Rate, RateLimitConfig
-from pyproxy.ratelimit import ClientLimiter, Decision, MemoryClientLimiter
+from pyproxy.ratelimit import ClientLimiter, Decision, MemoryClientLimiter, bucket_key
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class RedisClientLimiter:
                     return self._fail_open()
         try:
             allowed, tokens = self._script(
-                keys=[f"pyproxy:rl:{key}"], args=[self.rate.per_second, self.capacity]
+                keys=[f"pyproxy:rl:{bucket_key(key)}"], args=[self.rate.per_second, self.capacity]
             )
         except Exception as error:  # any client or network error: fail open
             with self._lock:

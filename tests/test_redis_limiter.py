@@ -158,6 +158,21 @@ def test_separate_keys_stay_separate_in_the_shared_store(
     assert get(second).status_code == 429
 
 
+def test_a_huge_header_key_is_a_short_redis_key_shared_by_every_instance(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, redis_server: RedisServer, store: str
+) -> None:
+    first, second = shared_pair(
+        make_proxy, echo_backend, store, Rate(1, 60.0), client_key="header:X-Api-Key"
+    )
+    huge = "s" * (60 * 1024)
+    assert get(first, headers={"X-Api-Key": huge}).status_code == 200
+    assert get(second, headers={"X-Api-Key": huge}).status_code == 429  # the same bucket
+    keys = redis_server.client.keys("*")
+    assert len(keys) == 1
+    assert len(keys[0]) <= 80, len(keys[0])
+    assert b"ssss" not in keys[0]  # the credential itself is not stored
+
+
 def test_the_shared_limit_is_atomic_under_concurrent_requests_to_both_instances(
     make_proxy: ProxyFactory, echo_backend: EchoBackend, store: str
 ) -> None:
