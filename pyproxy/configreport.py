@@ -9,8 +9,8 @@ dataclasses from `config.py`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import ipaddress
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +22,31 @@ RESTART_NEEDED = frozenset({"listen", "threads", "admin.listen"})
 SECRETS = frozenset({"admin.token"})
 # Described on their own (backends) or not a setting at all (source_path).
 _NOT_SETTINGS = frozenset({"backends", "source_path"})
+
+
+# A URL's scheme and user info: greedy up to the last "@" of a run without spaces,
+# because a password may itself hold an "@" (urlsplit splits the netloc at the last).
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(\S*)@")
+
+
+def redact_secrets(value: str) -> str:
+    """`value` with the credentials of every URL in it shown as `***`.
+
+    `redis://:pw@cache:6379/0` -> `redis://:***@cache:6379/0`, `redis://user:pw@...`
+    keeps the user name; user info without a ":" (often a token) is all `***`. Every
+    text that may carry a config value on its way to a log, an HTTP answer or the
+    status page goes through here (the admin token is never shown at all). Erring on
+    the side of hiding: `http://h/?mail=a@b` becomes `http://***@b`.
+    """
+    if "@" not in value:
+        return value  # the common case, and cheap
+    return _URL_USERINFO.sub(_hide_userinfo, value)
+
+
+def _hide_userinfo(match: re.Match[str]) -> str:
+    user, colon, _ = match.group(2).partition(":")
+    shown = f"{user}:***" if colon and not re.search(r"[/?#]", user) else "***"
+    return f"{match.group(1)}{shown}@"
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -62,14 +87,8 @@ def config_warnings(config: Config) -> list[str]:
     limit = config.rate_limit
     if limit.per_client is None and limit.burst is not None:
         warnings.append("rate_limit.burst: ignored while per_client is null")
-    if limit.store != "memory":
-        if limit.per_client is None:
-            warnings.append("rate_limit.store: unused while per_client is null")
-        if importlib.util.find_spec("redis") is None:
-            warnings.append(
-                "rate_limit.store: the redis package is not installed"
-                " (pip install pyproxy[redis]); requests will pass unlimited (fail open)"
-            )
+    if limit.store != "memory" and limit.per_client is None:
+        warnings.append("rate_limit.store: unused while per_client is null")
     if "_" in limit.client_key.partition(":")[2]:
         # waitress drops request headers whose name contains "_" (a smuggling guard).
         warnings.append(
@@ -96,8 +115,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     """
     lines = list(_backend_changes(old.backends, new.backends))
     for path, before, after in _differences(old, new, ""):
-        if path in SECRETS:
-            lines.append(f"{path}: changed")
+        if path in SECRETS or _show(before) == _show(after):
+            lines.append(f"{path}: changed")  # only a secret differs: nothing to show
         else:
             note = " (needs a restart)" if path in RESTART_NEEDED else ""
             lines.append(f"{path}: {_show(before)} -> {_show(after)}{note}")
@@ -152,4 +171,4 @@ def _show(value: Any) -> str:
         return "[" + ", ".join(sorted(map(_show, value))) + "]"
     if isinstance(value, tuple | list):
         return "[" + ", ".join(map(_show, value)) + "]"
-    return str(value)
+    return redact_secrets(str(value))

@@ -267,6 +267,22 @@ def test_an_unreachable_store_lets_requests_through_and_counts_each_one(
     assert "unreachable" in errors[0].getMessage()
 
 
+def test_a_tls_store_is_a_shared_redis_limiter_not_a_memory_one(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend
+) -> None:
+    """`rediss://` used to fall through to the in-memory limiter: per instance, and
+    the second request below got a 429 from memory instead of reaching the store."""
+    _redis_module()
+    dead = f"rediss://127.0.0.1:{closed_port()}/0"
+    proxy = make_proxy(
+        [echo_backend], rate_limit=RateLimitConfig(per_client=Rate(1, 3600.0), store=dead)
+    )
+    limiter = proxy.holder.runtime.client_limiter
+    assert isinstance(limiter, RedisClientLimiter)
+    assert [get(proxy).status_code for _ in range(3)] == [200, 200, 200]  # fail open
+    assert sample(proxy, "proxy_errors_total", backend="", reason="rate_limit_store") == 3
+
+
 def test_the_limit_comes_back_when_the_store_does(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
