@@ -1,4 +1,4 @@
-"""AccessLog: one line per request (SPEC §10), written off the request path.
+"""AccessLog: one line per request, written off the request path.
 
 A worker thread must not wait on a disk or a slow terminal to finish a request, so
 `write()` only appends the request's fields to a deque; the `pyproxy-accesslog`

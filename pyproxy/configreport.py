@@ -16,9 +16,12 @@ from typing import Any
 
 from pyproxy.config import BackendConfig, Config
 
-# Bound by waitress when the process starts; a reload cannot move them (SPEC §7).
-RESTART_NEEDED = frozenset({"listen", "threads", "admin.listen"})
-# Never written to a log or an HTTP answer (SPEC §6: admin changes are logged without it).
+# Read once, when the process builds its listeners: the sockets, waitress's worker
+# pool (`threads`), and the edge server's limits and timeouts (`EdgeServer` copies
+# `limits` into waitress's adjustments). A reload keeps the running values and says
+# "needs a restart"; everything else is applied live. A section name covers its fields.
+RESTART_NEEDED = ("listen", "threads", "admin.listen", "limits")
+# Never written to a log or an HTTP answer, not even redacted.
 SECRETS = frozenset({"admin.token"})
 # Described on their own (backends) or not a setting at all (source_path).
 _NOT_SETTINGS = frozenset({"backends", "source_path"})
@@ -118,9 +121,31 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         if path in SECRETS or _show(before) == _show(after):
             lines.append(f"{path}: changed")  # only a secret differs: nothing to show
         else:
-            note = " (needs a restart)" if path in RESTART_NEEDED else ""
+            note = " (needs a restart)" if needs_restart(path) else ""
             lines.append(f"{path}: {_show(before)} -> {_show(after)}{note}")
     return lines
+
+
+def needs_restart(path: str) -> bool:
+    """Whether the setting at dotted `path` only takes effect when the process starts."""
+    return any(path == fixed or path.startswith(fixed + ".") for fixed in RESTART_NEEDED)
+
+
+def keep_running_values(running: Config, new: Config) -> Config:
+    """`new` with the settings a reload cannot apply put back to `running`'s values,
+    so the running config says what is in effect, not what the file asks for."""
+    for path in RESTART_NEEDED:
+        new = _with_value(new, running, path.split("."))
+    return new
+
+
+def _with_value(target: Any, source: Any, names: list[str]) -> Any:
+    """`target` with the field at `names` (a dotted path, split) taken from `source`."""
+    first, rest = names[0], names[1:]
+    value = getattr(source, first)
+    if rest:
+        value = _with_value(getattr(target, first), value, rest)
+    return dataclasses.replace(target, **{first: value})
 
 
 def _backend_changes(

@@ -1,4 +1,4 @@
-"""Rate limiting with token buckets: per client and per backend (SPEC §5).
+"""Rate limiting with token buckets: per client and per backend.
 
 A token bucket holds at most `capacity` tokens (the burst) and refills at
 `rate` tokens per second; each request takes one token, and a request that finds
@@ -220,8 +220,8 @@ class BackendLimiter:
     """BackendLimiter: one token bucket per backend name, for `per_backend`. Thread-safe.
 
     Each bucket holds `rate.count` tokens and starts full; a name seen for the
-    first time gets a full bucket. A backend with no token is not available
-    (SPEC §5), so selection asks `has_token` and the chosen one calls `take`.
+    first time gets a full bucket. A backend with no token takes no new request,
+    so selection asks `has_token` and the chosen one calls `take`.
     """
 
     def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
