@@ -926,3 +926,12 @@ def test_check_never_prints_a_store_password(
     printed = capsys.readouterr()
     assert "rate_limit.store:" in printed.err and "backends[0].url:" in printed.err
     assert "secret" not in printed.out + printed.err, printed.err
+
+
+def test_a_config_in_a_traceback_or_debug_line_shows_no_secret() -> None:
+    config = parse(
+        admin={"token": "tok-secret"},
+        rate_limit={"store": "redis://:pw-secret@cache:6379/0"},
+    )
+    assert config.admin.token == "tok-secret"
+    assert "secret" not in repr(config) and "secret" not in str(config)
