@@ -112,7 +112,7 @@ def bucket_key(key: str) -> str:
 
 
 class ClientLimiter(Protocol):
-    """ClientLimiter: where per-client buckets live (memory here; Redis later)."""
+    """ClientLimiter: where per-client buckets live (this process, or Redis)."""
 
     def check(self, key: str) -> Decision:
         """Take one token from `key`'s bucket and say whether the request may pass."""
