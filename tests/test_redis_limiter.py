@@ -279,6 +279,8 @@ def test_a_tls_store_is_a_shared_redis_limiter_not_a_memory_one(
     )
     limiter = proxy.holder.runtime.client_limiter
     assert isinstance(limiter, RedisClientLimiter)
+    pool = limiter._script.registered_client.connection_pool
+    assert pool.connection_class.__name__ == "SSLConnection"  # TLS, as rediss:// asks
     assert [get(proxy).status_code for _ in range(3)] == [200, 200, 200]  # fail open
     assert sample(proxy, "proxy_errors_total", backend="", reason="rate_limit_store") == 3
 
