@@ -1,4 +1,4 @@
-"""AccessLog: one line per request (SPEC §10), written off the request path.
+"""AccessLog: one line per request, written off the request path.
 
 A worker thread must not wait on a disk or a slow terminal to finish a request, so
 `write()` only appends the request's fields to a deque; the `pyproxy-accesslog`
@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -45,21 +46,42 @@ class LoggedRequest(Protocol):
     detail: str
 
 
+# What a client could use to end a field or a line, or to talk to a terminal: C0
+# controls, `"` and `\\` (the text format's quote and escape), DEL, and everything
+# beyond ASCII (C1 controls such as U+0085, a line break to str.splitlines, and
+# U+009B, a CSI to some terminals, arrive as obs-text bytes 0x80-0x9f).
+_UNSAFE = re.compile(r'[\x00-\x1f"\\\x7f-\U0010ffff]')
+
+
+def _hex(match: re.Match[str]) -> str:
+    char = match.group()
+    # WSGI strings are latin-1, so a code point <= 0xff is the byte the client sent.
+    data = char.encode("latin-1") if ord(char) <= 0xFF else char.encode("utf-8")
+    return "".join(f"\\x{byte:02X}" for byte in data)
+
+
+def escape(value: str) -> str:
+    """`value` with every unsafe character as `\\xNN`, as nginx writes its access log
+    (ngx_http_log_escape, ngx_http_log_module.c): one request, one ASCII line."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return value  # the usual case, checked by four C loops instead of a regex
+    return _UNSAFE.sub(_hex, value)
+
+
 def format_text(fields: dict[str, Any]) -> str:
-    """Apache combined log format, then pyproxy's fields as key=value."""
+    """Apache combined log format, then pyproxy's fields as key=value, escaped."""
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(fields["time"]))
-    request_line = f"{fields['method']} {fields['target']} {fields['protocol']}"
-    request_line = request_line.replace('"', "%22")
+    request_line = escape(f"{fields['method']} {fields['target']} {fields['protocol']}")
 
     def quoted(value: str) -> str:
-        return '"' + (value or "-").replace('"', "%22") + '"'
+        return '"' + (escape(value) or "-") + '"'
 
     return (
-        f'{fields["client"] or "-"} - - [{stamp}] "{request_line}" {fields["status"]} '
+        f'{escape(fields["client"]) or "-"} - - [{stamp}] "{request_line}" {fields["status"]} '
         f"{fields['bytes']} {quoted(fields['referer'])} {quoted(fields['user_agent'])} "
-        f"backend={fields['backend'] or '-'} attempts={fields['attempts']} "
+        f"backend={escape(fields['backend']) or '-'} attempts={fields['attempts']} "
         f"duration={fields['duration']:.6f} upstream_time={_seconds(fields['upstream_time'])} "
-        f"request_id={fields['request_id']}"
+        f"request_id={escape(fields['request_id'])}"
         + (f" detail={quoted(fields['detail'])}" if fields["detail"] else "")
     )
 
@@ -69,6 +91,8 @@ def _seconds(value: float | None) -> str:
 
 
 def format_json(fields: dict[str, Any]) -> str:
+    """One JSON object per line. json.dumps escapes every control character, `"` and
+    `\\`, and (ensure_ascii) everything beyond ASCII as \\uXXXX: nothing to add."""
     out = dict(fields)
     out["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(fields["time"])) + (
         f".{int(fields['time'] % 1 * 1000):03d}Z"

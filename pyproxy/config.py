@@ -100,7 +100,9 @@ class RateLimitConfig:
     client_key: str = "ip"  # "ip" or "header:<Name>" (falls back to the address)
     per_backend: Rate | None = None  # applied to every backend; None = off
     max_clients: int = 100_000  # tracked client buckets; idle ones are evicted first
-    store: str = "memory"  # "memory" or "redis://host:port/db"
+    # "memory", or "redis[s]://[[user]:password@]host:port/db"; left out of repr() (a
+    # Config in a traceback or a debug line) because it may hold a password.
+    store: str = field(default="memory", repr=False)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ class ChaosConfig:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: Address = Address("127.0.0.1", 8081)  # metrics, probes, API, status page
-    token: str | None = None  # bearer token for changes; None = changes refused (403)
+    # Bearer token for changes; None = changes refused (403). Not in repr(): a secret.
+    token: str | None = field(default=None, repr=False)
     state_file: str | None = None  # where admin backend changes persist; None = not kept
 
 

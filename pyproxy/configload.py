@@ -38,7 +38,7 @@ from pyproxy.config import (
     StickyConfig,
     Timeouts,
 )
-from pyproxy.configreport import config_warnings, describe_changes  # re-exported
+from pyproxy.configreport import config_warnings, describe_changes, redact_secrets  # re-exported
 
 ADMIN_TOKEN_ENV = "PYPROXY_ADMIN_TOKEN"
 
@@ -47,6 +47,9 @@ class ConfigError(Exception):
     """An invalid configuration. `problems` has one `"<field.path>: <message>"` per mistake."""
 
     def __init__(self, problems: list[str]) -> None:
+        # Problems reach --check, the reload log and admin answers: a message that
+        # echoed a URL must not carry its password there.
+        problems = [redact_secrets(problem) for problem in problems]
         super().__init__("; ".join(problems))
         self.problems = problems
 
@@ -314,4 +317,5 @@ __all__ = [
     "load_config",
     "parse_backend",
     "parse_config",
+    "redact_secrets",
 ]

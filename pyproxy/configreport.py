@@ -9,19 +9,47 @@ dataclasses from `config.py`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import ipaddress
+import re
 from collections.abc import Iterator
 from typing import Any
 
 from pyproxy.config import BackendConfig, Config
 
-# Bound by waitress when the process starts; a reload cannot move them (SPEC §7).
-RESTART_NEEDED = frozenset({"listen", "threads", "admin.listen"})
-# Never written to a log or an HTTP answer (SPEC §6: admin changes are logged without it).
+# Read once, when the process builds its listeners: the sockets, waitress's worker
+# pool (`threads`), and the edge server's limits and timeouts (`EdgeServer` copies
+# `limits` into waitress's adjustments). A reload keeps the running values and says
+# "needs a restart"; everything else is applied live. A section name covers its fields.
+RESTART_NEEDED = ("listen", "threads", "admin.listen", "limits")
+# Never written to a log or an HTTP answer, not even redacted.
 SECRETS = frozenset({"admin.token"})
 # Described on their own (backends) or not a setting at all (source_path).
 _NOT_SETTINGS = frozenset({"backends", "source_path"})
+
+
+# A URL's scheme and user info: greedy up to the last "@" of a run without spaces,
+# because a password may itself hold an "@" (urlsplit splits the netloc at the last).
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(\S*)@")
+
+
+def redact_secrets(value: str) -> str:
+    """`value` with the credentials of every URL in it shown as `***`.
+
+    `redis://:pw@cache:6379/0` -> `redis://:***@cache:6379/0`, `redis://user:pw@...`
+    keeps the user name; user info without a ":" (often a token) is all `***`. Every
+    text that may carry a config value on its way to a log, an HTTP answer or the
+    status page goes through here (the admin token is never shown at all). Erring on
+    the side of hiding: `http://h/?mail=a@b` becomes `http://***@b`.
+    """
+    if "@" not in value:
+        return value  # the common case, and cheap
+    return _URL_USERINFO.sub(_hide_userinfo, value)
+
+
+def _hide_userinfo(match: re.Match[str]) -> str:
+    user, colon, _ = match.group(2).partition(":")
+    shown = f"{user}:***" if colon and not re.search(r"[/?#]", user) else "***"
+    return f"{match.group(1)}{shown}@"
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -62,14 +90,8 @@ def config_warnings(config: Config) -> list[str]:
     limit = config.rate_limit
     if limit.per_client is None and limit.burst is not None:
         warnings.append("rate_limit.burst: ignored while per_client is null")
-    if limit.store != "memory":
-        if limit.per_client is None:
-            warnings.append("rate_limit.store: unused while per_client is null")
-        if importlib.util.find_spec("redis") is None:
-            warnings.append(
-                "rate_limit.store: the redis package is not installed"
-                " (pip install pyproxy[redis]); requests will pass unlimited (fail open)"
-            )
+    if limit.store != "memory" and limit.per_client is None:
+        warnings.append("rate_limit.store: unused while per_client is null")
     if "_" in limit.client_key.partition(":")[2]:
         # waitress drops request headers whose name contains "_" (a smuggling guard).
         warnings.append(
@@ -96,12 +118,34 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     """
     lines = list(_backend_changes(old.backends, new.backends))
     for path, before, after in _differences(old, new, ""):
-        if path in SECRETS:
-            lines.append(f"{path}: changed")
+        if path in SECRETS or _show(before) == _show(after):
+            lines.append(f"{path}: changed")  # only a secret differs: nothing to show
         else:
-            note = " (needs a restart)" if path in RESTART_NEEDED else ""
+            note = " (needs a restart)" if needs_restart(path) else ""
             lines.append(f"{path}: {_show(before)} -> {_show(after)}{note}")
     return lines
+
+
+def needs_restart(path: str) -> bool:
+    """Whether the setting at dotted `path` only takes effect when the process starts."""
+    return any(path == fixed or path.startswith(fixed + ".") for fixed in RESTART_NEEDED)
+
+
+def keep_running_values(running: Config, new: Config) -> Config:
+    """`new` with the settings a reload cannot apply put back to `running`'s values,
+    so the running config says what is in effect, not what the file asks for."""
+    for path in RESTART_NEEDED:
+        new = _with_value(new, running, path.split("."))
+    return new
+
+
+def _with_value(target: Any, source: Any, names: list[str]) -> Any:
+    """`target` with the field at `names` (a dotted path, split) taken from `source`."""
+    first, rest = names[0], names[1:]
+    value = getattr(source, first)
+    if rest:
+        value = _with_value(getattr(target, first), value, rest)
+    return dataclasses.replace(target, **{first: value})
 
 
 def _backend_changes(
@@ -152,4 +196,4 @@ def _show(value: Any) -> str:
         return "[" + ", ".join(sorted(map(_show, value))) + "]"
     if isinstance(value, tuple | list):
         return "[" + ", ".join(map(_show, value)) + "]"
-    return str(value)
+    return redact_secrets(str(value))

@@ -9,6 +9,7 @@ they all follow.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from typing import Any
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pyproxy.config import RETRY_CONDITIONS, Address, Network
 from pyproxy.configcheck import each, integer
+from pyproxy.configreport import redact_secrets
 
 # RFC 9110 §5.6.2 token: the characters allowed in header names (and cookie names).
 TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -124,22 +126,30 @@ def client_key(value: Any) -> str:
 
 
 def store(value: Any) -> str:
-    """`memory`, or `redis://[:password@]host[:port][/db]` (also `rediss://` for TLS)."""
+    """`memory`, or `redis[s]://[[user]:password@]host[:port][/db]` (`rediss` = TLS).
+
+    Anything else is an error, never a quiet fall back to per-instance memory: a
+    config asking for a shared limit must get one or not start. For the same
+    reason a Redis store needs the redis package now, not at the first request.
+    The value is never echoed back: it may hold a password.
+    """
     if value == "memory":
         return "memory"
-    usage = f"must be memory or redis://host:port/db (got {value!r})"
+    usage = "must be memory, redis:// or rediss:// (e.g. redis://host:6379/0)"
     if not isinstance(value, str):
         raise ValueError(usage)
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018  # raises ValueError for a port outside 0-65535
     except ValueError:
-        raise ValueError(usage) from None
+        raise ValueError(f"{usage}; got {redact_secrets(value)!r}") from None
     db = parts.path.lstrip("/")
     if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query:
-        raise ValueError(usage)
+        raise ValueError(f"{usage}; got {redact_secrets(value)!r}")
     if db and not db.isdigit():
         raise ValueError(f"the redis database must be a number (got {db!r})")
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError("needs the redis package (pip install 'pyproxy[redis]')")
     return str(value)
 
 
@@ -151,6 +161,8 @@ def backend_url(value: Any) -> tuple[str, str]:
     """
     if not isinstance(value, str) or not value:
         raise ValueError("must be a URL such as http://127.0.0.1:9001")
+    if "@" in value:  # first: the messages below echo the value, password and all
+        raise ValueError("must not contain user info (user:password@)")
     try:
         parts = urlsplit(value.strip())
         port = parts.port
@@ -159,8 +171,6 @@ def backend_url(value: Any) -> tuple[str, str]:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise ValueError(f"must start with http:// or https:// (got {value!r})")
-    if "@" in parts.netloc:
-        raise ValueError("must not contain user info (user:password@)")
     host = parts.hostname
     if not host or not (_HOSTNAME.fullmatch(host) or ":" in host):  # urlsplit checked IPv6
         raise ValueError(f"needs a valid host (got {value!r})")

@@ -3,11 +3,11 @@
 Three things change what pyproxy runs: a config reload (file watcher, SIGHUP,
 `POST /admin/reload`), and adding or removing a backend through the admin API. All
 three build a complete new snapshot and swap it under one lock, so they cannot
-interleave and lose each other, and no request ever sees half a change (SPEC §7).
+interleave and lose each other, and no request ever sees half a change.
 
 Backends the admin API added or removed are kept in `AdminChanges`, which every
 rebuild applies on top of the file, and (with `admin.state_file`) on disk, so they
-survive reloads and restarts (SPEC §6).
+survive reloads and restarts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pyproxy.backend import Backend
 from pyproxy.config import BackendConfig, Config
 from pyproxy.configload import ConfigError, load_config, parse_backend
-from pyproxy.configreport import describe_changes
+from pyproxy.configreport import describe_changes, keep_running_values
 from pyproxy.metrics import Metrics
 from pyproxy.runtime import AdminChanges, RuntimeHolder, build_runtime
 from pyproxy.urlguard import url_identity
@@ -42,13 +42,10 @@ class ReloadResult:
 
 
 def keep_restart_settings(old: Config, new: Config) -> Config:
-    """Listeners and the thread count are bound at start: the running values stay."""
-    return dataclasses.replace(
-        new,
-        listen=old.listen,
-        threads=old.threads,
-        admin=dataclasses.replace(new.admin, listen=old.admin.listen),
-    )
+    """Listeners, the thread count and the edge limits are bound at start: the running
+    values stay (the list is `RESTART_NEEDED` in configreport.py, which the summary
+    uses too, so what is kept and what is reported cannot drift apart)."""
+    return keep_running_values(old, new)
 
 
 class Control:
@@ -184,7 +181,7 @@ class Control:
 
 def _clashes(config: Config, admin: AdminChanges) -> list[tuple[int, BackendConfig, BackendConfig]]:
     """(index, file backend, admin-added backend) sharing a name but not a URL: names
-    label metrics and address remove-backend, so they must stay unique (SPEC §3)."""
+    label metrics and address remove-backend, so they must stay unique."""
     added = {b.name: b for b in admin.added}
     return [
         (index, backend, added[backend.name])

@@ -1,4 +1,4 @@
-"""Rate limiting with token buckets: per client and per backend (SPEC §5).
+"""Rate limiting with token buckets: per client and per backend.
 
 A token bucket holds at most `capacity` tokens (the burst) and refills at
 `rate` tokens per second; each request takes one token, and a request that finds
@@ -11,6 +11,7 @@ See docs/rate-limiting.md.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -85,8 +86,33 @@ class Decision:
     retry_after: int
 
 
+# Longest key kept as written: an IPv6 address with a zone id fits; anything longer
+# (a forwarded "address" passed on unchecked by a trusted hop) is digested.
+MAX_READABLE_KEY = 64
+
+
+def bucket_key(key: str) -> str:
+    """The name a client's bucket is stored under: bounded in size, whatever the key.
+
+    A key taken from a header (`header:<value>`) is an API key or a token: up to 64
+    KiB of text a client chooses, and a credential. It is stored as a 128-bit BLAKE2b
+    digest instead (32 hex digits), so each bucket costs the same few bytes and
+    neither memory nor Redis holds the credential. The digest is unkeyed on purpose:
+    instances sharing a Redis store must name one client's bucket alike, and a
+    digest of a high-entropy API key reveals nothing usable (a guessable key could be
+    confirmed by whoever reads Redis, as with any shared deterministic name).
+    Collisions merge two clients' buckets; finding one costs about 2**64 hashes.
+    Address keys (`ip:<address>`) stay readable for debugging, unless too long.
+    """
+    if len(key) <= MAX_READABLE_KEY and not key.startswith("header:"):
+        return key
+    kind = key.partition(":")[0][:8]
+    digest = hashlib.blake2b(key.encode(), digest_size=16, person=b"pyproxy-ratekey").hexdigest()
+    return f"{kind}#{digest}"
+
+
 class ClientLimiter(Protocol):
-    """ClientLimiter: where per-client buckets live (memory here; Redis later)."""
+    """ClientLimiter: where per-client buckets live (this process, or Redis)."""
 
     def check(self, key: str) -> Decision:
         """Take one token from `key`'s bucket and say whether the request may pass."""
@@ -154,6 +180,7 @@ class MemoryClientLimiter:
 
     def check(self, key: str) -> Decision:
         """Take one token from `key`'s bucket (a new key starts full) and decide."""
+        key = bucket_key(key)
         now = self._clock()
         with self._lock:
             bucket = self._buckets.get(key)
@@ -193,8 +220,8 @@ class BackendLimiter:
     """BackendLimiter: one token bucket per backend name, for `per_backend`. Thread-safe.
 
     Each bucket holds `rate.count` tokens and starts full; a name seen for the
-    first time gets a full bucket. A backend with no token is not available
-    (SPEC §5), so selection asks `has_token` and the chosen one calls `take`.
+    first time gets a full bucket. A backend with no token takes no new request,
+    so selection asks `has_token` and the chosen one calls `take`.
     """
 
     def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
@@ -278,5 +305,6 @@ __all__ = [
     "Decision",
     "MemoryClientLimiter",
     "TokenBucket",
+    "bucket_key",
     "rate_limit_headers",
 ]

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pyproxy.config import Rate, RateLimitConfig
-from pyproxy.ratelimit import ClientLimiter, Decision, MemoryClientLimiter
+from pyproxy.configreport import redact_secrets
+from pyproxy.ratelimit import ClientLimiter, Decision, MemoryClientLimiter, bucket_key
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class RedisClientLimiter:
                     return self._fail_open()
         try:
             allowed, tokens = self._script(
-                keys=[f"pyproxy:rl:{key}"], args=[self.rate.per_second, self.capacity]
+                keys=[f"pyproxy:rl:{bucket_key(key)}"], args=[self.rate.per_second, self.capacity]
             )
         except Exception as error:  # any client or network error: fail open
             with self._lock:
@@ -105,7 +106,8 @@ class RedisClientLimiter:
                 first = not self._warned
                 self._warned = True
             if first:
-                log.error("rate limit store unreachable (%s): letting requests through", error)
+                reason = redact_secrets(str(error))  # redis-py's words, never the URL's password
+                log.error("rate limit store unreachable (%s): letting requests through", reason)
             return self._fail_open()
         with self._lock:
             recovered, self._warned, self._probing = self._warned, False, False
@@ -132,16 +134,11 @@ def make_client_limiter(
 ) -> ClientLimiter:
     """The per-client limiter `settings.store` asks for (`per_client` must be set)."""
     assert settings.per_client is not None
-    if settings.store.startswith("redis://"):
-        try:
-            return RedisClientLimiter(
-                settings.store, settings.per_client, settings.burst, on_store_error, clock
-            )
-        except ImportError:
-            log.error(
-                "rate_limit.store is Redis but the redis package is missing "
-                "(pip install pyproxy[redis]); limiting in memory, per instance"
-            )
+    if settings.store.startswith(("redis://", "rediss://")):  # rediss: Redis over TLS
+        return RedisClientLimiter(
+            settings.store, settings.per_client, settings.burst, on_store_error, clock
+        )
+    # Config validation refused every other store, and Redis without its package.
     return MemoryClientLimiter(
         settings.per_client, settings.burst, settings.max_clients, clock=clock
     )

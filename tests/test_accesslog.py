@@ -25,6 +25,7 @@ import requests
 from backends import EchoBackend, closed_port, wait_for
 from conftest import access_log_text, base_config
 from prometheus_client import CollectorRegistry
+from rawhttp import exchange, request_bytes
 
 from pyproxy import accesslog
 from pyproxy.accesslog import AccessLog
@@ -33,7 +34,7 @@ from pyproxy.service import Service
 
 TEXT_LINE = re.compile(
     r"(?P<client>\S+) - - \[(?P<time>\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} \+0000)\] "
-    r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/1\.[01]" (?P<status>\d{3}) (?P<bytes>\d+) '
+    r'"(?P<method>[A-Z]+|-) (?P<target>\S+) HTTP/1\.[01]" (?P<status>\d{3}) (?P<bytes>\d+) '
     r'"(?P<referer>[^"]*)" "(?P<user_agent>[^"]*)" '
     r"backend=(?P<backend>\S+) attempts=(?P<attempts>\d+) duration=(?P<duration>\d+\.\d+) "
     r"upstream_time=(?P<upstream_time>-|\d+\.\d+) "
@@ -369,3 +370,70 @@ def test_reopen_follows_logrotate(tmp_path: Path) -> None:
         assert rotated.read_text().count("\n") == 1  # nothing more went to the old file
     finally:
         log.close()
+
+
+# -- client bytes cannot forge lines ---------------------------------------------------
+
+FORGED = '127.0.0.1 - - [01/Jan/2030:00:00:00 +0000] "GET /admin HTTP/1.1" 200 0'
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_control_bytes_from_clients_cannot_forge_a_line(
+    fmt: str, make_proxy: Any, make_scripted_backend: Callable[..., Any]
+) -> None:
+    """Bytes a client controls reach the log from the request line, from header values
+    (obs-text 0x80-0xff passes waitress; U+0085 and U+009B are a line break and a
+    terminal escape to many readers) and, for a refused request, from waitress's own
+    error text, which quotes the offending header line with its bare CR. Escaped as
+    nginx does (`\\xNN`), each request stays one line that says what it was."""
+    # A raw backend: http.server would choke on U+0085 (its header parser splits lines
+    # with str.splitlines) and answer with something pyproxy must refuse.
+    service = make_proxy([make_scripted_backend({})], access_log=AccessLogConfig(format=fmt))
+    agent = f"ua\x85{FORGED}\x9b31m\xff"
+    relayed = exchange(
+        service.proxy_url,
+        request_bytes("GET", "/t", headers=[("User-Agent", agent), ("Referer", 'r"\\x')]),
+    )
+    assert relayed.status == 200, relayed.body
+    refused = exchange(
+        service.proxy_url, request_bytes("GET", "/r", headers=[("X-Note", f"a\r{FORGED}")])
+    )
+    assert refused.status == 400
+    # waitress passes any byte but space, CR and LF in the target (400 or 502 here:
+    # either way the line is written, and that is what this test reads).
+    exchange(service.proxy_url, request_bytes("GET", "/e\x1b[2J\x7f"))
+    lines = lines_of(lambda: access_log_text(service), 3)  # splitlines: \r and \x85 split too
+    # Told apart by content: the refusal may be logged after the next request's line.
+    parsed = [PARSERS[fmt](line) for line in lines]
+    [first] = [fields for fields in parsed if fields["status"] == 200]
+    [second] = [fields for fields in parsed if "Bare CR" in (fields["detail"] or "")]
+    [third] = [fields for fields in parsed if fields["target"].startswith("/e")]
+    assert second["status"] == 400
+    text = access_log_text(service)
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\U0010ffff]", text), repr(text)
+    if fmt == "text":
+        quoted = FORGED.replace('"', "\\x22")
+        assert first["user_agent"] == f"ua\\x85{quoted}\\x9B31m\\xFF"
+        assert first["referer"] == "r\\x22\\x5Cx"
+        assert "a\\x0D127.0.0.1" in second["detail"]
+        assert third["target"] == "/e\\x1B[2J\\x7F"
+    else:
+        assert first["user_agent"] == agent and first["referer"] == 'r"\\x'
+        assert f"a\r{FORGED}" in second["detail"]
+        assert third["target"] == "/e\x1b[2J\x7f"
+
+
+def test_format_text_escapes_every_field_a_client_can_write() -> None:
+    fields = {
+        "time": 0.0, "client": "10.0.0.1\tx", "method": "G\x00T", "target": "/\x1b[2J",
+        "protocol": "HTTP/1.1", "status": 200, "bytes": 0, "duration": 0.0,
+        "upstream_time": None, "backend": "b", "attempts": 1, "request_id": "id\n",
+        "referer": "\\", "user_agent": "\u2028ok", "detail": 'why "so"',
+    }  # fmt: skip
+    line = accesslog.format_text(fields)
+    assert line.isascii() and line.isprintable(), line
+    assert line.startswith('10.0.0.1\\x09x - - [01/Jan/1970:00:00:00 +0000] "G\\x00T /\\x1B[2J ')
+    assert '"\\x5C" "\\xE2\\x80\\xA8ok"' in line  # beyond latin-1: its UTF-8 bytes
+    assert line.endswith('request_id=id\\x0A detail="why \\x22so\\x22"')
+    assert json.loads(accesslog.format_json(fields))["user_agent"] == "\u2028ok"
+    assert accesslog.format_json(fields).isascii()

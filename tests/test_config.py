@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from pyproxy.configload import (
     load_config,
     parse_backend,
     parse_config,
+    redact_secrets,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -327,6 +329,28 @@ def test_store_rejects_other_forms(store: object) -> None:
     assert problem({"backends": [], "rate_limit": {"store": store}}).startswith(
         "rate_limit.store: "
     )
+
+
+@pytest.mark.parametrize(
+    "store", ["unix:///run/redis.sock", "redis+sentinel://h:26379/0", "Memory", "memory "]
+)
+def test_a_store_pyproxy_cannot_serve_is_an_error_not_a_memory_limiter(store: str) -> None:
+    found = problem({"backends": [], "rate_limit": {"store": store}})
+    assert found.startswith("rate_limit.store: must be memory, redis:// or rediss://"), found
+
+
+def test_a_redis_store_without_the_redis_package_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, the proxy quietly limited per instance in memory while --check warned
+    that requests would pass unlimited: neither is what a shared store promises."""
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` now fails
+    for store in ("redis://cache:6379/0", "rediss://cache:6380/0"):
+        found = problem({"backends": [], "rate_limit": {"store": store}})
+        assert found == (
+            "rate_limit.store: needs the redis package (pip install 'pyproxy[redis]')"
+        ), found
+    assert parse(rate_limit={"store": "memory"}).rate_limit.store == "memory"
 
 
 # --- ranges and relations ---------------------------------------------------------------
@@ -866,3 +890,48 @@ def test_token_change_never_shows_the_token() -> None:
     old = config_with([], admin={"token": "old-secret"})
     new = config_with([], admin={"token": "new-secret"})
     assert describe_changes(old, new) == ["admin.token: changed"]
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://user:pw@cache", "redis://user:***@cache"),
+        ("rediss://token@cache", "rediss://***@cache"),
+        ("redis://:p@ss:w@rd@cache/0", "redis://:***@cache/0"),  # urlsplit splits at the last @
+        ("a redis://:x@h -> redis://u:y@k/1 b", "a redis://:***@h -> redis://u:***@k/1 b"),
+        ("memory", "memory"),
+        ("http://127.0.0.1:9001", "http://127.0.0.1:9001"),
+        ("user@example.com", "user@example.com"),  # not a URL: nothing to hide
+    ],
+)
+def test_redact_secrets(text: str, shown: str) -> None:
+    assert redact_secrets(text) == shown
+
+
+def test_check_never_prints_a_store_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pyproxy.server import check
+
+    path = tmp_path / "pyproxy.yaml"
+    path.write_text(
+        "backends: [{url: 'http://ftp://u:b-secret@x'}]\n"
+        "rate_limit: {store: 'redis://:s-secret@cache:123456/0', per_client: '${LIMIT}'}\n"
+    )
+    assert check(str(path)) == 1
+    printed = capsys.readouterr()
+    assert "rate_limit.store:" in printed.err and "backends[0].url:" in printed.err
+    assert "secret" not in printed.out + printed.err, printed.err
+
+
+def test_a_config_in_a_traceback_or_debug_line_shows_no_secret() -> None:
+    config = parse(
+        admin={"token": "tok-secret"},
+        rate_limit={"store": "redis://:pw-secret@cache:6379/0"},
+    )
+    assert config.admin.token == "tok-secret"
+    assert "secret" not in repr(config) and "secret" not in str(config)

@@ -394,3 +394,32 @@ def test_a_client_limit_refuses_before_a_backend_token_is_spent(
     )
     assert statuses(http, proxy.proxy_url, 4) == [200, 429, 429, 429]
     assert math.isclose(backend_limiter.level(echo_backend.name), 4.0)
+
+
+def test_a_huge_header_key_is_stored_as_a_short_digest(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    """A 60 KiB X-Api-Key must not cost 60 KiB of table for as long as its bucket lives:
+    times max_clients (100,000 by default) that would be gigabytes."""
+    proxy = make_proxy(
+        [echo_backend],
+        rate_limit=RateLimitConfig(per_client=Rate(1, 60.0), client_key="header:X-Api-Key"),
+    )
+    huge = "k" * (60 * 1024)
+    assert statuses(http, proxy.proxy_url, 2, {"X-Api-Key": huge}) == [200, 429]
+    assert statuses(http, proxy.proxy_url, 1, {"X-Api-Key": huge[:-1] + "x"}) == [200]
+    limiter = proxy.holder.runtime.client_limiter
+    assert isinstance(limiter, MemoryClientLimiter)
+    keys = list(limiter._buckets)
+    assert len(keys) == 2
+    assert all(len(key) <= 64 for key in keys), [len(key) for key in keys]
+    assert not any("kkkk" in key for key in keys)  # the credential itself is not kept
+
+
+def test_an_address_key_stays_readable_and_a_long_one_is_bounded() -> None:
+    limiter = MemoryClientLimiter(Rate(1, 60.0), None, 10)
+    limiter.check("ip:192.0.2.7")
+    limiter.check("ip:" + "1" * 5000)  # a forwarded "address" a trusted hop passed on as is
+    keys = list(limiter._buckets)
+    assert keys[0] == "ip:192.0.2.7"
+    assert len(keys[1]) <= 64

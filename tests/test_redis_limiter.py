@@ -158,6 +158,21 @@ def test_separate_keys_stay_separate_in_the_shared_store(
     assert get(second).status_code == 429
 
 
+def test_a_huge_header_key_is_a_short_redis_key_shared_by_every_instance(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, redis_server: RedisServer, store: str
+) -> None:
+    first, second = shared_pair(
+        make_proxy, echo_backend, store, Rate(1, 60.0), client_key="header:X-Api-Key"
+    )
+    huge = "s" * (60 * 1024)
+    assert get(first, headers={"X-Api-Key": huge}).status_code == 200
+    assert get(second, headers={"X-Api-Key": huge}).status_code == 429  # the same bucket
+    keys = redis_server.client.keys("*")
+    assert len(keys) == 1
+    assert len(keys[0]) <= 80, len(keys[0])
+    assert b"ssss" not in keys[0]  # the credential itself is not stored
+
+
 def test_the_shared_limit_is_atomic_under_concurrent_requests_to_both_instances(
     make_proxy: ProxyFactory, echo_backend: EchoBackend, store: str
 ) -> None:
@@ -250,6 +265,24 @@ def test_an_unreachable_store_lets_requests_through_and_counts_each_one(
     ]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "unreachable" in errors[0].getMessage()
+
+
+def test_a_tls_store_is_a_shared_redis_limiter_not_a_memory_one(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend
+) -> None:
+    """`rediss://` used to fall through to the in-memory limiter: per instance, and
+    the second request below got a 429 from memory instead of reaching the store."""
+    _redis_module()
+    dead = f"rediss://127.0.0.1:{closed_port()}/0"
+    proxy = make_proxy(
+        [echo_backend], rate_limit=RateLimitConfig(per_client=Rate(1, 3600.0), store=dead)
+    )
+    limiter = proxy.holder.runtime.client_limiter
+    assert isinstance(limiter, RedisClientLimiter)
+    pool = limiter._script.registered_client.connection_pool
+    assert pool.connection_class.__name__ == "SSLConnection"  # TLS, as rediss:// asks
+    assert [get(proxy).status_code for _ in range(3)] == [200, 200, 200]  # fail open
+    assert sample(proxy, "proxy_errors_total", backend="", reason="rate_limit_store") == 3
 
 
 def test_the_limit_comes_back_when_the_store_does(

@@ -710,3 +710,85 @@ def test_sighup_reloads_and_sigterm_exits_0(
     log = log_path.read_text()
     assert f"reload (SIGHUP): backends: added app2 ({app2.url})" in log
     assert "Traceback" not in log
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+
+def test_store_passwords_never_reach_the_reload_log_or_answer(
+    tmp_path: Path,
+    echo_backend: EchoBackend,
+    start_service: Callable[[Path], Service],
+    http: requests.Session,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = closed_port()  # never contacted: no request goes through the limiter here
+    limit = {"per_client": "100/minute"}
+    path = tmp_path / "pyproxy.yaml"
+    store = f"redis://:first-Secret@127.0.0.1:{port}/0"
+    write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
+    service = start_service(path)
+    assert service.watcher is not None
+    service.watcher.stop()  # only the route reloads in this test
+    answers = []
+    with caplog.at_level(logging.DEBUG):
+        # The host and the password change: the host is shown, the password is not.
+        store = f"redis://ops:second-Secret@localhost:{port}/1"
+        write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
+        answers.append(admin_reload(http, service))
+        # Only the password changes: nothing can be shown but that it changed.
+        store = f"redis://ops:third-Secret@localhost:{port}/1"
+        write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
+        answers.append(admin_reload(http, service))
+        # An invalid store: the problem names the field, not the password.
+        store = "redis://:fourth-Secret@localhost:99999/0"
+        write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
+        answers.append(admin_reload(http, service))
+    assert [answer.status_code for answer in answers] == [200, 200, 400]
+    assert answers[0].json()["changes"] == [
+        f"rate_limit.store: redis://:***@127.0.0.1:{port}/0 -> redis://ops:***@localhost:{port}/1"
+    ]
+    assert answers[1].json()["changes"] == ["rate_limit.store: changed"]
+    problems = answers[2].json()["problems"]
+    assert problems[0].startswith("rate_limit.store: must be memory, redis:// or rediss://")
+    assert "redis://:***@localhost:99999/0" in problems[0]
+    everything = caplog.text + "".join(answer.text for answer in answers)
+    assert "rate_limit.store" in caplog.text  # the lines were logged ...
+    assert "Secret" not in everything  # ... without a password
+
+
+# -- what a reload can and cannot apply --------------------------------------------------
+
+
+def test_limits_need_a_restart_and_the_summary_says_so(
+    tmp_path: Path,
+    echo_backend: EchoBackend,
+    start_service: Callable[[Path], Service],
+    http: requests.Session,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The edge server reads `limits` once, when it is built: a reload used to list
+    `limits.max_request_body: 1000 -> 100` like any applied change."""
+    path = tmp_path / "pyproxy.yaml"
+    limits = {"max_request_body": 1000, "header_timeout": "10s"}
+    write_config(path, [cfg(echo_backend)], limits=limits)
+    service = start_service(path)
+    assert service.watcher is not None
+    service.watcher.stop()  # only the route reloads in this test
+    new_limits = {"max_request_body": 100, "header_timeout": "5s"}
+    with caplog.at_level(logging.INFO, logger="pyproxy.control"):
+        write_config(path, [cfg(echo_backend)], limits=new_limits, strategy="random")
+        answer = admin_reload(http, service)
+    assert answer.status_code == 200
+    assert answer.json()["changes"] == [
+        "strategy: round_robin -> random",
+        "limits.max_request_body: 1000 -> 100 (needs a restart)",
+        "limits.header_timeout: 10 -> 5 (needs a restart)",
+    ]
+    for line in answer.json()["changes"]:
+        assert line in caplog.text
+    # True to its word: the old limit still holds, and the running config says so.
+    assert http.post(service.proxy_url + "/", data=b"x" * 500, timeout=5).status_code == 200
+    assert http.post(service.proxy_url + "/", data=b"x" * 1001, timeout=5).status_code == 413
+    assert service.holder.runtime.config.limits.max_request_body == 1000
+    assert service.holder.runtime.config.strategy == "random"
