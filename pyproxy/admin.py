@@ -134,14 +134,8 @@ class AdminApp:
     def metrics_page(self, environ: dict[str, Any]) -> Reply:
         # Gauges of counts pyproxy keeps anyway are read at scrape time, not updated on
         # every request: the hot path pays nothing for them.
+        # (The per-backend gauges are read from the running backends by the registry.)
         self.metrics.in_flight.set(self.lifecycle.in_flight())
-        for backend in self.holder.runtime.backends:
-            self.metrics.set_backend_state(
-                backend.name,
-                backend.health.up,
-                backend.breaker.state.gauge_value,
-                in_flight=backend.in_flight,  # read here: no per-request gauge updates
-            )
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:

@@ -25,7 +25,6 @@ from prometheus_client import CollectorRegistry
 
 from pyproxy.accesslog import AccessLog
 from pyproxy.admin import AdminApp
-from pyproxy.backend import Backend
 from pyproxy.config import Config
 from pyproxy.control import Control, ReloadResult, drop_name_clashes, load_state
 from pyproxy.healthcheck import HealthChecker
@@ -104,11 +103,10 @@ class Service:
         self.health_checker = HealthChecker(
             backends=lambda: self.holder.runtime.backends,
             settings=lambda: self.holder.runtime.config.health_check,
-            on_transition=self.publish_backend_state,
+            # Nothing to publish: the backend gauges are read at each scrape (metrics.py).
+            on_transition=lambda backend: None,
             clock=clock,
         )
-        for backend in runtime.backends:
-            self.publish_backend_state(backend)
 
     def _own_addresses(self) -> list[tuple[str, int]]:
         return [self.proxy_server.address[:2], self.admin_server.address[:2]]
@@ -139,13 +137,6 @@ class Service:
             if old is not None:
                 old.close()
         self.config = config
-
-    def publish_backend_state(self, backend: Backend) -> None:
-        if backend.removed:  # a probe that ended after the removal: its gauges stay gone
-            return
-        self.metrics.set_backend_state(
-            backend.name, backend.health.up, backend.breaker.state.gauge_value
-        )
 
     # -- addresses -------------------------------------------------------------
 

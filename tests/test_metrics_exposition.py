@@ -14,6 +14,7 @@ series, and each of its PromQL expressions must parse (`promtool check rules`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -27,6 +28,7 @@ import pytest
 import requests
 import yaml
 from backends import CLOSE, HANG, KEEP, RESET, EchoBackend, closed_port, response, send, wait_for
+from conftest import base_config
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -349,6 +351,151 @@ def test_a_request_in_flight_during_removal_does_not_bring_its_gauge_back(
         "proxy_backend_in_flight{backend=going} came back after removal, value "
         f"{value(text, 'proxy_backend_in_flight', backend='going')}"
     )
+
+
+# -- every way a backend can leave or be renamed ---------------------------------------
+#
+# A gauge describes a backend that is running now. Each path below takes a backend
+# out of the running set, or gives it a new name; after it, /metrics must show no
+# gauge with the old name, and exactly one (with the right value) for the new one.
+
+TOKEN = "metrics-test-token"
+
+
+def backend_gauges(text: str, backend: str) -> dict[str, float | None]:
+    return {gauge: value(text, gauge, backend=backend) for gauge in GAUGES}
+
+
+def gauge_names(text: str) -> set[str]:
+    return {labels["backend"] for gauge in GAUGES for labels in series(text, gauge)}
+
+
+def write_backends(path: Path, backends: list[dict[str, str]], **extra: Any) -> None:
+    document = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0", "token": TOKEN},
+        "health_check": {"enabled": False},
+        "access_log": {"enabled": False},
+        "retries": {"max_retries": 0},
+        "backends": backends,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(document))
+
+
+def admin_post(service: Service, path: str, body: dict[str, str]) -> requests.Response:
+    return requests.post(
+        service.admin_url + path,
+        json=body,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=5,
+    )
+
+
+def test_a_reload_that_renames_a_backend_keeps_no_gauge_of_the_old_name(
+    make_proxy: Any, make_echo_backend: Callable[[str], EchoBackend], tmp_path: Path
+) -> None:
+    """Same URL, new name: the Backend object (and its state) carries over, the old
+    name must not."""
+    echo = make_echo_backend("echo")
+    path = tmp_path / "config.yaml"
+    write_backends(path, [{"url": echo.url, "name": "before"}])
+    service = make_proxy([BackendConfig(echo.url, "before")], source_path=str(path))
+    assert gauge_names(scrape(service)) == {"before"}
+    write_backends(path, [{"url": echo.url, "name": "after"}])
+    assert service.reload("test").ok
+    text = scrape(service)
+    assert gauge_names(text) == {"after"}, text
+    assert backend_gauges(text, "after") == {
+        "proxy_backend_up": 1.0, "proxy_circuit_state": 0.0, "proxy_backend_in_flight": 0.0,
+    }  # fmt: skip
+
+
+def test_a_reload_that_gives_a_name_to_another_url_shows_the_new_backends_state(
+    make_proxy: Any,
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+    tmp_path: Path,
+) -> None:
+    """Same name, new URL: the old backend (circuit open) leaves, a new one (closed)
+    takes the name. The series must describe the new one, once."""
+    echo = make_echo_backend("echo")
+    dead = f"http://127.0.0.1:{closed_port()}"
+    breaker = {"failure_threshold": 1, "open_duration": 60}
+    path = tmp_path / "config.yaml"
+    write_backends(path, [{"url": dead, "name": "app"}], circuit_breaker=breaker)
+    service = make_proxy(
+        [BackendConfig(dead, "app")],
+        source_path=str(path),
+        circuit_breaker=CircuitBreakerConfig(failure_threshold=1, open_duration=60.0),
+    )
+    assert http.get(service.proxy_url + "/", timeout=5).status_code == 502
+    assert value(scrape(service), "proxy_circuit_state", backend="app") == 2.0
+    write_backends(path, [{"url": echo.url, "name": "app"}], circuit_breaker=breaker)
+    assert service.reload("test").ok
+    text = scrape(service)
+    assert gauge_names(text) == {"app"}
+    assert series(text, "proxy_circuit_state") == [{"backend": "app"}]
+    assert value(text, "proxy_circuit_state", backend="app") == 0.0
+    assert http.get(service.proxy_url + "/", timeout=5).status_code == 200
+
+
+def test_a_reload_that_drops_a_backend_drops_its_gauges(
+    make_proxy: Any, make_echo_backend: Callable[[str], EchoBackend], tmp_path: Path
+) -> None:
+    keep, drop = make_echo_backend("keep"), make_echo_backend("drop")
+    path = tmp_path / "config.yaml"
+    write_backends(path, [{"url": keep.url, "name": "keep"}])
+    service = make_proxy([keep, drop], source_path=str(path))
+    assert gauge_names(scrape(service)) == {"keep", "drop"}
+    assert service.reload("test").ok
+    assert gauge_names(scrape(service)) == {"keep"}
+
+
+def test_admin_remove_then_add_under_another_name_keeps_no_gauge_of_the_old_name(
+    make_proxy: Any, make_echo_backend: Callable[[str], EchoBackend]
+) -> None:
+    """The admin API's rename: remove, then add the same URL with a new name; then
+    add it back under its first name."""
+    stay, moving = make_echo_backend("stay"), make_echo_backend("moving")
+    admin = dataclasses.replace(base_config().admin, token=TOKEN)
+    service = make_proxy([stay, moving], admin=admin)
+    assert admin_post(service, "/admin/remove-backend", {"name": "moving"}).status_code == 200
+    assert gauge_names(scrape(service)) == {"stay"}
+    added = admin_post(service, "/admin/add-backend", {"url": moving.url, "name": "moved"})
+    assert added.status_code == 201, added.text
+    assert gauge_names(scrape(service)) == {"stay", "moved"}
+    assert admin_post(service, "/admin/remove-backend", {"name": "moved"}).status_code == 200
+    again = admin_post(service, "/admin/add-backend", {"url": moving.url, "name": "moving"})
+    assert again.status_code == 201, again.text
+    text = scrape(service)
+    assert gauge_names(text) == {"stay", "moving"}
+    assert series(text, "proxy_backend_up") == [{"backend": "stay"}, {"backend": "moving"}]
+
+
+def test_a_breaker_transition_after_a_rename_does_not_bring_the_old_name_back(
+    make_proxy: Any,
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+    tmp_path: Path,
+) -> None:
+    """A transition published under the name the backend had when a request began
+    must not resurrect that name. Here the circuit opens after the rename."""
+    dead = f"http://127.0.0.1:{closed_port()}"
+    breaker = {"failure_threshold": 1, "open_duration": 60}
+    path = tmp_path / "config.yaml"
+    write_backends(path, [{"url": dead, "name": "old"}], circuit_breaker=breaker)
+    service = make_proxy(
+        [BackendConfig(dead, "old")],
+        source_path=str(path),
+        circuit_breaker=CircuitBreakerConfig(failure_threshold=1, open_duration=60.0),
+    )
+    write_backends(path, [{"url": dead, "name": "new"}], circuit_breaker=breaker)
+    assert service.reload("test").ok
+    assert http.get(service.proxy_url + "/", timeout=5).status_code == 502
+    text = scrape(service)
+    assert gauge_names(text) == {"new"}, text
+    assert value(text, "proxy_circuit_state", backend="new") == 2.0
 
 
 def test_reloads_are_counted_by_result(
