@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pyproxy import statuspage
 from pyproxy.configload import ConfigError, parse_backend
 from pyproxy.control import Control
+from pyproxy.headers import via_names
 from pyproxy.metrics import Metrics
 from pyproxy.runtime import RuntimeHolder
 from pyproxy.statuspage import render_status
@@ -41,6 +42,7 @@ STATUS_LINES = {
     413: "413 Content Too Large",
     500: "500 Internal Server Error",
     503: "503 Service Unavailable",
+    508: "508 Loop Detected",
 }
 
 MAX_ADMIN_BODY = 64 * 1024
@@ -84,7 +86,11 @@ class AdminApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
         handler = self.routes.get((method, path))
-        if handler is None:
+        if self.lifecycle.instance_name in via_names(environ.get("HTTP_VIA")):
+            # It came through this pyproxy's own proxy listener: a backend (whose name
+            # now resolves here) must not publish the admin API on the proxy port.
+            reply = text(508, "508 Loop Detected: this request came through this pyproxy")
+        elif handler is None:
             if any(p == path for _, p in self.routes):
                 reply = text(405, f"405 Method Not Allowed: {method} {path}")
             else:

@@ -33,6 +33,7 @@ from pyproxy.metrics import Metrics
 from pyproxy.proxy import ProxyApp
 from pyproxy.reload import ConfigWatcher, file_digest
 from pyproxy.runtime import RuntimeHolder, build_runtime
+from pyproxy.urlguard import restorable
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class Service:
         self.started_at = clock()
         # Unique per instance, so two pyproxies chained on purpose are not a "loop".
         self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
-        admin_changes = drop_name_clashes(config, load_state(config.admin.state_file))
+        # A tampered state file must not add what the admin API refuses (urlguard.py).
+        restored = restorable(load_state(config.admin.state_file), config)
+        admin_changes = drop_name_clashes(config, restored)
 
         def store_error() -> None:
             self.metrics.count_error("", "rate_limit_store")
