@@ -11,6 +11,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -47,8 +48,23 @@ STATUS_LINES = {
 
 MAX_ADMIN_BODY = 64 * 1024
 
+# scheme://user:password@ -> scheme://user:***@ (the password may itself hold an "@":
+# the last one before the host ends it, as urlsplit reads it).
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/@:'\"]*):[^\s/'\"]*@")
+
+
+def _redact_secrets(value: str, token: str | None = None) -> str:
+    """`value` with the password of any URL in it shown as `***`, and the admin token,
+    if it appears, too. Admin answers quote what they were given (a refused URL, a
+    config problem, a reload's changes); a password or the token must never come back
+    in one, nor in the logs that copy them.
+    (A stand-in for the shared `redact_secrets`; the two are to be unified.)"""
+    value = _URL_PASSWORD.sub(r"\1:***@", value)
+    return value.replace(token, "***") if token else value
+
 
 def text(status: int, body: str, headers: list[tuple[str, str]] | None = None) -> Reply:
+    body = _redact_secrets(body)
     return status, "text/plain; charset=utf-8", (body + "\n").encode(), headers or []
 
 
@@ -104,7 +120,13 @@ class AdminApp:
         status, content_type, body, extra = reply
         start_response(
             STATUS_LINES.get(status, f"{status} Error"),
-            [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra],
+            [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(body))),
+                # Answers quote their request (a 404 its path): never sniff them as HTML.
+                ("X-Content-Type-Options", "nosniff"),
+                *extra,
+            ],
         )
         return [body] if environ["REQUEST_METHOD"] != "HEAD" else []
 
@@ -213,9 +235,12 @@ class AdminApp:
 
     def reload(self, payload: Any) -> Reply:
         result = self.control.reload("admin API")
+        token = self.holder.runtime.config.admin.token
         if not result.ok:
-            return json_reply(400, {"reloaded": False, "problems": result.problems})
-        return json_reply(200, {"reloaded": True, "changes": result.changes})
+            problems = [_redact_secrets(line, token) for line in result.problems]
+            return json_reply(400, {"reloaded": False, "problems": problems})
+        changes = [_redact_secrets(line, token) for line in result.changes]
+        return json_reply(200, {"reloaded": True, "changes": changes})
 
 
 def read_json(environ: dict[str, Any]) -> Any:

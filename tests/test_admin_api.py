@@ -196,6 +196,62 @@ def test_the_token_is_never_logged(
         other.close()
 
 
+# -- secrets never come back in an answer ----------------------------------------------
+
+SECRET = "hunter2-s3cret"
+
+
+def test_add_backend_refusals_do_not_echo_a_password(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    service = make_proxy([echo_backend], admin=ADMIN)
+    for url in (
+        f"http://user:{SECRET}@127.0.0.1:99999",  # port out of range: "invalid URL ..."
+        f"ftp://user:{SECRET}@127.0.0.1:21",  # wrong scheme: "must start with ..."
+        f"http://user:{SECRET}@127.0.0.1:9",  # user info
+        f"http://user:{SECRET}@127.0.0.1:9/path",
+    ):
+        response = post(http, service, "/admin/add-backend", {"url": url})
+        assert response.status_code == 400, (url, response.text)
+        assert SECRET not in response.text, response.text
+    removed = post(http, service, "/admin/remove-backend", {"url": f"http://u:{SECRET}@h:1"})
+    assert removed.status_code == 404
+    assert SECRET not in removed.text and "u:***@h:1" in removed.text, removed.text
+
+
+def test_reload_answers_do_not_echo_a_password_or_the_token(
+    tmp_path: Path,
+    echo_backend: EchoBackend,
+    start_service: Callable[[Config], Service],
+    http: requests.Session,
+) -> None:
+    path = tmp_path / "pyproxy.yaml"
+    backends = [BackendConfig(url=echo_backend.url, name="echo")]
+    # per_client is null, so the store is not used: only its text changes.
+    store = {"store": f"redis://:{SECRET}@127.0.0.1:6379/0"}
+    write_config(path, backends, rate_limit=store)
+    service = start_service(load_config(str(path)))
+    write_config(path, backends, rate_limit={"store": f"redis://:{SECRET}-new@127.0.0.1:6379/0"})
+    changed = post(http, service, "/admin/reload")
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["changes"] == [
+        "rate_limit.store: redis://:***@127.0.0.1:6379/0 -> redis://:***@127.0.0.1:6379/0"
+    ]
+    # An invalid store URL is quoted back in its problem, and so is the token pasted
+    # into the wrong field.
+    write_config(
+        path,
+        backends,
+        rate_limit={"store": f"redis://:{SECRET}@127.0.0.1:6379/0?x=1"},
+        strategy=TOKEN,
+    )
+    refused = post(http, service, "/admin/reload")
+    assert refused.status_code == 400, refused.text
+    problems = " ".join(refused.json()["problems"])
+    assert "rate_limit.store" in problems and "redis://:***@127.0.0.1" in problems
+    assert SECRET not in refused.text and TOKEN not in refused.text, refused.text
+
+
 # -- bad requests ---------------------------------------------------------------------
 
 
