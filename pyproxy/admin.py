@@ -1,4 +1,4 @@
-"""AdminApp: the WSGI app on the admin listener (SPEC §6).
+"""AdminApp: the WSGI app on the admin listener (docs/admin-api.md).
 
 Reading needs no token: probes, metrics, the backend list. Changing anything needs
 `Authorization: Bearer <token>`, compared in constant time. The routes are a table

@@ -1,7 +1,7 @@
 """The connection class of pyproxy's upstream pools: urllib3's, with two fixes.
 
 1. The request target goes out exactly as the client sent it. urllib3's `urlopen`
-   re-encodes it (`%zz` becomes `%25zz`, GUIDE "requests traps"), which changes what
+   re-encodes it (`%zz` becomes `%25zz`: requests/urllib3 normalise URLs), which changes what
    the backend sees; `request()` below puts the raw target back.
 2. The `timeouts.total` deadline holds while waiting for the response headers.
 3. Connections to backends added through the admin API (`check_peer`) go only to
@@ -11,7 +11,7 @@
 
 A socket timeout bounds each read, not the whole wait: a backend that trickles its
 status line and headers a byte at a time, just under `timeouts.read`, could hold a
-request forever (GUIDE, requests traps). So while a worker waits for headers, its
+request forever. So while a worker waits for headers, its
 socket is registered here with the request's deadline, and one watchdog thread
 (`pyproxy-deadline`) shuts the socket down when the deadline passes. The blocked
 read then fails at once, and the attempt reports `deadline_exceeded` (a 504).

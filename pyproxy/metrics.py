@@ -1,4 +1,4 @@
-"""Metrics: every Prometheus series of SPEC §9, on a registry the caller injects.
+"""Metrics: every series pyproxy exposes (docs/metrics.md), on an injected registry.
 
 One registry per process (and one per test): prometheus-client refuses to register
 the same name twice in a registry ("Duplicated timeseries"). Label children are
@@ -42,7 +42,7 @@ class Metrics:
     """The proxy's instruments. `Metrics()` makes its own fresh registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        # SPEC §9 lists the series exactly; *_created gauges would double their number.
+        # docs/metrics.md lists the series exactly; *_created gauges would double their number.
         # (A process-wide switch, read at collection time: one pyproxy per process.)
         disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -62,7 +62,7 @@ class Metrics:
         )
         self.errors = Counter(
             # reason: errors.Failure.reason, or no_backend, rate_limited,
-            # client_disconnected, rate_limit_store (SPEC §9)
+            # client_disconnected, rate_limit_store (the table in docs/metrics.md)
             "proxy_errors_total", "Failures, by backend and reason", ["backend", "reason"],
             registry=r,
         )  # fmt: skip

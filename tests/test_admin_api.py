@@ -1,4 +1,4 @@
-"""SPEC §6, the admin API: tokens, add/remove/list backends, refused URLs, the state file.
+"""The admin API: tokens, add/remove/list backends, refused URLs, the state file.
 
 Every test goes through real sockets: echo backends <- a real pyproxy on port 0 <- a
 real client on the admin listener. "Receives traffic" and "no new requests reach it"
@@ -325,7 +325,7 @@ def test_add_backend_returns_201_with_the_backend_and_it_takes_traffic(
     assert added["url"] == second.url  # normalised: no trailing slash
     assert (added["weight"], added["max_connections"], added["source"]) == (2, 7, "admin")
     assert added["circuit"] == "closed"
-    assert added["available"] is True  # health checks off: at once (SPEC §5)
+    assert added["available"] is True  # health checks off: at once
     backends = listed(http, service)
     assert backends["first"]["source"] == "config"
     assert backends["second"]["source"] == "admin"

@@ -1,4 +1,4 @@
-"""SPEC §6 admin reads (and the §9 series they expose), over the real admin listener.
+"""Admin reads (and the metric series they expose), over the real admin listener.
 
 Reads need no token. Every figure checked here was caused by traffic the test sent
 through the proxy listener, so a counter that is never incremented fails a test.

@@ -1,14 +1,14 @@
-"""What /metrics exposes (SPEC §9), checked the way Prometheus will read it.
+"""What /metrics exposes (docs/metrics.md), checked the way Prometheus will read it.
 
 A real proxy sees real traffic and real faults (a refused port, a backend that
 answers 503, one that sends garbage, one that resets, one that never answers), and
 a backend that goes down. The scrape is parsed with prometheus_client's own parser
-and checked against SPEC §9 name by name: type, label names, label values from a
+and checked against the documented table name by name: type, label names, label values from a
 bounded set (never a path, an address or whatever method a client made up), values
 that moved as the faults dictate, gauges of removed backends gone. `promtool check
 metrics` (Debian package `prometheus`) lints the same text.
 
-The deploy kit's Grafana dashboard is checked here too: it must query only SPEC §9
+The deploy kit's Grafana dashboard is checked here too: it must query only documented
 series, and each of its PromQL expressions must parse (`promtool check rules`).
 """
 
@@ -43,8 +43,8 @@ from pyproxy.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# SPEC §9, as a table: name -> (type, label names).
-SPEC: dict[str, tuple[str, frozenset[str]]] = {
+# The documented series (docs/metrics.md), as a table: name -> (type, label names).
+DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
     "proxy_requests_total": ("counter", frozenset({"backend", "method", "code"})),
     "proxy_request_duration_seconds": ("histogram", frozenset({"backend"})),
     "proxy_errors_total": ("counter", frozenset({"backend", "reason"})),
@@ -74,7 +74,7 @@ REASONS = frozenset(
     }
 )
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-# Every value a label may take besides backend names (SPEC §9).
+# Every value a label may take besides backend names (docs/metrics.md).
 BOUNDED = {
     "reason": REASONS,
     "scope": frozenset({"client", "backend"}),
@@ -94,10 +94,10 @@ def scrape(service: Service) -> str:
 
 
 def families(text: str) -> dict[str, tuple[str, list[Sample]]]:
-    """Exposed name (as SPEC §9 writes it) -> (type, samples)."""
+    """Exposed name (as docs/metrics.md writes it) -> (type, samples)."""
     out: dict[str, tuple[str, list[Sample]]] = {}
     for family in text_string_to_metric_families(text):
-        # The parser drops "_total" from a counter's family name; SPEC keeps it.
+        # The parser drops "_total" from a counter's family name; the docs keep it.
         name = family.name + "_total" if family.type == "counter" else family.name
         out[name] = (family.type, list(family.samples))
     return out
@@ -171,13 +171,13 @@ def after_faults(faulty_proxy: Service, http: requests.Session) -> str:
 
 def test_every_spec_metric_has_its_name_type_and_labels(after_faults: str) -> None:
     exposed = families(after_faults)
-    for name, (kind, labels) in SPEC.items():
+    for name, (kind, labels) in DOCUMENTED.items():
         assert name in exposed, f"{name} is not exposed"
         exposed_kind, samples = exposed[name]
-        assert exposed_kind == kind, f"{name} is a {exposed_kind}, SPEC §9 says {kind}"
+        assert exposed_kind == kind, f"{name} is a {exposed_kind}, docs/metrics.md says {kind}"
         for sample in samples:
             names = set(sample.labels) - ({"le"} if kind == "histogram" else set())
-            assert names == labels, f"{sample.name}{sample.labels}: SPEC §9 says {set(labels)}"
+            assert names == labels, f"{sample.name}{sample.labels}: documented: {set(labels)}"
     # Every labelled family that this traffic must have moved has samples to check.
     for name in (
         "proxy_requests_total",
@@ -193,10 +193,10 @@ def test_every_spec_metric_has_its_name_type_and_labels(after_faults: str) -> No
 
 
 def test_no_series_beyond_spec(after_faults: str) -> None:
-    """Only SPEC §9's families: prometheus_client also exports a `<name>_created` gauge
+    """Only the documented families: prometheus_client also exports a `<name>_created` gauge
     per counter and histogram child, doubling the series count for nothing."""
-    extra = set(families(after_faults)) - set(SPEC)
-    assert not extra, f"series not in SPEC §9: {sorted(extra)}"
+    extra = set(families(after_faults)) - set(DOCUMENTED)
+    assert not extra, f"series not documented: {sorted(extra)}"
 
 
 def test_histogram_is_complete_and_cumulative(after_faults: str) -> None:
@@ -579,8 +579,8 @@ def dashboard_exprs() -> list[str]:
 
 
 def allowed_names() -> set[str]:
-    names = set(SPEC)
-    for name, (kind, _) in SPEC.items():
+    names = set(DOCUMENTED)
+    for name, (kind, _) in DOCUMENTED.items():
         if kind == "histogram":
             names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     return names
@@ -590,7 +590,7 @@ def test_dashboard_queries_only_spec_series() -> None:
     exprs = dashboard_exprs()
     variables = [v.get("definition", "") for v in load_dashboard()["templating"]["list"]]
     used = {m for expr in exprs + variables for m in METRIC_NAME.findall(expr)}
-    assert used <= allowed_names(), f"not in SPEC §9: {sorted(used - allowed_names())}"
+    assert used <= allowed_names(), f"not documented: {sorted(used - allowed_names())}"
     labels = {"backend", "method", "code", "reason", "scope", "result", "le", "job", "instance"}
     for expr in exprs:
         for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
@@ -649,4 +649,4 @@ def test_prometheus_scrape_config_is_valid() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["pyproxy"].get("metrics_path", "/metrics") == "/metrics"
     targets = [t for group in jobs["pyproxy"]["static_configs"] for t in group["targets"]]
-    assert "127.0.0.1:8081" in targets  # the default admin listener (SPEC §3)
+    assert "127.0.0.1:8081" in targets  # the default admin listener (admin.listen's default)
