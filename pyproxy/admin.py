@@ -1,4 +1,4 @@
-"""AdminApp: the WSGI app on the admin listener (SPEC §6).
+"""AdminApp: the WSGI app on the admin listener (docs/admin-api.md).
 
 Reading needs no token: probes, metrics, the backend list. Changing anything needs
 `Authorization: Bearer <token>`, compared in constant time. The routes are a table
@@ -11,6 +11,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pyproxy import statuspage
 from pyproxy.configload import ConfigError, parse_backend
 from pyproxy.control import Control
+from pyproxy.headers import via_names
 from pyproxy.metrics import Metrics
 from pyproxy.runtime import RuntimeHolder
 from pyproxy.statuspage import render_status
@@ -41,12 +43,28 @@ STATUS_LINES = {
     413: "413 Content Too Large",
     500: "500 Internal Server Error",
     503: "503 Service Unavailable",
+    508: "508 Loop Detected",
 }
 
 MAX_ADMIN_BODY = 64 * 1024
 
+# scheme://user:password@ -> scheme://user:***@ (the password may itself hold an "@":
+# the last one before the host ends it, as urlsplit reads it).
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/@:'\"]*):[^\s/'\"]*@")
+
+
+def _redact_secrets(value: str, token: str | None = None) -> str:
+    """`value` with the password of any URL in it shown as `***`, and the admin token,
+    if it appears, too. Admin answers quote what they were given (a refused URL, a
+    config problem, a reload's changes); a password or the token must never come back
+    in one, nor in the logs that copy them.
+    (A stand-in for the shared `redact_secrets`; the two are to be unified.)"""
+    value = _URL_PASSWORD.sub(r"\1:***@", value)
+    return value.replace(token, "***") if token else value
+
 
 def text(status: int, body: str, headers: list[tuple[str, str]] | None = None) -> Reply:
+    body = _redact_secrets(body)
     return status, "text/plain; charset=utf-8", (body + "\n").encode(), headers or []
 
 
@@ -84,7 +102,11 @@ class AdminApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
         handler = self.routes.get((method, path))
-        if handler is None:
+        if self.lifecycle.instance_name in via_names(environ.get("HTTP_VIA")):
+            # It came through this pyproxy's own proxy listener: a backend (whose name
+            # now resolves here) must not publish the admin API on the proxy port.
+            reply = text(508, "508 Loop Detected: this request came through this pyproxy")
+        elif handler is None:
             if any(p == path for _, p in self.routes):
                 reply = text(405, f"405 Method Not Allowed: {method} {path}")
             else:
@@ -98,7 +120,13 @@ class AdminApp:
         status, content_type, body, extra = reply
         start_response(
             STATUS_LINES.get(status, f"{status} Error"),
-            [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra],
+            [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(body))),
+                # Answers quote their request (a 404 its path): never sniff them as HTML.
+                ("X-Content-Type-Options", "nosniff"),
+                *extra,
+            ],
         )
         return [body] if environ["REQUEST_METHOD"] != "HEAD" else []
 
@@ -134,14 +162,8 @@ class AdminApp:
     def metrics_page(self, environ: dict[str, Any]) -> Reply:
         # Gauges of counts pyproxy keeps anyway are read at scrape time, not updated on
         # every request: the hot path pays nothing for them.
+        # (The per-backend gauges are read from the running backends by the registry.)
         self.metrics.in_flight.set(self.lifecycle.in_flight())
-        for backend in self.holder.runtime.backends:
-            self.metrics.set_backend_state(
-                backend.name,
-                backend.health.up,
-                backend.breaker.state.gauge_value,
-                in_flight=backend.in_flight,  # read here: no per-request gauge updates
-            )
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:
@@ -213,9 +235,12 @@ class AdminApp:
 
     def reload(self, payload: Any) -> Reply:
         result = self.control.reload("admin API")
+        token = self.holder.runtime.config.admin.token
         if not result.ok:
-            return json_reply(400, {"reloaded": False, "problems": result.problems})
-        return json_reply(200, {"reloaded": True, "changes": result.changes})
+            problems = [_redact_secrets(line, token) for line in result.problems]
+            return json_reply(400, {"reloaded": False, "problems": problems})
+        changes = [_redact_secrets(line, token) for line in result.changes]
+        return json_reply(200, {"reloaded": True, "changes": changes})
 
 
 def read_json(environ: dict[str, Any]) -> Any:

@@ -58,8 +58,6 @@ def judge(tools: Tools, backend: Backend, permit: Permit | None, failed: bool | 
             tools.metrics.circuit_opens.labels(backend.name).inc()
         else:
             log.info("backend %s: circuit %s", backend.name, state.value)
-        if not backend.removed:  # a removed backend's gauges stay removed (SPEC §9)
-            tools.metrics.set_backend_state(backend.name, backend.health.up, state.gauge_value)
 
 
 def attempt_timeout_for(runtime: Runtime, deadline: float | None, now: float) -> urllib3.Timeout:

@@ -21,7 +21,7 @@ from requests.adapters import HTTPAdapter
 
 from pyproxy.breaker import CircuitBreaker, CircuitState
 from pyproxy.config import BackendConfig, CircuitBreakerConfig, HealthCheckConfig
-from pyproxy.connection import UpstreamHTTPConnection, UpstreamHTTPSConnection
+from pyproxy.connection import connection_class
 from pyproxy.health import HealthStatus
 
 
@@ -105,10 +105,9 @@ class Backend:
         adapter = self.session.get_adapter(config.url)
         assert isinstance(adapter, HTTPAdapter)
         pool = adapter.poolmanager.connection_from_url(config.url)
-        # Connections that send the raw target and obey timeouts.total (connection.py).
-        pool.ConnectionCls = (
-            UpstreamHTTPSConnection if self.scheme == "https" else UpstreamHTTPConnection
-        )
+        # Connections that send the raw target and obey timeouts.total, and for an
+        # admin-added backend, dial only addresses the SSRF guard allows (connection.py).
+        pool.ConnectionCls = connection_class(self.scheme, source)
         self.pool: urllib3.HTTPConnectionPool = pool
         # Config backends start up; admin-added ones start unknown and wait for a
         # passing probe (SPEC §5) unless health checks are off.

@@ -1,13 +1,17 @@
 """The connection class of pyproxy's upstream pools: urllib3's, with two fixes.
 
 1. The request target goes out exactly as the client sent it. urllib3's `urlopen`
-   re-encodes it (`%zz` becomes `%25zz`, GUIDE "requests traps"), which changes what
+   re-encodes it (`%zz` becomes `%25zz`: requests/urllib3 normalise URLs), which changes what
    the backend sees; `request()` below puts the raw target back.
 2. The `timeouts.total` deadline holds while waiting for the response headers.
+3. Connections to backends added through the admin API (`check_peer`) go only to
+   addresses the SSRF guard allows (urlguard.py), checked on the address actually
+   dialled: a name can resolve differently after the admin check. Config-file
+   backends are the operator's own choice and are not checked.
 
 A socket timeout bounds each read, not the whole wait: a backend that trickles its
 status line and headers a byte at a time, just under `timeouts.read`, could hold a
-request forever (GUIDE, requests traps). So while a worker waits for headers, its
+request forever. So while a worker waits for headers, its
 socket is registered here with the request's deadline, and one watchdog thread
 (`pyproxy-deadline`) shuts the socket down when the deadline passes. The blocked
 read then fails at once, and the attempt reports `deadline_exceeded` (a 504).
@@ -27,6 +31,9 @@ import time
 from typing import Any
 
 from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+from pyproxy import urlguard
 
 
 class DeadlineWatchdog:
@@ -101,6 +108,38 @@ def set_attempt(target: str | None, deadline: float | None) -> None:
 
 class _AttemptMixin:
     sock: socket.socket | None
+    host: str
+    port: int
+    _dns_host: str  # urllib3's: the name it resolves, self.host without a trailing dot
+    check_peer = False  # True for admin-added backends: see _new_conn
+
+    def _new_conn(self) -> socket.socket:
+        """Open the TCP connection; for an admin-added backend, resolve the name once,
+        refuse it if any answer is forbidden, and dial exactly the answers checked
+        (letting urllib3 resolve again could get another, DNS rebinding). Called once
+        per new connection, not per request; config backends skip it entirely."""
+        if not self.check_peer:
+            return super()._new_conn()  # type: ignore[misc]
+        name = self._dns_host
+        try:
+            addresses = urlguard.resolve_allowed(name, self.port)
+        except urlguard.ForbiddenAddress as refused:
+            why = f"refused to connect to {self.host}: {refused}"
+            raise NewConnectionError(self, why) from None  # type: ignore[arg-type]
+        except OSError as error:  # socket.gaierror: the name does not resolve
+            raise NameResolutionError(self.host, self, error) from error  # type: ignore[arg-type]
+        failure: Exception | None = None
+        try:
+            for address in addresses:
+                self._dns_host = address  # a literal: urllib3 connects without a lookup
+                try:
+                    return super()._new_conn()  # type: ignore[misc]
+                except NewConnectionError as error:  # also connect timeouts; try the next
+                    failure = error
+        finally:
+            self._dns_host = name
+        assert failure is not None  # resolve_allowed returns at least one address
+        raise failure
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         raw = getattr(_current, "target", None)
@@ -129,3 +168,23 @@ class UpstreamHTTPConnection(_AttemptMixin, HTTPConnection):
 
 class UpstreamHTTPSConnection(_AttemptMixin, HTTPSConnection):
     """The same for HTTPS backends."""
+
+
+class CheckedHTTPConnection(UpstreamHTTPConnection):
+    """For backends added through the admin API: every peer address is checked."""
+
+    check_peer = True
+
+
+class CheckedHTTPSConnection(UpstreamHTTPSConnection):
+    """The same for HTTPS backends added through the admin API."""
+
+    check_peer = True
+
+
+def connection_class(scheme: str, source: str) -> type[HTTPConnection]:
+    """The connection class for a backend's pool, by its scheme and source ("config"
+    from the file, "admin" added through the admin API)."""
+    if source == "admin":
+        return CheckedHTTPSConnection if scheme == "https" else CheckedHTTPConnection
+    return UpstreamHTTPSConnection if scheme == "https" else UpstreamHTTPConnection

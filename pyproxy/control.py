@@ -62,6 +62,7 @@ class Control:
     ) -> None:
         self.holder = holder
         self.metrics = metrics
+        metrics.read_backends_from(lambda: holder.runtime.backends)  # gauges read at scrape
         self.on_backend_added = on_backend_added
         self.on_settings = on_settings
         self.last_reload: tuple[bool, float] | None = None  # (succeeded, monotonic time)
@@ -165,15 +166,10 @@ class Control:
         )
         self.holder.runtime = runtime
         self.holder.admin = admin
-        for backend in runtime.backends:
-            self.metrics.set_backend_state(
-                backend.name, backend.health.up, backend.breaker.state.gauge_value
-            )
         for backend in gone:
             backend.retire()
             if runtime.backend_limiter is not None:
                 runtime.backend_limiter.forget(backend.name)
-            self.metrics.forget_backend(backend.name)
         state_file = config.admin.state_file
         if state_file:
             save_state(state_file, admin)

@@ -1,7 +1,7 @@
 """Explain a decision: why this request went where it went.
 
-Send `X-PyProxy-Explain: 1` from a trusted client (loopback, or an address in
-`trusted_proxies`) and the response carries `X-PyProxy-Explain`, one compact line:
+Send `X-PyProxy-Explain: 1` from a local or trusted client and the response carries
+`X-PyProxy-Explain`, one compact line:
 
     strategy=round_robin; #1 app2 by round_robin, skipped app1 (health down),
     app3 (circuit open, reopens in 12s) -> 502 connection refused, retry;
@@ -13,6 +13,11 @@ strategy, a sticky cookie, client-address hashing, or the retry rule), and each
 attempt's outcome. It is a learning tool: watch the breaker, health checks and
 retries make their decisions. For anyone else the header is ignored, because the
 answer describes the pool's state to whoever asks.
+
+"Client" is the real client: the address left after walking X-Forwarded-For through
+`trusted_proxies` (headers.client_address), never the TCP peer. A trusted load
+balancer is trusted to say who the client is, not to vouch for every client it
+forwards: asking through it from the internet gets no answer.
 """
 
 from __future__ import annotations
@@ -31,16 +36,18 @@ RESPONSE_HEADER = "X-PyProxy-Explain"
 MAX_LENGTH = 4000  # keep the header well under common 8 KiB header limits
 
 
-def wants_explanation(flag: str | None, peer: str, trusted: Sequence[Network]) -> bool:
-    """True when the request asks for an explanation and comes from a trusted hop."""
+def wants_explanation(flag: str | None, client: str, trusted: Sequence[Network]) -> bool:
+    """True when the request asks for an explanation and its client is loopback or in
+    `trusted_proxies`. `client` is the real client address (after X-Forwarded-For
+    was walked through the trusted proxies), never the TCP peer."""
     if flag is None or flag.strip() not in ("1", "true", "yes"):
         return False
     try:
-        if ipaddress.ip_address(peer).is_loopback:
+        if ipaddress.ip_address(client).is_loopback:
             return True
     except ValueError:
         return False
-    return is_trusted(peer, trusted)
+    return is_trusted(client, trusted)
 
 
 def why_excluded(runtime: Runtime, backend: Backend, tried: Sequence[Backend], now: float) -> str:

@@ -1,17 +1,29 @@
-"""Metrics: every Prometheus series of SPEC §9, on a registry the caller injects.
+"""Metrics: every series pyproxy exposes (docs/metrics.md), on an injected registry.
 
 One registry per process (and one per test): prometheus-client refuses to register
 the same name twice in a registry ("Duplicated timeseries"). Label children are
 cached in plain dicts because `metric.labels(...)` takes a lock and builds a tuple
 on every call, which the hot path would pay per request.
+
+The per-backend gauges are not stored at all: `BackendGauges` reads them from the
+running backends at each scrape. A stored gauge is a copy of a fact, and a copy
+outlives its backend: a rename or removal that forgets to delete it leaves a
+"circuit open" series that never clears. Read at scrape time, a backend that left
+the running set is simply not in the answer. (Prometheus's guidance for values that
+already live elsewhere is a custom collector: prometheus.io/docs/instrumenting/writing_exporters.)
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pyproxy.backend import Backend
 
 # Upstream latency from ~1 ms to a minute; roughly doubling so quantiles stay honest.
 LATENCY_BUCKETS = (
@@ -30,7 +42,7 @@ class Metrics:
     """The proxy's instruments. `Metrics()` makes its own fresh registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        # SPEC §9 lists the series exactly; *_created gauges would double their number.
+        # docs/metrics.md lists the series exactly; *_created gauges would double their number.
         # (A process-wide switch, read at collection time: one pyproxy per process.)
         disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -50,7 +62,7 @@ class Metrics:
         )
         self.errors = Counter(
             # reason: errors.Failure.reason, or no_backend, rate_limited,
-            # client_disconnected, rate_limit_store (SPEC §9)
+            # client_disconnected, rate_limit_store (the table in docs/metrics.md)
             "proxy_errors_total", "Failures, by backend and reason", ["backend", "reason"],
             registry=r,
         )  # fmt: skip
@@ -59,15 +71,9 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("proxy_in_flight_requests", "Requests being served now", registry=r)
-        self.backend_in_flight = Gauge(
-            "proxy_backend_in_flight", "Requests in flight per backend", ["backend"], registry=r
-        )
-        self.backend_up = Gauge(
-            "proxy_backend_up", "1 when the backend's health is up", ["backend"], registry=r
-        )
-        self.circuit_state = Gauge(
-            "proxy_circuit_state", "0 closed, 1 half-open, 2 open", ["backend"], registry=r
-        )
+        # proxy_backend_up, proxy_circuit_state, proxy_backend_in_flight
+        self.backend_gauges = BackendGauges()
+        r.register(self.backend_gauges)
         self.circuit_opens = Counter(
             "proxy_circuit_opens_total", "Times the circuit opened", ["backend"], registry=r
         )
@@ -105,23 +111,50 @@ class Metrics:
 
     # -- state changes -------------------------------------------------------
 
-    def set_backend_state(
-        self, backend: str, up: bool, circuit_value: int, in_flight: int | None = None
-    ) -> None:
-        """Publish a backend's gauges. Called on transitions and at each scrape, for
-        backends that are still configured only, so a removed one stays removed."""
-        self._child(self.backend_up, backend).set(1 if up else 0)
-        self._child(self.circuit_state, backend).set(circuit_value)
-        if in_flight is not None:
-            self._child(self.backend_in_flight, backend).set(in_flight)
-
-    def forget_backend(self, backend: str) -> None:
-        """SPEC §9: gauges of a removed backend are removed (counters stay: they are history)."""
-        for gauge in (self.backend_in_flight, self.backend_up, self.circuit_state):
-            with contextlib.suppress(KeyError):  # never observed: nothing to remove
-                gauge.remove(backend)
-            self._children.pop((id(gauge), backend), None)
+    def read_backends_from(self, backends: Callable[[], Iterable[Backend]]) -> None:
+        """Say where the running backends are; their gauges are read there at each scrape."""
+        self.backend_gauges.backends = backends
 
     def reload_result(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "failure").inc()
         self.last_reload_ok.set(1 if ok else 0)
+
+
+class BackendGauges(Collector):
+    """The per-backend gauges, read from the running backends at scrape time.
+
+    Only the backends `backends()` returns now are exposed: one that was removed or
+    renamed (by a reload or the admin API) leaves the scrape with the snapshot that
+    dropped it, whatever path it left by. The hot path pays nothing: the facts are
+    counters `Backend` keeps anyway.
+    """
+
+    def __init__(self) -> None:
+        self.backends: Callable[[], Iterable[Backend]] = tuple  # none until told where
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # The names only, so the registry can refuse a duplicate at registration.
+        return iter(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up, circuit, in_flight = families = self._families()
+        for backend in self.backends():
+            name = backend.name
+            up.add_metric([name], 1 if backend.health.up else 0)
+            circuit.add_metric([name], backend.breaker.state.gauge_value)
+            in_flight.add_metric([name], backend.in_flight)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "proxy_backend_up", "1 when the backend's health is up", labels=["backend"]
+            ),
+            GaugeMetricFamily(
+                "proxy_circuit_state", "0 closed, 1 half-open, 2 open", labels=["backend"]
+            ),
+            GaugeMetricFamily(
+                "proxy_backend_in_flight", "Requests in flight per backend", labels=["backend"]
+            ),
+        )

@@ -81,7 +81,7 @@ class ProxyApp:
             request_id=request.request_id,
             instance_name=self.instance_name,
         )
-        if wants_explanation(environ.get(REQUEST_HEADER), request.peer, config.trusted_proxies):
+        if wants_explanation(environ.get(REQUEST_HEADER), request.client, config.trusted_proxies):
             request.explanation = Explanation(runtime)
         headers.pop("X-Pyproxy-Explain", None)  # a question for pyproxy, not the backend
         if runtime.client_limiter is not None:

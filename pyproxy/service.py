@@ -25,7 +25,6 @@ from prometheus_client import CollectorRegistry
 
 from pyproxy.accesslog import AccessLog
 from pyproxy.admin import AdminApp
-from pyproxy.backend import Backend
 from pyproxy.config import Config
 from pyproxy.control import Control, ReloadResult, drop_name_clashes, load_state
 from pyproxy.healthcheck import HealthChecker
@@ -34,6 +33,7 @@ from pyproxy.metrics import Metrics
 from pyproxy.proxy import ProxyApp
 from pyproxy.reload import ConfigWatcher, file_digest
 from pyproxy.runtime import RuntimeHolder, build_runtime
+from pyproxy.urlguard import restorable
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class Service:
         self.started_at = clock()
         # Unique per instance, so two pyproxies chained on purpose are not a "loop".
         self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
-        admin_changes = drop_name_clashes(config, load_state(config.admin.state_file))
+        # A tampered state file must not add what the admin API refuses (urlguard.py).
+        restored = restorable(load_state(config.admin.state_file), config)
+        admin_changes = drop_name_clashes(config, restored)
 
         def store_error() -> None:
             self.metrics.count_error("", "rate_limit_store")
@@ -104,11 +106,10 @@ class Service:
         self.health_checker = HealthChecker(
             backends=lambda: self.holder.runtime.backends,
             settings=lambda: self.holder.runtime.config.health_check,
-            on_transition=self.publish_backend_state,
+            # Nothing to publish: the backend gauges are read at each scrape (metrics.py).
+            on_transition=lambda backend: None,
             clock=clock,
         )
-        for backend in runtime.backends:
-            self.publish_backend_state(backend)
 
     def _own_addresses(self) -> list[tuple[str, int]]:
         return [self.proxy_server.address[:2], self.admin_server.address[:2]]
@@ -139,13 +140,6 @@ class Service:
             if old is not None:
                 old.close()
         self.config = config
-
-    def publish_backend_state(self, backend: Backend) -> None:
-        if backend.removed:  # a probe that ended after the removal: its gauges stay gone
-            return
-        self.metrics.set_backend_state(
-            backend.name, backend.health.up, backend.breaker.state.gauge_value
-        )
 
     # -- addresses -------------------------------------------------------------
 

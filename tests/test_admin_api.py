@@ -1,4 +1,4 @@
-"""SPEC §6, the admin API: tokens, add/remove/list backends, refused URLs, the state file.
+"""The admin API: tokens, add/remove/list backends, refused URLs, the state file.
 
 Every test goes through real sockets: echo backends <- a real pyproxy on port 0 <- a
 real client on the admin listener. "Receives traffic" and "no new requests reach it"
@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from conftest import ProxyFactory
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from pyproxy import urlguard
 from pyproxy.config import (
     Address,
     AdminConfig,
@@ -194,6 +196,62 @@ def test_the_token_is_never_logged(
         other.close()
 
 
+# -- secrets never come back in an answer ----------------------------------------------
+
+SECRET = "hunter2-s3cret"
+
+
+def test_add_backend_refusals_do_not_echo_a_password(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    service = make_proxy([echo_backend], admin=ADMIN)
+    for url in (
+        f"http://user:{SECRET}@127.0.0.1:99999",  # port out of range: "invalid URL ..."
+        f"ftp://user:{SECRET}@127.0.0.1:21",  # wrong scheme: "must start with ..."
+        f"http://user:{SECRET}@127.0.0.1:9",  # user info
+        f"http://user:{SECRET}@127.0.0.1:9/path",
+    ):
+        response = post(http, service, "/admin/add-backend", {"url": url})
+        assert response.status_code == 400, (url, response.text)
+        assert SECRET not in response.text, response.text
+    removed = post(http, service, "/admin/remove-backend", {"url": f"http://u:{SECRET}@h:1"})
+    assert removed.status_code == 404
+    assert SECRET not in removed.text and "u:***@h:1" in removed.text, removed.text
+
+
+def test_reload_answers_do_not_echo_a_password_or_the_token(
+    tmp_path: Path,
+    echo_backend: EchoBackend,
+    start_service: Callable[[Config], Service],
+    http: requests.Session,
+) -> None:
+    path = tmp_path / "pyproxy.yaml"
+    backends = [BackendConfig(url=echo_backend.url, name="echo")]
+    # per_client is null, so the store is not used: only its text changes.
+    store = {"store": f"redis://:{SECRET}@127.0.0.1:6379/0"}
+    write_config(path, backends, rate_limit=store)
+    service = start_service(load_config(str(path)))
+    write_config(path, backends, rate_limit={"store": f"redis://:{SECRET}-new@127.0.0.1:6379/0"})
+    changed = post(http, service, "/admin/reload")
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["changes"] == [
+        "rate_limit.store: redis://:***@127.0.0.1:6379/0 -> redis://:***@127.0.0.1:6379/0"
+    ]
+    # An invalid store URL is quoted back in its problem, and so is the token pasted
+    # into the wrong field.
+    write_config(
+        path,
+        backends,
+        rate_limit={"store": f"redis://:{SECRET}@127.0.0.1:6379/0?x=1"},
+        strategy=TOKEN,
+    )
+    refused = post(http, service, "/admin/reload")
+    assert refused.status_code == 400, refused.text
+    problems = " ".join(refused.json()["problems"])
+    assert "rate_limit.store" in problems and "redis://:***@127.0.0.1" in problems
+    assert SECRET not in refused.text and TOKEN not in refused.text, refused.text
+
+
 # -- bad requests ---------------------------------------------------------------------
 
 
@@ -267,7 +325,7 @@ def test_add_backend_returns_201_with_the_backend_and_it_takes_traffic(
     assert added["url"] == second.url  # normalised: no trailing slash
     assert (added["weight"], added["max_connections"], added["source"]) == (2, 7, "admin")
     assert added["circuit"] == "closed"
-    assert added["available"] is True  # health checks off: at once (SPEC §5)
+    assert added["available"] is True  # health checks off: at once
     backends = listed(http, service)
     assert backends["first"]["source"] == "config"
     assert backends["second"]["source"] == "admin"
@@ -380,6 +438,161 @@ def test_ipv4_mapped_ipv6_urls_are_refused(
         url = f"http://[::ffff:127.0.0.1]:{service.admin_server.address[1]}"
     response = post(http, service, "/admin/add-backend", {"url": url})
     assert response.status_code == 400, response.text
+
+
+# Every spelling of a forbidden address the stack would connect to (the unit tests in
+# tests/test_urlguard.py check that getaddrinfo really maps each to that address).
+SPELLED_FORBIDDEN = [
+    ("http://[::169.254.169.254]", "169.254.169.254"),  # IPv4-compatible
+    ("http://[64:ff9b::169.254.169.254]", "169.254.169.254"),  # NAT64
+    ("http://[64:ff9b::a9fe:a9fe]:80", "169.254.169.254"),
+    ("http://[64:ff9b:1::a9fe:a9fe]", "169.254.169.254"),  # NAT64 local use
+    ("http://[2002:a9fe:a9fe::1]", "169.254.169.254"),  # 6to4
+    ("http://[2001:0:4136:e378:8000:63bf:5601:5601]", "169.254.169.254"),  # Teredo
+    ("http://0xa9.0xfe.0xa9.0xfe", "169.254.169.254"),
+    ("http://0251.0376.0251.0376", "169.254.169.254"),
+    ("http://169.254.43518", "169.254.169.254"),
+    ("http://0xa9fea9fe", "169.254.169.254"),
+    ("http://[fe80::1%25eth0]", "link-local"),
+    ("http://[febf::1]", "link-local"),
+    ("http://[::ffff:0.1.2.3]:9", "unspecified"),
+    ("http://0.1.2.3:9", "unspecified"),
+    ("http://[64:ff9b::]:9", "unspecified"),
+]
+
+
+@pytest.mark.parametrize(("url", "why"), SPELLED_FORBIDDEN, ids=[u for u, _ in SPELLED_FORBIDDEN])
+def test_every_spelling_of_a_forbidden_address_is_400_with_the_reason(
+    make_proxy: ProxyFactory,
+    echo_backend: EchoBackend,
+    http: requests.Session,
+    url: str,
+    why: str,
+) -> None:
+    service = make_proxy([echo_backend], admin=ADMIN)
+    response = post(http, service, "/admin/add-backend", {"url": url, "name": "sneaky"})
+    assert response.status_code == 400, (url, response.status_code, response.text)
+    assert why in response.text, response.text
+    assert list(listed(http, service)) == ["echo"]
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Names this test resolves itself: {name: address or numeric spelling}. Other
+    names go to the real resolver. Nothing is ever sent to a non-loopback address:
+    the guard refuses a forbidden answer before connecting."""
+    answers: dict[str, str] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        return real(answers.get(name, host), port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def test_a_name_that_later_resolves_to_metadata_is_refused_at_connect_time(
+    make_proxy: ProxyFactory,
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+    dns: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DNS rebinding: the name passed the admin check, then its answer changed."""
+    config_side, rebinding = make_echo_backend("config-side"), make_echo_backend("rebinding")
+    port = rebinding.url.rsplit(":", 1)[1]
+    dns["rebind.test"] = "127.0.0.1"
+    service = make_proxy([config_side], admin=ADMIN)
+    body = {"url": f"http://rebind.test:{port}", "name": "rebinding"}
+    assert post(http, service, "/admin/add-backend", body).status_code == 201
+    assert set(served_by(http, service, 4)) == {"config-side", "rebinding"}
+    served = len(rebinding.requests())
+    # The name now points at the metadata service (spelled as one number, which
+    # getaddrinfo accepts). New connections to it must be refused before any byte.
+    dns["rebind.test"] = "2852039166"
+    pool = service.holder.runtime.find(name="rebinding").pool  # type: ignore[union-attr]
+    for idle in list(pool.pool.queue):  # type: ignore[union-attr]  # the next request dials
+        if idle is not None:
+            idle.close()
+    with caplog.at_level(logging.WARNING, logger="pyproxy.urlguard"):
+        codes = [http.get(service.proxy_url + "/who", timeout=5).status_code for _ in range(4)]
+    assert sorted(codes) == [200, 200, 502, 502]
+    assert len(rebinding.requests()) == served
+    assert "rebind.test" in caplog.text and "link-local" in caplog.text
+
+
+def test_a_name_that_later_resolves_to_the_admin_listener_gets_508(
+    make_proxy: ProxyFactory,
+    echo_backend: EchoBackend,
+    http: requests.Session,
+    dns: dict[str, str],
+) -> None:
+    """The connection check does not know pyproxy's ports; the admin listener itself
+    refuses what came through this pyproxy (its name is in Via), so the admin API is
+    not published on the proxy port."""
+    service = make_proxy([echo_backend], admin=ADMIN)
+    admin_port = service.admin_server.address[1]
+    dns["loop.test"] = "192.0.2.1"  # TEST-NET-1; nothing is sent while it says this
+    body = {"url": f"http://loop.test:{admin_port}", "name": "loop"}
+    assert post(http, service, "/admin/add-backend", body).status_code == 201
+    assert post(http, service, "/admin/remove-backend", {"name": "echo"}).status_code == 200
+    dns["loop.test"] = "127.0.0.1"
+    response = http.get(service.proxy_url + "/admin/backends", timeout=5)
+    assert response.status_code == 508, response.text
+    assert "loop.test" not in response.text
+    # Asked directly, the admin listener still answers.
+    assert list(listed(http, service)) == ["loop"]
+
+
+def test_config_file_backends_are_not_checked_at_connect_time(
+    make_proxy: ProxyFactory,
+    echo_backend: EchoBackend,
+    http: requests.Session,
+    dns: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The operator wrote it in the file: it is their choice, and their connections
+    pay nothing for a check. Here any call of the connect-time check would fail."""
+    port = echo_backend.url.rsplit(":", 1)[1]
+    dns["operator.test"] = "127.0.0.1"
+
+    def never(host: str, port: int) -> list[str]:
+        raise AssertionError(f"a config-file backend was checked: {host}:{port}")
+
+    monkeypatch.setattr(urlguard, "resolve_allowed", never)
+    service = make_proxy([BackendConfig(url=f"http://operator.test:{port}", name="operator")])
+    assert http.get(service.proxy_url + "/x", timeout=5).status_code == 200
+    assert len(echo_backend.requests()) == 1
+
+
+def test_a_tampered_state_file_cannot_add_a_metadata_backend(
+    tmp_path: Path,
+    echo_backend: EchoBackend,
+    start_service: Callable[[Config], Service],
+    http: requests.Session,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path, state = tmp_path / "pyproxy.yaml", tmp_path / "admin.json"
+    write_config(
+        path,
+        [BackendConfig(url=echo_backend.url, name="echo")],
+        admin={"listen": "127.0.0.1:0", "token": TOKEN, "state_file": str(state)},
+    )
+    entries = [
+        {"url": "http://169.254.169.254", "name": "metadata"},
+        {"url": "http://[::ffff:a9fe:a9fe]", "name": "mapped"},
+        {"url": "http://[64:ff9b::a9fe:a9fe]", "name": "nat64"},
+        {"url": "http://2852039166", "name": "decimal"},
+        {"url": "http://0.0.0.0:9", "name": "unspecified"},
+        {"url": "http://127.0.0.1:9", "name": "fine"},
+    ]
+    state.write_text(json.dumps({"added": entries, "removed_urls": []}))
+    with caplog.at_level(logging.ERROR, logger="pyproxy.urlguard"):
+        service = start_service(load_config(str(path)))
+    assert list(listed(http, service)) == ["echo", "fine"]
+    for entry in entries[:-1]:
+        assert f"skipped backend {entry['name']} " in caplog.text, caplog.text
 
 
 def test_added_backend_gets_no_traffic_until_its_first_passing_probe(

@@ -1,4 +1,4 @@
-"""SPEC §6 admin reads (and the §9 series they expose), over the real admin listener.
+"""Admin reads (and the metric series they expose), over the real admin listener.
 
 Reads need no token. Every figure checked here was caused by traffic the test sent
 through the proxy listener, so a counter that is never incremented fails a test.
@@ -247,3 +247,19 @@ def test_admin_backends_counts_a_failed_request(
 @pytest.mark.parametrize("path", ["/nope", "/admin", "/admin/backends/app1"])
 def test_unknown_admin_paths_are_404(proxy: Service, http: requests.Session, path: str) -> None:
     assert http.get(proxy.admin_url + path, timeout=5).status_code == 404
+
+
+def test_answers_that_quote_the_request_are_never_sniffed_as_html(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    """The admin listener is opened in browsers (the status page). A 404 quotes the
+    path it was asked for; a link to `/<script>...` must not run as a page, whatever
+    a browser's content sniffing thinks of the body."""
+    service = make_proxy([echo_backend])
+    hostile = "/%3Cscript%3Ealert(1)%3C/script%3E"
+    for path in (hostile, "/admin/backends", "/metrics", "/livez"):
+        response = http.get(service.admin_url + path, timeout=5)
+        assert response.headers["X-Content-Type-Options"] == "nosniff", path
+    response = http.get(service.admin_url + hostile, timeout=5)
+    assert response.status_code == 404
+    assert response.headers["Content-Type"].startswith("text/plain")

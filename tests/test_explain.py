@@ -14,7 +14,7 @@ from pyproxy.explain import wants_explanation
 ASK = {"X-PyProxy-Explain": "1"}
 
 
-def test_only_trusted_peers_may_ask() -> None:
+def test_only_local_or_trusted_clients_may_ask() -> None:
     trusted = (ipaddress.ip_network("10.0.0.0/8"),)
     assert wants_explanation("1", "127.0.0.1", ())
     assert wants_explanation("1", "::1", ())
@@ -63,3 +63,52 @@ def test_no_backend_is_explained(make_proxy: ProxyFactory, http: requests.Sessio
     assert (
         "no backend available: dead (weight 0 (draining))" in response.headers["X-PyProxy-Explain"]
     )
+
+
+# -- who may ask, through real sockets ---------------------------------------------
+#
+# The test client's TCP peer address is 127.0.0.1. Listing it in trusted_proxies makes
+# the proxy believe the X-Forwarded-For it sends: this client plays a trusted load
+# balancer, and the address it forwards is the real client's.
+
+LOCAL_LB = (ipaddress.ip_network("127.0.0.1/32"),)
+
+
+def explained(proxy_url: str, http: requests.Session, forwarded_for: str | None) -> bool:
+    headers = dict(ASK)
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    response = http.get(proxy_url + "/x", headers=headers, timeout=5)
+    assert response.status_code == 200
+    return "X-PyProxy-Explain" in response.headers
+
+
+def test_a_trusted_proxy_forwarding_an_internet_client_gets_no_explanation(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    """The peer (the load balancer) is trusted, the client it forwards is not: the
+    answer would describe the pool to anyone on the internet."""
+    proxy = make_proxy([echo_backend], trusted_proxies=LOCAL_LB)
+    assert not explained(proxy.proxy_url, http, "203.0.113.9")
+    # A client that writes a loopback address itself gets it appended to, not believed.
+    assert not explained(proxy.proxy_url, http, "127.0.0.1, 203.0.113.9")
+    # Nothing forwarded: the trusted peer is the client, and it is local.
+    assert explained(proxy.proxy_url, http, None)
+
+
+def test_a_trusted_proxy_forwarding_a_trusted_client_gets_an_explanation(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    inside = (*LOCAL_LB, ipaddress.ip_network("10.0.0.0/8"))
+    proxy = make_proxy([echo_backend], trusted_proxies=inside)
+    assert explained(proxy.proxy_url, http, "10.1.2.3")
+    assert not explained(proxy.proxy_url, http, "10.1.2.3, 192.0.2.7")
+
+
+def test_an_untrusted_peers_forwarded_for_is_not_believed_either_way(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, http: requests.Session
+) -> None:
+    """With no trusted proxies, X-Forwarded-For is the client's own claim: the real
+    client is the loopback peer, which may ask whatever the header says."""
+    proxy = make_proxy([echo_backend])
+    assert explained(proxy.proxy_url, http, "203.0.113.9")

@@ -1,19 +1,20 @@
-"""What /metrics exposes (SPEC §9), checked the way Prometheus will read it.
+"""What /metrics exposes (docs/metrics.md), checked the way Prometheus will read it.
 
 A real proxy sees real traffic and real faults (a refused port, a backend that
 answers 503, one that sends garbage, one that resets, one that never answers), and
 a backend that goes down. The scrape is parsed with prometheus_client's own parser
-and checked against SPEC §9 name by name: type, label names, label values from a
+and checked against the documented table name by name: type, label names, label values from a
 bounded set (never a path, an address or whatever method a client made up), values
 that moved as the faults dictate, gauges of removed backends gone. `promtool check
 metrics` (Debian package `prometheus`) lints the same text.
 
-The deploy kit's Grafana dashboard is checked here too: it must query only SPEC §9
+The deploy kit's Grafana dashboard is checked here too: it must query only documented
 series, and each of its PromQL expressions must parse (`promtool check rules`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -27,6 +28,7 @@ import pytest
 import requests
 import yaml
 from backends import CLOSE, HANG, KEEP, RESET, EchoBackend, closed_port, response, send, wait_for
+from conftest import base_config
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -41,8 +43,8 @@ from pyproxy.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# SPEC §9, as a table: name -> (type, label names).
-SPEC: dict[str, tuple[str, frozenset[str]]] = {
+# The documented series (docs/metrics.md), as a table: name -> (type, label names).
+DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
     "proxy_requests_total": ("counter", frozenset({"backend", "method", "code"})),
     "proxy_request_duration_seconds": ("histogram", frozenset({"backend"})),
     "proxy_errors_total": ("counter", frozenset({"backend", "reason"})),
@@ -72,7 +74,7 @@ REASONS = frozenset(
     }
 )
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-# Every value a label may take besides backend names (SPEC §9).
+# Every value a label may take besides backend names (docs/metrics.md).
 BOUNDED = {
     "reason": REASONS,
     "scope": frozenset({"client", "backend"}),
@@ -92,10 +94,10 @@ def scrape(service: Service) -> str:
 
 
 def families(text: str) -> dict[str, tuple[str, list[Sample]]]:
-    """Exposed name (as SPEC §9 writes it) -> (type, samples)."""
+    """Exposed name (as docs/metrics.md writes it) -> (type, samples)."""
     out: dict[str, tuple[str, list[Sample]]] = {}
     for family in text_string_to_metric_families(text):
-        # The parser drops "_total" from a counter's family name; SPEC keeps it.
+        # The parser drops "_total" from a counter's family name; the docs keep it.
         name = family.name + "_total" if family.type == "counter" else family.name
         out[name] = (family.type, list(family.samples))
     return out
@@ -169,13 +171,13 @@ def after_faults(faulty_proxy: Service, http: requests.Session) -> str:
 
 def test_every_spec_metric_has_its_name_type_and_labels(after_faults: str) -> None:
     exposed = families(after_faults)
-    for name, (kind, labels) in SPEC.items():
+    for name, (kind, labels) in DOCUMENTED.items():
         assert name in exposed, f"{name} is not exposed"
         exposed_kind, samples = exposed[name]
-        assert exposed_kind == kind, f"{name} is a {exposed_kind}, SPEC §9 says {kind}"
+        assert exposed_kind == kind, f"{name} is a {exposed_kind}, docs/metrics.md says {kind}"
         for sample in samples:
             names = set(sample.labels) - ({"le"} if kind == "histogram" else set())
-            assert names == labels, f"{sample.name}{sample.labels}: SPEC §9 says {set(labels)}"
+            assert names == labels, f"{sample.name}{sample.labels}: documented: {set(labels)}"
     # Every labelled family that this traffic must have moved has samples to check.
     for name in (
         "proxy_requests_total",
@@ -191,10 +193,10 @@ def test_every_spec_metric_has_its_name_type_and_labels(after_faults: str) -> No
 
 
 def test_no_series_beyond_spec(after_faults: str) -> None:
-    """Only SPEC §9's families: prometheus_client also exports a `<name>_created` gauge
+    """Only the documented families: prometheus_client also exports a `<name>_created` gauge
     per counter and histogram child, doubling the series count for nothing."""
-    extra = set(families(after_faults)) - set(SPEC)
-    assert not extra, f"series not in SPEC §9: {sorted(extra)}"
+    extra = set(families(after_faults)) - set(DOCUMENTED)
+    assert not extra, f"series not documented: {sorted(extra)}"
 
 
 def test_histogram_is_complete_and_cumulative(after_faults: str) -> None:
@@ -351,6 +353,151 @@ def test_a_request_in_flight_during_removal_does_not_bring_its_gauge_back(
     )
 
 
+# -- every way a backend can leave or be renamed ---------------------------------------
+#
+# A gauge describes a backend that is running now. Each path below takes a backend
+# out of the running set, or gives it a new name; after it, /metrics must show no
+# gauge with the old name, and exactly one (with the right value) for the new one.
+
+TOKEN = "metrics-test-token"
+
+
+def backend_gauges(text: str, backend: str) -> dict[str, float | None]:
+    return {gauge: value(text, gauge, backend=backend) for gauge in GAUGES}
+
+
+def gauge_names(text: str) -> set[str]:
+    return {labels["backend"] for gauge in GAUGES for labels in series(text, gauge)}
+
+
+def write_backends(path: Path, backends: list[dict[str, str]], **extra: Any) -> None:
+    document = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0", "token": TOKEN},
+        "health_check": {"enabled": False},
+        "access_log": {"enabled": False},
+        "retries": {"max_retries": 0},
+        "backends": backends,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(document))
+
+
+def admin_post(service: Service, path: str, body: dict[str, str]) -> requests.Response:
+    return requests.post(
+        service.admin_url + path,
+        json=body,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=5,
+    )
+
+
+def test_a_reload_that_renames_a_backend_keeps_no_gauge_of_the_old_name(
+    make_proxy: Any, make_echo_backend: Callable[[str], EchoBackend], tmp_path: Path
+) -> None:
+    """Same URL, new name: the Backend object (and its state) carries over, the old
+    name must not."""
+    echo = make_echo_backend("echo")
+    path = tmp_path / "config.yaml"
+    write_backends(path, [{"url": echo.url, "name": "before"}])
+    service = make_proxy([BackendConfig(echo.url, "before")], source_path=str(path))
+    assert gauge_names(scrape(service)) == {"before"}
+    write_backends(path, [{"url": echo.url, "name": "after"}])
+    assert service.reload("test").ok
+    text = scrape(service)
+    assert gauge_names(text) == {"after"}, text
+    assert backend_gauges(text, "after") == {
+        "proxy_backend_up": 1.0, "proxy_circuit_state": 0.0, "proxy_backend_in_flight": 0.0,
+    }  # fmt: skip
+
+
+def test_a_reload_that_gives_a_name_to_another_url_shows_the_new_backends_state(
+    make_proxy: Any,
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+    tmp_path: Path,
+) -> None:
+    """Same name, new URL: the old backend (circuit open) leaves, a new one (closed)
+    takes the name. The series must describe the new one, once."""
+    echo = make_echo_backend("echo")
+    dead = f"http://127.0.0.1:{closed_port()}"
+    breaker = {"failure_threshold": 1, "open_duration": 60}
+    path = tmp_path / "config.yaml"
+    write_backends(path, [{"url": dead, "name": "app"}], circuit_breaker=breaker)
+    service = make_proxy(
+        [BackendConfig(dead, "app")],
+        source_path=str(path),
+        circuit_breaker=CircuitBreakerConfig(failure_threshold=1, open_duration=60.0),
+    )
+    assert http.get(service.proxy_url + "/", timeout=5).status_code == 502
+    assert value(scrape(service), "proxy_circuit_state", backend="app") == 2.0
+    write_backends(path, [{"url": echo.url, "name": "app"}], circuit_breaker=breaker)
+    assert service.reload("test").ok
+    text = scrape(service)
+    assert gauge_names(text) == {"app"}
+    assert series(text, "proxy_circuit_state") == [{"backend": "app"}]
+    assert value(text, "proxy_circuit_state", backend="app") == 0.0
+    assert http.get(service.proxy_url + "/", timeout=5).status_code == 200
+
+
+def test_a_reload_that_drops_a_backend_drops_its_gauges(
+    make_proxy: Any, make_echo_backend: Callable[[str], EchoBackend], tmp_path: Path
+) -> None:
+    keep, drop = make_echo_backend("keep"), make_echo_backend("drop")
+    path = tmp_path / "config.yaml"
+    write_backends(path, [{"url": keep.url, "name": "keep"}])
+    service = make_proxy([keep, drop], source_path=str(path))
+    assert gauge_names(scrape(service)) == {"keep", "drop"}
+    assert service.reload("test").ok
+    assert gauge_names(scrape(service)) == {"keep"}
+
+
+def test_admin_remove_then_add_under_another_name_keeps_no_gauge_of_the_old_name(
+    make_proxy: Any, make_echo_backend: Callable[[str], EchoBackend]
+) -> None:
+    """The admin API's rename: remove, then add the same URL with a new name; then
+    add it back under its first name."""
+    stay, moving = make_echo_backend("stay"), make_echo_backend("moving")
+    admin = dataclasses.replace(base_config().admin, token=TOKEN)
+    service = make_proxy([stay, moving], admin=admin)
+    assert admin_post(service, "/admin/remove-backend", {"name": "moving"}).status_code == 200
+    assert gauge_names(scrape(service)) == {"stay"}
+    added = admin_post(service, "/admin/add-backend", {"url": moving.url, "name": "moved"})
+    assert added.status_code == 201, added.text
+    assert gauge_names(scrape(service)) == {"stay", "moved"}
+    assert admin_post(service, "/admin/remove-backend", {"name": "moved"}).status_code == 200
+    again = admin_post(service, "/admin/add-backend", {"url": moving.url, "name": "moving"})
+    assert again.status_code == 201, again.text
+    text = scrape(service)
+    assert gauge_names(text) == {"stay", "moving"}
+    assert series(text, "proxy_backend_up") == [{"backend": "stay"}, {"backend": "moving"}]
+
+
+def test_a_breaker_transition_after_a_rename_does_not_bring_the_old_name_back(
+    make_proxy: Any,
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+    tmp_path: Path,
+) -> None:
+    """A transition published under the name the backend had when a request began
+    must not resurrect that name. Here the circuit opens after the rename."""
+    dead = f"http://127.0.0.1:{closed_port()}"
+    breaker = {"failure_threshold": 1, "open_duration": 60}
+    path = tmp_path / "config.yaml"
+    write_backends(path, [{"url": dead, "name": "old"}], circuit_breaker=breaker)
+    service = make_proxy(
+        [BackendConfig(dead, "old")],
+        source_path=str(path),
+        circuit_breaker=CircuitBreakerConfig(failure_threshold=1, open_duration=60.0),
+    )
+    write_backends(path, [{"url": dead, "name": "new"}], circuit_breaker=breaker)
+    assert service.reload("test").ok
+    assert http.get(service.proxy_url + "/", timeout=5).status_code == 502
+    text = scrape(service)
+    assert gauge_names(text) == {"new"}, text
+    assert value(text, "proxy_circuit_state", backend="new") == 2.0
+
+
 def test_reloads_are_counted_by_result(
     make_proxy: Any, echo_backend: EchoBackend, tmp_path: Path
 ) -> None:
@@ -432,8 +579,8 @@ def dashboard_exprs() -> list[str]:
 
 
 def allowed_names() -> set[str]:
-    names = set(SPEC)
-    for name, (kind, _) in SPEC.items():
+    names = set(DOCUMENTED)
+    for name, (kind, _) in DOCUMENTED.items():
         if kind == "histogram":
             names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     return names
@@ -443,7 +590,7 @@ def test_dashboard_queries_only_spec_series() -> None:
     exprs = dashboard_exprs()
     variables = [v.get("definition", "") for v in load_dashboard()["templating"]["list"]]
     used = {m for expr in exprs + variables for m in METRIC_NAME.findall(expr)}
-    assert used <= allowed_names(), f"not in SPEC §9: {sorted(used - allowed_names())}"
+    assert used <= allowed_names(), f"not documented: {sorted(used - allowed_names())}"
     labels = {"backend", "method", "code", "reason", "scope", "result", "le", "job", "instance"}
     for expr in exprs:
         for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
@@ -502,4 +649,4 @@ def test_prometheus_scrape_config_is_valid() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["pyproxy"].get("metrics_path", "/metrics") == "/metrics"
     targets = [t for group in jobs["pyproxy"]["static_configs"] for t in group["targets"]]
-    assert "127.0.0.1:8081" in targets  # the default admin listener (SPEC §3)
+    assert "127.0.0.1:8081" in targets  # the default admin listener (admin.listen's default)
