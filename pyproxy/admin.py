@@ -11,7 +11,6 @@ import dataclasses
 import hmac
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pyproxy import statuspage
 from pyproxy.configload import ConfigError, parse_backend
+from pyproxy.configreport import redact_secrets
 from pyproxy.control import Control
 from pyproxy.headers import via_names
 from pyproxy.metrics import Metrics
@@ -48,23 +48,19 @@ STATUS_LINES = {
 
 MAX_ADMIN_BODY = 64 * 1024
 
-# scheme://user:password@ -> scheme://user:***@ (the password may itself hold an "@":
-# the last one before the host ends it, as urlsplit reads it).
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/@:'\"]*):[^\s/'\"]*@")
 
-
-def _redact_secrets(value: str, token: str | None = None) -> str:
-    """`value` with the password of any URL in it shown as `***`, and the admin token,
-    if it appears, too. Admin answers quote what they were given (a refused URL, a
+def _redact(value: str, token: str | None = None) -> str:
+    """`value` with the password of any URL in it shown as `***` (redact_secrets), and
+    the admin token, if it appears, too. Admin answers quote what they were given (a refused URL, a
     config problem, a reload's changes); a password or the token must never come back
     in one, nor in the logs that copy them.
-    (A stand-in for the shared `redact_secrets`; the two are to be unified.)"""
-    value = _URL_PASSWORD.sub(r"\1:***@", value)
+    """
+    value = redact_secrets(value)
     return value.replace(token, "***") if token else value
 
 
 def text(status: int, body: str, headers: list[tuple[str, str]] | None = None) -> Reply:
-    body = _redact_secrets(body)
+    body = _redact(body)
     return status, "text/plain; charset=utf-8", (body + "\n").encode(), headers or []
 
 
@@ -237,9 +233,9 @@ class AdminApp:
         result = self.control.reload("admin API")
         token = self.holder.runtime.config.admin.token
         if not result.ok:
-            problems = [_redact_secrets(line, token) for line in result.problems]
+            problems = [_redact(line, token) for line in result.problems]
             return json_reply(400, {"reloaded": False, "problems": problems})
-        changes = [_redact_secrets(line, token) for line in result.changes]
+        changes = [_redact(line, token) for line in result.changes]
         return json_reply(200, {"reloaded": True, "changes": changes})
 
 

@@ -234,9 +234,8 @@ def test_reload_answers_do_not_echo_a_password_or_the_token(
     write_config(path, backends, rate_limit={"store": f"redis://:{SECRET}-new@127.0.0.1:6379/0"})
     changed = post(http, service, "/admin/reload")
     assert changed.status_code == 200, changed.text
-    assert changed.json()["changes"] == [
-        "rate_limit.store: redis://:***@127.0.0.1:6379/0 -> redis://:***@127.0.0.1:6379/0"
-    ]
+    # A change to nothing but a password is reported without either value.
+    assert changed.json()["changes"] == ["rate_limit.store: changed"]
     # An invalid store URL is quoted back in its problem, and so is the token pasted
     # into the wrong field.
     write_config(
