@@ -117,7 +117,7 @@ class EdgeErrorTask(_EdgeHead, ErrorTask):
         error = self.request.error
         self.status = f"{error.code} {error.reason}"
         body = f"{self.status}: {_plain_reason(error.body, self.channel.server.limits)}".encode()
-        # SPEC §4: every answer pyproxy makes itself carries an X-Request-ID.
+        # Every answer pyproxy makes itself carries an X-Request-ID, for the client to quote.
         request_id = sane_request_id(self.request.headers.get("X_REQUEST_ID"))
         self.response_headers.append(("Content-Type", "text/plain; charset=utf-8"))
         self.response_headers.append(("X-Request-ID", request_id))
