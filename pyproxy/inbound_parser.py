@@ -68,17 +68,24 @@ class StrictRequestParser(HTTPRequestParser):
     error: Error | None  # set by waitress when the request is refused
     body_rcv: Any  # waitress's body decoder, None until the head announced a body
     _rejection: Error | None = None  # an error other than waitress's default 400
+    # As received, for the access log of a refusal (waitress sets them only once the
+    # whole head parsed); `path` is what waitress's own log lines name.
+    command = request_uri = path = ""
 
     def __init__(self, adj: object) -> None:
         super().__init__(adj)
         self.started = time.monotonic()
 
     def received(self, data: bytes) -> int:
+        head_so_far = self.header_plus
         consumed: int = super().received(data)
         if self.error is None:
             return consumed
         if self._rejection is not None:
             self.error = self._rejection
+        elif isinstance(self.error, RequestHeaderFieldsTooLarge) and not self.headers_finished:
+            # waitress parsed a stand-in `GET / HTTP/1.0` to answer; record what came.
+            self._record_request_line(head_so_far + data)
         # waitress sends `100 Continue` for any request whose head asked for it, even
         # one it is about to refuse (say, a Content-Length over the limit): the client
         # would then send the whole body only to get the error (RFC 9110 §10.1.1).
@@ -89,6 +96,7 @@ class StrictRequestParser(HTTPRequestParser):
 
     def parse_header(self, header_plus: bytes) -> None:
         self.version = "1.1"  # the refusals below answer in our version, not waitress's 1.0
+        self._record_request_line(header_plus)
         problem = _request_line_problem(header_plus.partition(b"\r\n")[0])
         if problem:
             raise ParsingError(problem)
@@ -125,6 +133,15 @@ class StrictRequestParser(HTTPRequestParser):
                 max_body=adj.max_request_body_size - 1,
                 max_trailer=adj.max_request_header_size - 1,
             )
+
+
+    def _record_request_line(self, head: bytes) -> None:
+        """Method and target as sent, best effort (waitress replaces them if it parses)."""
+        line, complete, _ = head.lstrip().partition(b"\r\n")
+        method, _, rest = line.partition(b" ") if complete else (b"", b"", b"")
+        target, space, _version = rest.rpartition(b" ")
+        self.command = method.decode("latin-1")
+        self.request_uri = self.path = (target if space else rest).decode("latin-1")
 
 
 def _request_line_problem(line: bytes) -> str | None:

@@ -13,13 +13,14 @@ import dataclasses
 import socket
 
 import pytest
-from backends import EchoBackend
+from backends import EchoBackend, wait_for
 from conftest import ProxyFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawhttp import RawClient, RawResponse, exchange, request_bytes
 
 from pyproxy.config import LimitsConfig
+from pyproxy.inbound import EdgeRefusal
 from pyproxy.service import Service
 
 WAIT = 5.0
@@ -286,3 +287,29 @@ def test_a_refusal_answers_even_when_the_client_keeps_sending(
 def _address(proxy: Service) -> tuple[str, int]:
     host, port = proxy.proxy_server.address
     return host, port
+
+
+# -- 7. what a refusal record holds ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "method", "target"),
+    [
+        (b"GET /a\x7fb?q=\x1b[2J HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/a\x7fb?q=\x1b[2J"),
+        (b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/a b"),
+        (b"POST /x HTTP/1.1\r\nHost: x\r\nX-A: \x00\r\n\r\n", "POST", "/x"),
+        (b"GET /long HTTP/1.1\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", "GET", "/long"),
+    ],
+    ids=["control-bytes", "space", "bad-header", "header-too-large"],
+)
+def test_a_refusal_record_holds_the_method_and_target_as_received(
+    make_proxy: ProxyFactory, echo_backend: EchoBackend, raw: bytes, method: str, target: str
+) -> None:
+    limits = dataclasses.replace(LimitsConfig(), max_request_header=4096)
+    proxy = make_proxy([echo_backend], limits=limits)
+    seen: list[EdgeRefusal] = []
+    proxy.proxy_server.on_refused = seen.append  # the access log's feed, observed directly
+    response = send_raw(proxy, raw)
+    assert response.status in (400, 431)
+    assert wait_for(lambda: bool(seen), WAIT)  # reported after the answer was written
+    assert [(r.method, r.target) for r in seen] == [(method, target)]
