@@ -134,7 +134,6 @@ class StrictRequestParser(HTTPRequestParser):
                 max_trailer=adj.max_request_header_size - 1,
             )
 
-
     def _record_request_line(self, head: bytes) -> None:
         """Method and target as sent, best effort (waitress replaces them if it parses)."""
         line, complete, _ = head.lstrip().partition(b"\r\n")
