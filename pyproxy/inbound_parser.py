@@ -11,8 +11,7 @@ It is also strict about what it lets through at all. Whatever passes must be
 forwardable byte for byte: a request line that http.client would refuse to send
 (controls, DEL, space, bytes >= 0x80 in the target) is refused here, not blamed on a
 backend later. And it bounds what a client can make it hold or compute: the number
-of header fields, and in a chunked body the size lines, the chunk sizes and the
-trailer section (waitress bounds none of them but the whole body).
+of header fields here, and a chunked body's framing in inbound_chunked.py.
 
 Duplicates are found in the raw header block: waitress joins repeated fields with
 ", " and drops names containing "_", so its parsed `headers` cannot tell
@@ -26,13 +25,9 @@ import time
 from typing import Any
 
 from waitress.parser import HTTPRequestParser, ParsingError
-from waitress.receiver import ChunkedReceiver
-from waitress.utilities import (
-    BadRequest,
-    Error,
-    RequestEntityTooLarge,
-    RequestHeaderFieldsTooLarge,
-)
+from waitress.utilities import Error, RequestHeaderFieldsTooLarge
+
+from pyproxy.inbound_chunked import StrictChunkedReceiver
 
 # RFC 9112 §3: request-line = method SP request-target SP HTTP-version, and nothing
 # else (waitress also takes trailing whitespace and a bare CR). The target is checked
@@ -48,10 +43,6 @@ _ABSOLUTE_RE = re.compile(r"https?://([^/?#]*)", re.IGNORECASE)
 # Apache's LimitRequestFields and HAProxy's tune.http.maxhdr stop near 100 too. Without
 # a count, 64 KiB of tiny repeated fields costs waitress's loop thread ~0.1 s to join.
 MAX_HEADER_FIELDS = 100
-# A chunk-size line is a few hex digits; extensions are rare and short. waitress
-# keeps an unfinished line and re-scans all of it on every read (quadratic).
-MAX_CHUNK_LINE = 4096
-_SIGNIFICANT_HEX_RE = re.compile(rb"0*([0-9A-Fa-f]*)")  # the size digits, leading zeros aside
 
 
 class VersionNotSupported(Error):
@@ -128,7 +119,7 @@ class StrictRequestParser(HTTPRequestParser):
             raise ParsingError(problem)
         if self.chunked:
             adj = self.adj  # waitress's limits are ours + 1 (see EdgeServer)
-            self.body_rcv = BoundedChunkedReceiver(
+            self.body_rcv = StrictChunkedReceiver(
                 self.body_rcv.buf,
                 max_body=adj.max_request_body_size - 1,
                 max_trailer=adj.max_request_header_size - 1,
@@ -212,52 +203,3 @@ def _target_problem(method: str, target: str) -> str | None:
     if not _HOST_RE.fullmatch(authority.encode("latin-1")):
         return "invalid authority in request target"
     return None
-
-
-class BoundedChunkedReceiver(ChunkedReceiver):
-    """waitress's chunked-body decoder, with bounds on what a client makes it hold.
-
-    waitress checks the body size only after the bytes arrived, so a chunk size line
-    like `ffffffffffffffffff` (or one that never ends) gets no answer until the limit's
-    worth of bytes was sent, and an endless size line or trailer section is rescanned
-    on every read. Here a chunk whose size would take the body over
-    `limits.max_request_body` is refused (413) as soon as its size is known, a size
-    line is at most MAX_CHUNK_LINE bytes (400) and the trailer section is bounded by
-    `limits.max_request_header` (431).
-    """
-
-    error: Error | None
-
-    def __init__(self, buf: Any, *, max_body: int, max_trailer: int) -> None:
-        super().__init__(buf)
-        self.max_body = max_body
-        self.max_trailer = max_trailer
-
-    def received(self, s: bytes) -> int:
-        consumed: int = super().received(s)
-        if self.error is None:
-            self.error = self._problem()
-            if self.error is not None:
-                self.all_chunks_received = True  # what waitress does on its own errors
-        return consumed
-
-    def _problem(self) -> Error | None:
-        held = len(self.buf)
-        if held + self.chunk_remainder > self.max_body:
-            return _body_too_large(self.max_body)
-        line: bytes = self.control_line  # an unfinished chunk size line
-        if line:
-            digits = _SIGNIFICANT_HEX_RE.match(line).group(1)  # type: ignore[union-attr]
-            if len(digits) > 16 or (digits and held + int(digits, 16) > self.max_body):
-                return _body_too_large(self.max_body)
-            if len(line) > MAX_CHUNK_LINE:
-                return BadRequest(f"chunk size line longer than {MAX_CHUNK_LINE} bytes")
-        if len(self.trailer) > self.max_trailer:
-            return RequestHeaderFieldsTooLarge(
-                f"trailer section larger than limits.max_request_header ({self.max_trailer} bytes)"
-            )
-        return None
-
-
-def _body_too_large(limit: int) -> Error:
-    return RequestEntityTooLarge(f"body larger than limits.max_request_body ({limit} bytes)")

@@ -236,14 +236,33 @@ CHUNKED_HEAD = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
         (b"0" * 5000, 400),  # a size line of leading zeros that never ends
         (b"1;" + b"e" * 5000, 400),  # a chunk extension that never ends
         (b"0\r\nX-T: " + b"t" * 5000, 431),  # a trailer section that never ends
+        (b"5\n\r\nhello\r\n0\r\n\r\n", 400),  # a bare LF ends the size line
+        (b"5;a=b\n\r\nhello\r\n0\r\n\r\n", 400),  # ... or the extension
+        (b"5\r\nhello\n0\r\n\r\n", 400),  # data not followed by CRLF
+        (b"5\r\nhello\r\n0\r\nX: a\nb\r\n\r\n", 400),  # a bare LF in the trailer
+        (b"5\r\nhello\r\n0\r\nno colon\r\n\r\n", 400),  # not a field line
+        (b" 5\r\nhello\r\n0\r\n\r\n", 400),  # whitespace before the size
     ],
-    ids=["huge-size", "endless-size", "sum-over", "endless-zeros", "endless-ext", "endless-trail"],
+    ids=[
+        "huge-size",
+        "endless-size",
+        "sum-over",
+        "endless-zeros",
+        "endless-ext",
+        "endless-trailer",
+        "bare-lf-size",
+        "bare-lf-ext",
+        "no-crlf-after-data",
+        "bare-lf-trailer",
+        "bad-trailer",
+        "space-before-size",
+    ],
 )
 def test_chunked_bodies_that_cannot_fit_are_refused_at_once(
     small_proxy: Service, echo_backend: EchoBackend, body: bytes, status: int
 ) -> None:
     with RawClient.to(small_proxy.proxy_url, WAIT) as client:
-        client.send(CHUNKED_HEAD + body)  # and then nothing: the answer must not wait
+        client.send(CHUNKED_HEAD + body)  # and then nothing more: the answer must not wait
         response = client.read_response("POST")
         assert response.status == status, response
         assert client.closed_by_peer(WAIT)
