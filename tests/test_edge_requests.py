@@ -119,12 +119,16 @@ def test_absolute_form_with_an_invalid_authority_is_refused(
     assert_refused(proxy, echo_backend, request_bytes("GET", target))
 
 
+# Half any bytes (mostly refused), half visible ASCII (mostly forwarded).
+VISIBLE_ASCII = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12)
+
+
 @settings(
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(tail=st.binary(max_size=12))
+@given(tail=st.one_of(st.binary(max_size=12), VISIBLE_ASCII.map(str.encode)))
 def test_a_target_is_refused_at_the_edge_or_reaches_the_backend_byte_for_byte(
     proxy: Service, echo_backend: EchoBackend, tail: bytes
 ) -> None:
