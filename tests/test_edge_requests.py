@@ -262,7 +262,7 @@ CHUNKED_HEAD = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
         "space-before-size",
     ],
 )
-def test_chunked_bodies_that_cannot_fit_are_refused_at_once(
+def test_chunked_bodies_too_large_or_malformed_are_refused_at_once(
     small_proxy: Service, echo_backend: EchoBackend, body: bytes, status: int
 ) -> None:
     with RawClient.to(small_proxy.proxy_url, WAIT) as client:
