@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 # SO_LINGER on with a zero timeout: close() sends RST and drops the unsent bytes the
 # kernel still holds for the client (nginx's `reset_timedout_connection`).
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# Response bytes held per connection for a client slower than its backend (plus one
+# relay chunk: the write that crosses the mark is taken, the next one waits).
+OUTPUT_BUFFER = 1024 * 1024
 
 
 class EdgeChannel(HTTPChannel):
@@ -55,10 +58,19 @@ class EdgeChannel(HTTPChannel):
     task_class = EdgeTask
     error_task_class = EdgeErrorTask
     responses = 0  # requests answered on this connection (a draining server closes it when idle)
+    reset_on_close = False  # end with RST, not FIN (see EdgeTask for when)
 
     def service(self) -> None:
         super().service()
         self.responses += 1
+
+    def handle_close(self) -> None:
+        if self.reset_on_close:
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        # handle_close() sets connected = False and notifies outbuf_lock, so a worker
+        # blocked in write_soon() raises ClientDisconnected and goes back to the pool.
+        super().handle_close()
 
 
 class _EdgeWSGIServer(TcpWSGIServer):
@@ -132,10 +144,7 @@ def _is_idle(channel: EdgeChannel) -> bool:
 
 
 def _reset(channel: EdgeChannel) -> None:
-    with contextlib.suppress(OSError):
-        channel.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    # handle_close() sets connected = False and notifies outbuf_lock, so a worker blocked
-    # in write_soon() raises ClientDisconnected and goes back to the pool.
+    channel.reset_on_close = True
     channel.handle_close()
 
 
@@ -193,6 +202,12 @@ class EdgeServer:
             # pyproxy decides itself which X-Forwarded-* to believe (trusted_proxies)
             clear_untrusted_proxy_headers=False,
         )
+        # Output held for a slow client: waitress's default is 16 MiB per connection,
+        # spooled to a temporary file. Beyond OUTPUT_BUFFER the worker's write waits
+        # instead, so it stops reading from the backend (backpressure, as nginx's
+        # proxy_buffers give), and limits.send_timeout bounds that wait.
+        adj.outbuf_high_watermark = OUTPUT_BUFFER
+        adj.outbuf_overflow = 2 * OUTPUT_BUFFER  # what fits under the mark stays in memory
         # Set after construction: waitress casts these to int, and passing send_bytes warns.
         adj.channel_timeout = limits.client_idle_timeout or float("inf")
         adj.cleanup_interval = 1
@@ -244,6 +259,10 @@ class EdgeServer:
 
     def open_connections(self) -> int:
         return len(self._server.active_channels)
+
+    def buffered_output(self) -> int:
+        """Response bytes held for clients that their sockets have not taken yet."""
+        return sum(c.total_outbufs_len for c in list(self._server.active_channels.values()))
 
     def busy_connections(self) -> int:
         """Connections with a request being read or served, or a response not yet fully

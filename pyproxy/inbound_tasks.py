@@ -78,9 +78,18 @@ class _EdgeHead(Task):
 
 
 class EdgeTask(_EdgeHead, WSGITask):
-    """Runs the WSGI app for one request; AbortResponse closes the connection quietly."""
+    """Runs the WSGI app for one request; AbortResponse closes the connection quietly.
+
+    A response cut short must look cut short. With a Content-Length or chunked framing
+    the close before the promised end shows it (RFC 9112 §8), and a clean close keeps
+    the bytes still in flight (a RST makes the kernel drop them). A close-delimited
+    body (an HTTP/1.0 client, which cannot take chunked) ends at the close by
+    definition (RFC 9112 §6.3): a clean FIN would present the cut as complete, so
+    that connection is reset instead.
+    """
 
     aborted = False
+    content_length: int | None  # from the app's Content-Length (waitress's Task)
 
     def execute(self) -> None:
         try:
@@ -89,6 +98,15 @@ class EdgeTask(_EdgeHead, WSGITask):
             logger.debug("response to %s cut short: %s", self.request.path, exc)
             self.aborted = True
             self.close_on_finish = True
+            self._reset_if_close_delimited()
+        except Exception:
+            self._reset_if_close_delimited()  # a bug mid-body cuts it short just as well
+            raise
+
+    def _reset_if_close_delimited(self) -> None:
+        framed = self.chunked_response or self.content_length is not None
+        if self.wrote_header and not framed and not self._bodiless():
+            self.channel.reset_on_close = True
 
     def finish(self) -> None:
         # waitress's finish() would write the last chunk ("0\r\n\r\n") and make the
@@ -117,7 +135,7 @@ class EdgeErrorTask(_EdgeHead, ErrorTask):
         error = self.request.error
         self.status = f"{error.code} {error.reason}"
         body = f"{self.status}: {_plain_reason(error.body, self.channel.server.limits)}".encode()
-        # SPEC §4: every answer pyproxy makes itself carries an X-Request-ID.
+        # Every answer pyproxy makes itself carries an X-Request-ID, for the client to quote.
         request_id = sane_request_id(self.request.headers.get("X_REQUEST_ID"))
         self.response_headers.append(("Content-Type", "text/plain; charset=utf-8"))
         self.response_headers.append(("X-Request-ID", request_id))

@@ -2,15 +2,15 @@
 
 `Inbound.from_environ()` reads the WSGI environ once: the raw target (never the
 decoded PATH_INFO), the Host, the client headers, the body and whether it can be
-replayed. `refusal()` says whether pyproxy must answer itself (SPEC §4).
+replayed. `refusal()` says whether pyproxy must answer itself (CONNECT, TRACE, loops).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from pyproxy.headers import sane_request_id, via_names, wsgi_request_headers
 
@@ -18,10 +18,33 @@ if TYPE_CHECKING:
     from pyproxy.explain import Explanation
     from pyproxy.inbound import EdgeRefusal
 
-# SPEC §4: a reverse proxy never tunnels (CONNECT) and never reflects a request
+# A reverse proxy never tunnels (CONNECT) and never reflects a request
 # with its headers (TRACE: cross-site tracing), whatever the target says.
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+
+
+# scheme "://" authority, then the path and query as sent (maybe empty, maybe "?q").
+_ABSOLUTE_FORM_RE = re.compile(r"https?://([^/?#]*)(.*)", re.IGNORECASE | re.DOTALL)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _server_authority(environ: dict[str, Any]) -> str:
+    """The Host to forward when the client sent none (HTTP/1.0) or an empty one.
+
+    RFC 9112 §3.3: the target URI's authority is then "the default name configured for
+    the server", with the port it was reached on unless that is the scheme's default
+    (nginx's $host likewise falls back to its server_name). pyproxy's configured name
+    is the listener's address. With `preserve_host: false` the backend's own host:port
+    replaces it anyway, as for every request.
+    """
+    name = str(environ.get("SERVER_NAME", "localhost"))
+    port = str(environ.get("SERVER_PORT", ""))
+    if ":" in name:
+        name = f"[{name}]"  # an IPv6 literal (RFC 3986 §3.2.2)
+    if not port or _DEFAULT_PORTS.get(environ.get("wsgi.url_scheme", "http")) == port:
+        return name
+    return f"{name}:{port}"
 
 
 @dataclass
@@ -31,7 +54,7 @@ class Inbound:
 
     method: str
     target: str  # origin-form path and query, bytes as received; "*" for OPTIONS *
-    host: str  # the Host to forward (absolute-form targets supply their own)
+    host: str  # the Host to forward (absolute-form targets supply their own; never empty)
     peer: str  # the TCP peer address
     scheme: str
     headers: list[tuple[str, str]]
@@ -59,13 +82,17 @@ class Inbound:
     @classmethod
     def from_environ(cls, environ: dict[str, Any], max_replay_body: int, started: float) -> Inbound:
         target = environ.get("REQUEST_URI") or environ.get("PATH_INFO") or "/"
-        host = environ.get("HTTP_HOST", "")
-        if "://" in target.split("?", 1)[0]:
-            # RFC 9112 §3.2.2: an absolute-form target's authority replaces Host. It
-            # never chooses the destination: the request still goes to a backend.
-            parts = urlsplit(target)
-            host = parts.netloc or host
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = environ.get("HTTP_HOST") or _server_authority(environ)
+        # A target starting with "/" is origin-form, whatever follows (`//x/a://b` is a
+        # path). Absolute-form starts with the scheme (RFC 9112 §3.2.2); the edge parser
+        # let only http(s) through, with a valid authority and no fragment.
+        if not target.startswith("/"):
+            absolute = _ABSOLUTE_FORM_RE.match(target)
+            if absolute is not None:
+                # Its authority replaces Host. It never chooses the destination: the
+                # request still goes to a configured backend.
+                host, path = absolute.groups()
+                target = path if path.startswith("/") else "/" + path
         raw_length = environ.get("CONTENT_LENGTH")
         length = int(raw_length) if raw_length not in (None, "") else None
         stream: IO[bytes] = environ["wsgi.input"]
@@ -118,7 +145,7 @@ class Inbound:
         )
 
     def rate_limit_key(self, client_key: str) -> str:
-        """The per-client bucket key: `ip` (the client address as SPEC §4 defines it)
+        """The per-client bucket key: `ip` (the client address after `trusted_proxies`)
         or `header:<Name>`, falling back to the address when the header is absent."""
         if client_key.startswith("header:"):
             wanted = client_key[len("header:") :].lower()

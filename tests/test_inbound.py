@@ -584,7 +584,7 @@ def test_close_is_prompt_and_frees_a_worker_blocked_on_a_stalled_client(serve: A
         start_response("200 OK", [])
         try:
             for _ in range(2000):
-                yield b"x" * 65536  # blocks once waitress holds 16 MiB for this client
+                yield b"x" * 65536  # blocks once waitress holds OUTPUT_BUFFER (1 MiB) for it
         finally:
             finished.set()
 
