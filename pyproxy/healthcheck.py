@@ -1,8 +1,6 @@
-"""Active health checks: `check_backend()` is one probe; `HealthChecker` loops.
+"""Active health checks: `HealthChecker` loops; one probe is in healthprobe.py.
 
-One probe is a plain GET of `health_check.path` with no client headers or cookies,
-redirects not followed, bounded by `health_check.timeout`; it passes when the status
-is in `expected_status`. The loop probes every backend at start, then each one every
+The loop probes every backend at start, then each one every
 `interval` seconds with ~10% jitter, so probes of many backends (or of many pyproxy
 instances) do not fall into lockstep. Only real transitions are logged.
 """
@@ -16,54 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import urllib3
-from urllib3.util import SKIP_HEADER
-
-from pyproxy import __version__
 from pyproxy.backend import Backend
 from pyproxy.config import HealthCheckConfig
-from pyproxy.errors import classify
+from pyproxy.healthprobe import check_backend
 
 log = logging.getLogger(__name__)
 
 PROBE_WORKERS = 8  # probes run in parallel so one hanging backend cannot delay the rest
-MAX_PROBE_BODY = 64 * 1024  # read (and discard) at most this much of a health answer
-
-
-def check_backend(backend: Backend, settings: HealthCheckConfig) -> tuple[bool, str]:
-    """Probe `backend` once: (passed, what happened). Never raises for network errors."""
-    try:
-        response = backend.pool.urlopen(
-            "GET",
-            settings.path,
-            headers={
-                "Host": backend.netloc,
-                "User-Agent": f"pyproxy-health/{__version__}",
-                "Accept-Encoding": SKIP_HEADER,
-            },
-            retries=False,
-            redirect=False,
-            assert_same_host=False,
-            preload_content=False,
-            timeout=urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
-        )
-    except Exception as exc:
-        try:
-            return False, classify(exc).detail
-        except Exception:
-            return False, type(exc).__name__
-    status = response.status
-    try:
-        response.read(MAX_PROBE_BODY, decode_content=False)
-        if response.read(1, decode_content=False):
-            response.close()  # a body past the limit: never pool a connection with bytes left
-    except Exception as exc:
-        response.close()
-        response.release_conn()
-        return False, f"{status}, body failed: {classify(exc).detail}"
-    response.release_conn()
-    low, high = settings.expected_status
-    return low <= status <= high, str(status)
 
 
 class HealthChecker:

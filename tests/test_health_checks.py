@@ -11,16 +11,29 @@ Three layers, tested apart as the code keeps them apart:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from backends import EchoBackend, closed_port, wait_for
+from backends import (
+    CLOSE,
+    KEEP,
+    RESET,
+    EchoBackend,
+    ScriptedBackend,
+    closed_port,
+    response,
+    send,
+    wait_for,
+)
 from conftest import ProxyFactory
 from test_resilience import (
     ADMIN,
@@ -199,17 +212,18 @@ def test_a_refused_probe_fails_without_raising() -> None:
 def test_a_probe_sends_only_its_own_few_headers(probed: Backend, echo_backend: EchoBackend) -> None:
     check_backend(probed, settings())
     (probe,) = echo_backend.requests()
-    assert probe.header_names() == {"host", "user-agent"}
+    assert probe.header_names() == {"host", "user-agent", "connection"}
     assert probe.header("Host") == f"127.0.0.1:{echo_backend.port}"
     assert probe.header("User-Agent") == f"pyproxy-health/{__version__}"
+    assert probe.header("Connection") == "close"  # one probe, one connection
     assert probe.body == b""
 
 
 def test_probes_carry_nothing_from_client_traffic(
     make_proxy: ProxyFactory, echo_backend: EchoBackend
 ) -> None:
-    """The probe shares the backend's connection pool with client traffic; nothing a
-    client sent (or a backend set) may leak into it."""
+    """The probe makes its connection with the factory of the pool client traffic uses;
+    nothing a client sent (or a backend set) may leak into it."""
     proxy = make_proxy([echo_backend])
     secret = {
         "Cookie": "session=client-secret",
@@ -221,7 +235,7 @@ def test_probes_carry_nothing_from_client_traffic(
     assert check_backend(backend, settings()) == (True, "200")
     probe = echo_backend.requests()[-1]
     assert probe.target == "/health"
-    assert probe.header_names() == {"host", "user-agent"}
+    assert probe.header_names() == {"host", "user-agent", "connection"}
     assert "client-secret" not in json.dumps(probe.as_json())
 
 
@@ -412,3 +426,242 @@ def test_an_added_backend_takes_traffic_at_once_when_checks_are_off(
 def test_a_checker_that_never_started_stops_cleanly() -> None:
     checker = HealthChecker(lambda: [], HealthCheckConfig, lambda b: None)
     checker.stop()
+
+
+# -- bounds: one probe takes at most `timeout`, reads a bounded body -------------------------
+
+
+class EndlessBackend:
+    """Answers every request with `head`, then `chunk` again and again, `pause` apart,
+    until the prober goes away or the test ends: a trickle, or an endless body.
+    `chunk=b""` says nothing more after `head` (a backend that never finishes).
+
+    It records what a test asserts on: `asked` (a request arrived), `peer_gone` (the
+    prober closed its connection), `sent` (body bytes written), `most_open` (the most
+    connections open at once).
+    """
+
+    def __init__(self, head: bytes, chunk: bytes = b"", pause: float = 0.0) -> None:
+        self.name = "endless"
+        self.head, self.chunk, self.pause = head, chunk, pause
+        self.asked = threading.Event()
+        self.peer_gone = threading.Event()
+        self.sent = 0
+        self.open = self.most_open = self.requests = 0
+        self._lock = threading.Lock()  # guards the counters and _sockets
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._spawn(self._accept_loop)
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name="test-endless", daemon=True)
+        thread.start()
+        with self._lock:
+            self._threads.append(thread)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._sockets.append(conn)
+                self.open += 1
+                self.most_open = max(self.most_open, self.open)
+            self._spawn(self._serve, conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self._read_request(conn):
+                self._answer(conn)
+        finally:
+            with self._lock:
+                self.open -= 1
+            conn.close()
+
+    def _read_request(self, conn: socket.socket) -> bool:
+        conn.settimeout(WAIT)
+        received = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in received:
+                data = conn.recv(65_536)
+                if not data:
+                    return False
+                received += data
+            with self._lock:
+                self.requests += 1
+            self.asked.set()
+            return True
+        return False
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(None)  # blocking writes: close() shuts the socket down to end one
+        deadline = time.monotonic() + 120  # a bound on every loop, far past any test
+        try:
+            conn.sendall(self.head)
+            while time.monotonic() < deadline and not self._stop.is_set():
+                if not self.chunk:
+                    if not conn.recv(1):  # says nothing; notices the prober leave
+                        break
+                    continue
+                conn.sendall(self.chunk)
+                with self._lock:
+                    self.sent += len(self.chunk)
+                if self.pause and self._stop.wait(self.pause):
+                    return
+        except OSError:
+            pass
+        if not self._stop.is_set():
+            self.peer_gone.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+@pytest.fixture
+def endless() -> Iterator[Callable[..., EndlessBackend]]:
+    started: list[EndlessBackend] = []
+
+    def start(head: bytes, chunk: bytes = b"", pause: float = 0.0) -> EndlessBackend:
+        backend = EndlessBackend(head, chunk, pause)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.close()
+
+
+def probe_within(backend: Backend, check: HealthCheckConfig, bound: float) -> tuple[bool, str]:
+    """Run one probe in a thread; fail the test if it is still running after `bound`."""
+    outcome: list[tuple[bool, str]] = []
+    thread = threading.Thread(target=lambda: outcome.append(check_backend(backend, check)))
+    thread.daemon = True
+    thread.start()
+    thread.join(bound)
+    assert not thread.is_alive(), f"the probe still runs after {bound}s"
+    return outcome[0]
+
+
+TRICKLE = 0.05  # seconds between two bytes: far below any read timeout here
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "cut_at"),
+    [
+        (b"HTTP/1.1 200 ", "status line"),
+        (b"HTTP/1.1 200 OK\r\nX-Padding: ", "headers"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", "body"),
+        (CHUNKED + b"100000\r\n", "chunked body"),
+    ],
+    ids=["status line", "headers", "body", "chunked body"],
+)
+def test_a_probe_takes_at_most_timeout_in_total_however_the_answer_trickles(
+    endless: Callable[..., EndlessBackend], head: bytes, cut_at: str
+) -> None:
+    """The read timeout bounds each read; a byte every 50 ms never trips it. Only a
+    deadline over the whole probe ends it."""
+    slow = endless(head, b"a", TRICKLE)
+    backend = make_backend(slow.url)
+    try:
+        started = time.monotonic()
+        passed, detail = probe_within(backend, settings(timeout=0.5), bound=8)
+    finally:
+        backend.close()
+    assert not passed and "no response in time" in detail, (cut_at, detail)
+    assert time.monotonic() - started < 4  # generous: the deadline is 0.5 s
+    assert slow.peer_gone.wait(WAIT)  # and the probe's connection is closed, not left open
+
+
+def test_a_backend_that_accepts_and_never_answers_fails_in_time(
+    endless: Callable[..., EndlessBackend],
+) -> None:
+    silent = endless(b"")
+    backend = make_backend(silent.url)
+    try:
+        assert probe_within(backend, settings(timeout=0.3), bound=8) == (
+            False, "no response in time",
+        )  # fmt: skip
+    finally:
+        backend.close()
+    assert silent.peer_gone.wait(WAIT)
+
+
+@pytest.mark.parametrize(
+    ("head", "chunk"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30), b"\0" * 65_536),
+        (CHUNKED, b"10000\r\n" + b"\0" * 65_536 + b"\r\n"),  # chunks without end
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"\0" * 65_536),  # until close
+    ],
+    ids=["1 GiB content-length", "endless chunked", "endless close-delimited"],
+)
+def test_a_huge_health_body_is_not_downloaded(
+    endless: Callable[..., EndlessBackend], head: bytes, chunk: bytes
+) -> None:
+    big = endless(head, chunk)
+    backend = make_backend(big.url)
+    try:
+        assert probe_within(backend, settings(timeout=2.0), bound=10) == (True, "200")
+    finally:
+        backend.close()
+    assert big.peer_gone.wait(WAIT)
+    # What left the backend: the probe's small read plus what the kernel buffers of a
+    # loopback connection hold (a few MiB), not the gigabyte on offer.
+    assert big.sent < 64 * 1024 * 1024, big.sent
+
+
+def test_a_reset_fails_the_probe_with_a_reason(
+    make_scripted_backend: Callable[..., ScriptedBackend],
+) -> None:
+    scripted = make_scripted_backend({"/health": [RESET]})
+    backend = make_backend(scripted.url)
+    try:
+        passed, detail = probe_within(backend, settings(), bound=8)
+    finally:
+        backend.close()
+    assert not passed and detail in ("connection closed before the response", "connection error")
+
+
+def test_a_body_cut_short_fails_the_probe(
+    make_scripted_backend: Callable[..., ScriptedBackend],
+) -> None:
+    cut = response(200, b"ok\n", [("Content-Length", "100")], content_length=False)
+    scripted = make_scripted_backend({"/health": [send(cut), CLOSE]})
+    backend = make_backend(scripted.url)
+    try:
+        assert probe_within(backend, settings(), bound=8) == (
+            False, "200, body failed: response body cut short",
+        )  # fmt: skip
+    finally:
+        backend.close()
+
+
+def test_interim_responses_are_skipped_and_the_final_status_judged(
+    make_scripted_backend: Callable[..., ScriptedBackend],
+) -> None:
+    """RFC 9110 §15.2: any number of 1xx may come before the final answer."""
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    scripted = make_scripted_backend({"/health": [send(early * 2 + response(200, b"ok\n")), KEEP]})
+    backend = make_backend(scripted.url)
+    try:
+        assert probe_within(backend, settings(), bound=8) == (True, "200")
+    finally:
+        backend.close()
+
