@@ -15,14 +15,19 @@ import contextlib
 import itertools
 import json
 import logging
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from backends import (
     CLOSE,
     KEEP,
@@ -30,6 +35,7 @@ from backends import (
     EchoBackend,
     ScriptedBackend,
     closed_port,
+    free_ports,
     response,
     send,
     wait_for,
@@ -46,6 +52,7 @@ from test_resilience import (
     metric,
     status_of,
 )
+from test_shutdown import REPO
 
 from pyproxy import __version__
 from pyproxy.backend import Backend
@@ -665,3 +672,154 @@ def test_interim_responses_are_skipped_and_the_final_status_judged(
     finally:
         backend.close()
 
+
+# -- the loop: slow backends are isolated, the shutdown never waits ---------------------------
+
+
+def test_a_slow_backend_never_delays_another_backends_probes(
+    make_proxy: ProxyFactory,
+    endless: Callable[..., EndlessBackend],
+    make_echo_backend: Callable[[str], EchoBackend],
+) -> None:
+    """One backend trickles its health answer; another is killed. The killed one must go
+    down in about unhealthy_threshold x interval + timeout, as if the slow one did not exist."""
+    slow = endless(b"HTTP/1.1 200 OK\r\nX-Padding: ", b"a", TRICKLE)
+    killed = make_echo_backend("killed")
+    health = HealthCheckConfig(interval=0.1, timeout=1.0, unhealthy_threshold=2)
+    proxy = make_proxy([cfg(slow), cfg(killed)], health_check=health)
+    assert slow.asked.wait(WAIT)  # the slow probe is under way
+    killed.close()
+    # Expected within 2 x 0.1 + 1.0 s; the bound is generous for a loaded machine.
+    assert wait_for(lambda: status_of(proxy)["killed"]["healthy"] is False, WAIT, 0.05)
+
+
+def test_a_hung_backend_holds_one_worker_and_is_not_probed_again_meanwhile(
+    endless: Callable[..., EndlessBackend], flip: ControlledBackend
+) -> None:
+    """Each backend keeps its own schedule: while one probe hangs (up to its timeout),
+    the other backend is probed every interval, and the hung one is not probed twice."""
+    silent = endless(b"")
+    hung, good = make_backend(silent.url), make_backend(flip.url)
+    check = HealthCheckConfig(interval=0.02, timeout=3.0)
+    checker = HealthChecker(lambda: [hung, good], lambda: check, lambda b: None)
+    checker.start()
+    try:
+        assert silent.asked.wait(WAIT)
+        # 10 probes of the good one take ~0.2 s: well inside the hung probe's 3 s.
+        assert wait_for(lambda: len(flip.probes()) >= 10, WAIT)
+        assert silent.requests == 1
+    finally:
+        checker.stop()
+        for backend in (hung, good):
+            backend.close()
+
+
+def test_many_hung_backends_use_a_bounded_number_of_workers_and_delay_no_one(
+    endless: Callable[..., EndlessBackend], flip: ControlledBackend
+) -> None:
+    """20 backends that never answer, 4 workers: never more than 4 probes (threads,
+    connections) at once, and the healthy backend keeps being probed, because backends
+    whose last probe timed out hold at most half the workers."""
+    silent = endless(b"")
+    hung = [make_backend(silent.url) for _ in range(20)]
+    good = make_backend(flip.url)
+    check = HealthCheckConfig(interval=0.05, timeout=0.5)
+    checker = HealthChecker(lambda: [*hung, good], lambda: check, lambda b: None, max_workers=4)
+    most_threads = 0
+
+    def good_probed_often() -> bool:
+        nonlocal most_threads
+        most_threads = max(most_threads, len(probe_threads()))
+        return len(flip.probes()) >= 20
+
+    checker.start()
+    try:
+        assert wait_for(good_probed_often, WAIT * 2)
+        assert silent.requests >= 4  # the hung ones are still probed, on what is left
+    finally:
+        checker.stop()
+        for backend in (*hung, good):
+            backend.close()
+    assert most_threads <= 4
+    assert silent.most_open <= 4
+
+
+def test_backends_removed_at_runtime_are_no_longer_probed(
+    make_proxy: ProxyFactory, controlled: Callable[..., ControlledBackend]
+) -> None:
+    kept, removed = controlled("kept"), controlled("removed")
+    health = HealthCheckConfig(interval=0.05, timeout=1.0)
+    proxy = make_proxy([cfg(kept), cfg(removed)], health_check=health, admin=ADMIN)
+    assert wait_for(lambda: len(removed.probes()) >= 2, WAIT)
+    answer = requests.post(
+        proxy.admin_url + "/admin/remove-backend",
+        data=json.dumps({"name": "removed"}),
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=WAIT,
+    )
+    assert answer.status_code == 200
+    after_removal = len(removed.probes())
+    kept_before = len(kept.probes())
+    assert wait_for(lambda: len(kept.probes()) >= kept_before + 5, WAIT)  # time passes
+    assert len(removed.probes()) <= after_removal + 1  # at most the one in flight
+
+
+def probe_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("pyproxy-probe")]
+
+
+def test_close_does_not_wait_for_a_stuck_probe(
+    make_proxy: ProxyFactory, endless: Callable[..., EndlessBackend]
+) -> None:
+    slow = endless(b"HTTP/1.1 200 OK\r\nX-Padding: ", b"a", TRICKLE)
+    health = HealthCheckConfig(interval=0.1, timeout=60.0)
+    proxy = make_proxy([cfg(slow)], health_check=health)
+    assert slow.asked.wait(WAIT)
+    closing = threading.Thread(target=proxy.close, daemon=True)
+    started = time.monotonic()
+    closing.start()
+    closing.join(WAIT)
+    assert not closing.is_alive()
+    assert time.monotonic() - started < 4, "close() waited for the probe (60 s timeout)"
+    assert slow.peer_gone.wait(WAIT)  # the probe was abandoned, its connection closed
+    assert wait_for(lambda: not probe_threads(), WAIT), probe_threads()
+
+
+def test_sigterm_exits_promptly_while_a_probe_is_stuck(
+    tmp_path: Path, endless: Callable[..., EndlessBackend]
+) -> None:
+    slow = endless(b"HTTP/1.1 200 OK\r\nX-Padding: ", b"a", TRICKLE)
+    proxy_port, admin_port = free_ports(2)
+    config = {
+        "listen": f"127.0.0.1:{proxy_port}",
+        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "health_check": {"interval": "100ms", "timeout": "60s"},
+        "access_log": {"enabled": False},
+        "shutdown": {"delay": "0s", "drain_timeout": "2s"},
+        "backends": [{"url": slow.url, "name": "slow"}],
+    }
+    path = tmp_path / "pyproxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "logs" / "pyproxy.log"
+    log_path.parent.mkdir()
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pyproxy", "-c", str(path)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    try:
+        assert slow.asked.wait(20), log_path.read_text()
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = process.wait(timeout=20)
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    log = log_path.read_text()
+    assert code == 0, log
+    assert took < 8, f"exit took {took:.1f}s with a probe stuck for 60 s"
+    assert "Traceback" not in log
