@@ -7,8 +7,9 @@ left before its deadline (`_time_left`): the connect, the send, and each read of
 the answer (`_DeadlineReader`, which http.client reads the answer through). CPython
 treats a socket's timeout as a deadline for one call (`sendall`, an SSL read or
 handshake included), so the sum of the calls cannot pass the probe's deadline, and
-no watchdog thread is needed. (For an https backend the TLS handshake runs inside
-the connect with the time that was left when the connect began.)
+no watchdog thread is needed. Inside urllib3's connect the probe cannot step in:
+each address tried, and an https backend's TLS handshake, get the time that was left
+when the connect began; the DNS lookup has the system resolver's own timeouts.
 
 The body is read only up to `MAX_PROBE_BODY` bytes: enough to see that a short
 answer arrived whole (and for a future check of the body's content), never a large
@@ -147,10 +148,10 @@ class Probe:
         with self._lock:
             if self.aborted:
                 return ProbeResult(False, "aborted")
-            self._conn = conn
+            self._conn = conn  # from here abort() can end it, even in the TLS handshake
         status: int | None = None
         try:
-            conn.timeout = _time_left(deadline)  # a connect is one wait
+            conn.timeout = _time_left(deadline)  # one wait per address tried
             conn.connect()
             sock = conn.sock
             with self._lock:

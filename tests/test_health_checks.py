@@ -611,6 +611,24 @@ def test_a_backend_that_accepts_and_never_answers_fails_in_time(
 
 
 @pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\n\r\n"],
+    ids=["100 (http.client skips these itself)", "103"],
+)
+def test_endless_interim_answers_end_at_the_deadline(
+    endless: Callable[..., EndlessBackend], interim: bytes
+) -> None:
+    chatty = endless(b"", interim)
+    backend = make_backend(chatty.url)
+    try:
+        passed, _ = probe_within(backend, settings(timeout=0.5), bound=8)
+    finally:
+        backend.close()
+    assert not passed
+    assert chatty.peer_gone.wait(WAIT)
+
+
+@pytest.mark.parametrize(
     ("head", "chunk"),
     [
         (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30), b"\0" * 65_536),
