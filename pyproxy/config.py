@@ -62,7 +62,7 @@ class HealthCheckConfig:
     enabled: bool = True
     path: str = "/health"  # probed with GET; must start with "/"
     interval: float = 5.0  # between probes of one backend (jittered ~10%)
-    timeout: float = 2.0  # per probe, connect and read
+    timeout: float = 2.0  # one probe in all: connect, send, the answer and its body
     healthy_threshold: int = 2  # consecutive passes to come back up (HAProxy "rise")
     unhealthy_threshold: int = 3  # consecutive failures to go down (HAProxy "fall")
     expected_status: tuple[int, int] = (200, 399)  # inclusive range that passes

@@ -11,16 +11,35 @@ Three layers, tested apart as the code keeps them apart:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import requests
-from backends import EchoBackend, closed_port, wait_for
+import yaml
+from backends import (
+    CLOSE,
+    KEEP,
+    RESET,
+    EchoBackend,
+    ScriptedBackend,
+    closed_port,
+    free_ports,
+    response,
+    send,
+    wait_for,
+)
 from conftest import ProxyFactory
 from test_resilience import (
     ADMIN,
@@ -33,6 +52,7 @@ from test_resilience import (
     metric,
     status_of,
 )
+from test_shutdown import REPO
 
 from pyproxy import __version__
 from pyproxy.backend import Backend
@@ -199,17 +219,18 @@ def test_a_refused_probe_fails_without_raising() -> None:
 def test_a_probe_sends_only_its_own_few_headers(probed: Backend, echo_backend: EchoBackend) -> None:
     check_backend(probed, settings())
     (probe,) = echo_backend.requests()
-    assert probe.header_names() == {"host", "user-agent"}
+    assert probe.header_names() == {"host", "user-agent", "connection"}
     assert probe.header("Host") == f"127.0.0.1:{echo_backend.port}"
     assert probe.header("User-Agent") == f"pyproxy-health/{__version__}"
+    assert probe.header("Connection") == "close"  # one probe, one connection
     assert probe.body == b""
 
 
 def test_probes_carry_nothing_from_client_traffic(
     make_proxy: ProxyFactory, echo_backend: EchoBackend
 ) -> None:
-    """The probe shares the backend's connection pool with client traffic; nothing a
-    client sent (or a backend set) may leak into it."""
+    """The probe makes its connection with the factory of the pool client traffic uses;
+    nothing a client sent (or a backend set) may leak into it."""
     proxy = make_proxy([echo_backend])
     secret = {
         "Cookie": "session=client-secret",
@@ -221,7 +242,7 @@ def test_probes_carry_nothing_from_client_traffic(
     assert check_backend(backend, settings()) == (True, "200")
     probe = echo_backend.requests()[-1]
     assert probe.target == "/health"
-    assert probe.header_names() == {"host", "user-agent"}
+    assert probe.header_names() == {"host", "user-agent", "connection"}
     assert "client-secret" not in json.dumps(probe.as_json())
 
 
@@ -412,3 +433,411 @@ def test_an_added_backend_takes_traffic_at_once_when_checks_are_off(
 def test_a_checker_that_never_started_stops_cleanly() -> None:
     checker = HealthChecker(lambda: [], HealthCheckConfig, lambda b: None)
     checker.stop()
+
+
+# -- bounds: one probe takes at most `timeout`, reads a bounded body -------------------------
+
+
+class EndlessBackend:
+    """Answers every request with `head`, then `chunk` again and again, `pause` apart,
+    until the prober goes away or the test ends: a trickle, or an endless body.
+    `chunk=b""` says nothing more after `head` (a backend that never finishes).
+
+    It records what a test asserts on: `asked` (a request arrived), `peer_gone` (the
+    prober closed its connection), `sent` (body bytes written), `most_open` (the most
+    connections open at once).
+    """
+
+    def __init__(self, head: bytes, chunk: bytes = b"", pause: float = 0.0) -> None:
+        self.name = "endless"
+        self.head, self.chunk, self.pause = head, chunk, pause
+        self.asked = threading.Event()
+        self.peer_gone = threading.Event()
+        self.sent = 0
+        self.open = self.most_open = self.requests = 0
+        self._lock = threading.Lock()  # guards the counters and _sockets
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._spawn(self._accept_loop)
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name="test-endless", daemon=True)
+        thread.start()
+        with self._lock:
+            self._threads.append(thread)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._sockets.append(conn)
+                self.open += 1
+                self.most_open = max(self.most_open, self.open)
+            self._spawn(self._serve, conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self._read_request(conn):
+                self._answer(conn)
+        finally:
+            with self._lock:
+                self.open -= 1
+            conn.close()
+
+    def _read_request(self, conn: socket.socket) -> bool:
+        conn.settimeout(WAIT)
+        received = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in received:
+                data = conn.recv(65_536)
+                if not data:
+                    return False
+                received += data
+            with self._lock:
+                self.requests += 1
+            self.asked.set()
+            return True
+        return False
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(None)  # blocking writes: close() shuts the socket down to end one
+        deadline = time.monotonic() + 120  # a bound on every loop, far past any test
+        try:
+            conn.sendall(self.head)
+            while time.monotonic() < deadline and not self._stop.is_set():
+                if not self.chunk:
+                    if not conn.recv(1):  # says nothing; notices the prober leave
+                        break
+                    continue
+                conn.sendall(self.chunk)
+                with self._lock:
+                    self.sent += len(self.chunk)
+                if self.pause and self._stop.wait(self.pause):
+                    return
+        except OSError:
+            pass
+        if not self._stop.is_set():
+            self.peer_gone.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+@pytest.fixture
+def endless() -> Iterator[Callable[..., EndlessBackend]]:
+    started: list[EndlessBackend] = []
+
+    def start(head: bytes, chunk: bytes = b"", pause: float = 0.0) -> EndlessBackend:
+        backend = EndlessBackend(head, chunk, pause)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.close()
+
+
+def probe_within(backend: Backend, check: HealthCheckConfig, bound: float) -> tuple[bool, str]:
+    """Run one probe in a thread; fail the test if it is still running after `bound`."""
+    outcome: list[tuple[bool, str]] = []
+    thread = threading.Thread(target=lambda: outcome.append(check_backend(backend, check)))
+    thread.daemon = True
+    thread.start()
+    thread.join(bound)
+    assert not thread.is_alive(), f"the probe still runs after {bound}s"
+    return outcome[0]
+
+
+TRICKLE = 0.05  # seconds between two bytes: far below any read timeout here
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "cut_at"),
+    [
+        (b"HTTP/1.1 200 ", "status line"),
+        (b"HTTP/1.1 200 OK\r\nX-Padding: ", "headers"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", "body"),
+        (CHUNKED + b"100000\r\n", "chunked body"),
+    ],
+    ids=["status line", "headers", "body", "chunked body"],
+)
+def test_a_probe_takes_at_most_timeout_in_total_however_the_answer_trickles(
+    endless: Callable[..., EndlessBackend], head: bytes, cut_at: str
+) -> None:
+    """The read timeout bounds each read; a byte every 50 ms never trips it. Only a
+    deadline over the whole probe ends it."""
+    slow = endless(head, b"a", TRICKLE)
+    backend = make_backend(slow.url)
+    try:
+        started = time.monotonic()
+        passed, detail = probe_within(backend, settings(timeout=0.5), bound=8)
+    finally:
+        backend.close()
+    assert not passed and "no response in time" in detail, (cut_at, detail)
+    assert time.monotonic() - started < 4  # generous: the deadline is 0.5 s
+    assert slow.peer_gone.wait(WAIT)  # and the probe's connection is closed, not left open
+
+
+def test_a_backend_that_accepts_and_never_answers_fails_in_time(
+    endless: Callable[..., EndlessBackend],
+) -> None:
+    silent = endless(b"")
+    backend = make_backend(silent.url)
+    try:
+        assert probe_within(backend, settings(timeout=0.3), bound=8) == (
+            False, "no response in time",
+        )  # fmt: skip
+    finally:
+        backend.close()
+    assert silent.peer_gone.wait(WAIT)
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\n\r\n"],
+    ids=["100 (http.client skips these itself)", "103"],
+)
+def test_endless_interim_answers_end_at_the_deadline(
+    endless: Callable[..., EndlessBackend], interim: bytes
+) -> None:
+    chatty = endless(b"", interim)
+    backend = make_backend(chatty.url)
+    try:
+        passed, _ = probe_within(backend, settings(timeout=0.5), bound=8)
+    finally:
+        backend.close()
+    assert not passed
+    assert chatty.peer_gone.wait(WAIT)
+
+
+@pytest.mark.parametrize(
+    ("head", "chunk"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30), b"\0" * 65_536),
+        (CHUNKED, b"10000\r\n" + b"\0" * 65_536 + b"\r\n"),  # chunks without end
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"\0" * 65_536),  # until close
+    ],
+    ids=["1 GiB content-length", "endless chunked", "endless close-delimited"],
+)
+def test_a_huge_health_body_is_not_downloaded(
+    endless: Callable[..., EndlessBackend], head: bytes, chunk: bytes
+) -> None:
+    big = endless(head, chunk)
+    backend = make_backend(big.url)
+    try:
+        assert probe_within(backend, settings(timeout=2.0), bound=10) == (True, "200")
+    finally:
+        backend.close()
+    assert big.peer_gone.wait(WAIT)
+    # What left the backend: the probe's small read plus what the kernel buffers of a
+    # loopback connection hold (a few MiB), not the gigabyte on offer.
+    assert big.sent < 64 * 1024 * 1024, big.sent
+
+
+def test_a_reset_fails_the_probe_with_a_reason(
+    make_scripted_backend: Callable[..., ScriptedBackend],
+) -> None:
+    scripted = make_scripted_backend({"/health": [RESET]})
+    backend = make_backend(scripted.url)
+    try:
+        passed, detail = probe_within(backend, settings(), bound=8)
+    finally:
+        backend.close()
+    assert not passed and detail in ("connection closed before the response", "connection error")
+
+
+def test_a_body_cut_short_fails_the_probe(
+    make_scripted_backend: Callable[..., ScriptedBackend],
+) -> None:
+    cut = response(200, b"ok\n", [("Content-Length", "100")], content_length=False)
+    scripted = make_scripted_backend({"/health": [send(cut), CLOSE]})
+    backend = make_backend(scripted.url)
+    try:
+        assert probe_within(backend, settings(), bound=8) == (
+            False, "200, body failed: response body cut short",
+        )  # fmt: skip
+    finally:
+        backend.close()
+
+
+def test_interim_responses_are_skipped_and_the_final_status_judged(
+    make_scripted_backend: Callable[..., ScriptedBackend],
+) -> None:
+    """RFC 9110 §15.2: any number of 1xx may come before the final answer."""
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    scripted = make_scripted_backend({"/health": [send(early * 2 + response(200, b"ok\n")), KEEP]})
+    backend = make_backend(scripted.url)
+    try:
+        assert probe_within(backend, settings(), bound=8) == (True, "200")
+    finally:
+        backend.close()
+
+
+# -- the loop: slow backends are isolated, the shutdown never waits ---------------------------
+
+
+def test_a_slow_backend_never_delays_another_backends_probes(
+    make_proxy: ProxyFactory,
+    endless: Callable[..., EndlessBackend],
+    make_echo_backend: Callable[[str], EchoBackend],
+) -> None:
+    """One backend trickles its health answer; another is killed. The killed one must go
+    down in about unhealthy_threshold x interval + timeout, as if the slow one did not exist."""
+    slow = endless(b"HTTP/1.1 200 OK\r\nX-Padding: ", b"a", TRICKLE)
+    killed = make_echo_backend("killed")
+    health = HealthCheckConfig(interval=0.1, timeout=1.0, unhealthy_threshold=2)
+    proxy = make_proxy([cfg(slow), cfg(killed)], health_check=health)
+    assert slow.asked.wait(WAIT)  # the slow probe is under way
+    killed.close()
+    # Expected within 2 x 0.1 + 1.0 s; the bound is generous for a loaded machine.
+    assert wait_for(lambda: status_of(proxy)["killed"]["healthy"] is False, WAIT, 0.05)
+
+
+def test_a_hung_backend_holds_one_worker_and_is_not_probed_again_meanwhile(
+    endless: Callable[..., EndlessBackend], flip: ControlledBackend
+) -> None:
+    """Each backend keeps its own schedule: while one probe hangs (up to its timeout),
+    the other backend is probed every interval, and the hung one is not probed twice."""
+    silent = endless(b"")
+    hung, good = make_backend(silent.url), make_backend(flip.url)
+    check = HealthCheckConfig(interval=0.02, timeout=3.0)
+    checker = HealthChecker(lambda: [hung, good], lambda: check, lambda b: None)
+    checker.start()
+    try:
+        assert silent.asked.wait(WAIT)
+        # 10 probes of the good one take ~0.2 s: well inside the hung probe's 3 s.
+        assert wait_for(lambda: len(flip.probes()) >= 10, WAIT)
+        assert silent.requests == 1
+    finally:
+        checker.stop()
+        for backend in (hung, good):
+            backend.close()
+
+
+def test_many_hung_backends_use_a_bounded_number_of_workers_and_delay_no_one(
+    endless: Callable[..., EndlessBackend], flip: ControlledBackend
+) -> None:
+    """20 backends that never answer, 4 workers: never more than 4 probes (threads,
+    connections) at once, and the healthy backend keeps being probed, because backends
+    whose last probe timed out hold at most half the workers."""
+    silent = endless(b"")
+    hung = [make_backend(silent.url) for _ in range(20)]
+    good = make_backend(flip.url)
+    check = HealthCheckConfig(interval=0.05, timeout=0.5)
+    checker = HealthChecker(lambda: [*hung, good], lambda: check, lambda b: None, max_workers=4)
+    most_threads = 0
+
+    def good_probed_often() -> bool:
+        nonlocal most_threads
+        most_threads = max(most_threads, len(probe_threads()))
+        return len(flip.probes()) >= 20
+
+    checker.start()
+    try:
+        assert wait_for(good_probed_often, WAIT * 2)
+        assert silent.requests >= 4  # the hung ones are still probed, on what is left
+    finally:
+        checker.stop()
+        for backend in (*hung, good):
+            backend.close()
+    assert most_threads <= 4
+    assert silent.most_open <= 4
+
+
+def test_backends_removed_at_runtime_are_no_longer_probed(
+    make_proxy: ProxyFactory, controlled: Callable[..., ControlledBackend]
+) -> None:
+    kept, removed = controlled("kept"), controlled("removed")
+    health = HealthCheckConfig(interval=0.05, timeout=1.0)
+    proxy = make_proxy([cfg(kept), cfg(removed)], health_check=health, admin=ADMIN)
+    assert wait_for(lambda: len(removed.probes()) >= 2, WAIT)
+    answer = requests.post(
+        proxy.admin_url + "/admin/remove-backend",
+        data=json.dumps({"name": "removed"}),
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=WAIT,
+    )
+    assert answer.status_code == 200
+    after_removal = len(removed.probes())
+    kept_before = len(kept.probes())
+    assert wait_for(lambda: len(kept.probes()) >= kept_before + 5, WAIT)  # time passes
+    assert len(removed.probes()) <= after_removal + 1  # at most the one in flight
+
+
+def probe_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("pyproxy-probe")]
+
+
+def test_close_does_not_wait_for_a_stuck_probe(
+    make_proxy: ProxyFactory, endless: Callable[..., EndlessBackend]
+) -> None:
+    slow = endless(b"HTTP/1.1 200 OK\r\nX-Padding: ", b"a", TRICKLE)
+    health = HealthCheckConfig(interval=0.1, timeout=60.0)
+    proxy = make_proxy([cfg(slow)], health_check=health)
+    assert slow.asked.wait(WAIT)
+    closing = threading.Thread(target=proxy.close, daemon=True)
+    started = time.monotonic()
+    closing.start()
+    closing.join(WAIT)
+    assert not closing.is_alive()
+    assert time.monotonic() - started < 4, "close() waited for the probe (60 s timeout)"
+    assert slow.peer_gone.wait(WAIT)  # the probe was abandoned, its connection closed
+    assert wait_for(lambda: not probe_threads(), WAIT), probe_threads()
+
+
+def test_sigterm_exits_promptly_while_a_probe_is_stuck(
+    tmp_path: Path, endless: Callable[..., EndlessBackend]
+) -> None:
+    slow = endless(b"HTTP/1.1 200 OK\r\nX-Padding: ", b"a", TRICKLE)
+    proxy_port, admin_port = free_ports(2)
+    config = {
+        "listen": f"127.0.0.1:{proxy_port}",
+        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "health_check": {"interval": "100ms", "timeout": "60s"},
+        "access_log": {"enabled": False},
+        "shutdown": {"delay": "0s", "drain_timeout": "2s"},
+        "backends": [{"url": slow.url, "name": "slow"}],
+    }
+    path = tmp_path / "pyproxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "logs" / "pyproxy.log"
+    log_path.parent.mkdir()
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pyproxy", "-c", str(path)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    try:
+        assert slow.asked.wait(20), log_path.read_text()
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = process.wait(timeout=20)
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    log = log_path.read_text()
+    assert code == 0, log
+    assert took < 8, f"exit took {took:.1f}s with a probe stuck for 60 s"
+    assert "Traceback" not in log
