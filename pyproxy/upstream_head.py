@@ -35,8 +35,15 @@ from __future__ import annotations
 import http.client
 import re
 
+from pyproxy.headers import connection_tokens
+
 MAX_LINE = 65_536  # bytes in one head line: http.client's own limit (_MAXLINE)
 MAX_FIELDS = 100  # header fields in one head: http.client's own limit (_MAXHEADERS)
+# Bytes of head, interim responses included, a worker holds for one response: four
+# times the largest request head pyproxy accepts (limits.max_request_header). For
+# scale, nginx's default is 4-8 KiB (proxy_buffer_size), HAProxy's 16 KiB (bufsize).
+# Without it, 100 lines of 64 KiB would be 6.4 MiB per worker.
+MAX_HEAD = 256 * 1024
 # A server sends a 100 Continue, a 102 Processing now and then, a 103 Early Hints or
 # two. More than this many before the final response is a backend in a loop.
 MAX_INTERIM = 10
@@ -66,9 +73,12 @@ class InvalidResponseHead(http.client.HTTPException):
 class StrictResponse(http.client.HTTPResponse):
     """http.client.HTTPResponse whose head is read by RFC 9112, strictly."""
 
+    _head_left: int  # bytes of head still allowed (MAX_HEAD), set by begin()
+
     def begin(self) -> None:
         if self.headers is not None:  # already begun (http.client's own guard)
             return
+        self._head_left = MAX_HEAD
         for _ in range(MAX_INTERIM + 1):
             version, status, reason = self._read_status_line()
             fields, lengths, codings = self._read_fields()
@@ -106,10 +116,24 @@ class StrictResponse(http.client.HTTPResponse):
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True  # the body runs to the end of the connection
 
+    def _check_close(self) -> bool:
+        """Whether the backend closes the connection after this response (RFC 9112
+        §9.3): it does if Connection lists "close"; an HTTP/1.0 one does unless it
+        lists "keep-alive". http.client lets a Keep-Alive field outweigh "close" on
+        HTTP/1.0, which pools a connection the backend is about to close."""
+        tokens = connection_tokens(", ".join(self.headers.get_all("connection", ())))
+        if "close" in tokens:
+            return True
+        return self.version == 10 and "keep-alive" not in tokens
+
     def _read_line(self) -> bytes:
-        line: bytes = self.fp.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
+        limit = min(MAX_LINE, self._head_left)
+        line: bytes = self.fp.readline(limit + 1)
+        if len(line) > limit:
+            if limit < MAX_LINE:
+                raise InvalidResponseHead(f"a response head longer than {MAX_HEAD} bytes")
             raise InvalidResponseHead(f"a head line longer than {MAX_LINE} bytes")
+        self._head_left -= len(line)
         if not line.endswith(b"\n"):
             # The end of the connection is not the end of the head (http.client's
             # reader takes it for one and hands on half a head).

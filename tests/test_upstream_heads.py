@@ -26,7 +26,9 @@ from prometheus_client import CollectorRegistry
 from rawhttp import RawClient, RawResponse, request_bytes
 
 from pyproxy.config import CircuitBreakerConfig, Timeouts
+from pyproxy.headers import downstream_response_headers
 from pyproxy.service import Service
+from pyproxy.upstream_head import InvalidResponseHead, content_length, field_line_problem
 
 CLIENT_WAIT = 5.0  # seconds; the proxy below waits up to 20 s for a backend read
 SHARED_TIMEOUTS = Timeouts(connect=2.0, read=20.0, total=40.0)
@@ -76,6 +78,8 @@ REFUSED: dict[str, bytes] = {
     "/line-too-long": head("X-A: " + "a" * 70_000, "Content-Length: 2") + b"ok",
     "/too-many-fields": head(*(f"X-{i}: v" for i in range(101)), "Content-Length: 2") + b"ok",
     "/too-many-interim": head(status="HTTP/1.1 103 Early Hints") * 11 + OK,
+    "/head-too-large": head(*(f"X-{i}: {'v' * 60_000}" for i in range(5)), "Content-Length: 2")
+    + b"ok",
     # pyproxy does not do Upgrade: a 101 is no answer it can relay.
     "/switching-protocols": head(
         "Upgrade: websocket", "Connection: Upgrade", status="HTTP/1.1 101 Switching Protocols"
@@ -327,3 +331,103 @@ def test_the_total_deadline_bounds_sending_the_request_body(
     assert errors(proxy, "deadline_exceeded") == 1
     assert elapsed < 10.0
     assert backend.body_bytes < len(body)
+
+
+# -- keep-alive decided by RFC 9112 §9.3 -------------------------------------------------
+
+
+def test_a_response_that_says_close_is_never_pooled_even_with_a_keep_alive_field(
+    make_proxy: ProxyFactory, make_scripted_backend: Callable[..., ScriptedBackend]
+) -> None:
+    # http.client lets a Keep-Alive field on HTTP/1.0 outweigh "Connection: close", and
+    # pools a connection the backend is about to close: the next request on it fails.
+    closing = head(
+        "Connection: close", "Keep-Alive: timeout=5", "Content-Length: 2", status="HTTP/1.0 200 OK"
+    )
+    backend = make_scripted_backend({}, default=[send(closing + b"ok"), KEEP])
+    proxy = make_proxy([backend])
+
+    answers = [ask(proxy, "/one"), ask(proxy, "/two")]
+
+    assert [a.body for a in answers] == [b"ok", b"ok"]
+    assert [r.connection for r in backend.requests()] == [1, 2]
+    assert wait_for(lambda: 1 in backend.peer_closed)
+
+
+# -- what the operator is told ---------------------------------------------------------------
+
+
+def test_the_log_names_the_backend_and_the_rule_a_head_broke(
+    shared_proxy: Service, scripted: ScriptedBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted.scripts["/logged"] = [send(head("X-A: 1", "no colon here") + b"ok"), KEEP]
+
+    with caplog.at_level("WARNING", logger="pyproxy.upstream"):
+        answer = ask(shared_proxy, "/logged")
+
+    assert is_own_502(answer)
+    messages = [r.getMessage() for r in caplog.records if r.name == "pyproxy.upstream"]
+    assert messages == [
+        "backend scripted sent an invalid response head: "
+        "a header line without a colon b'no colon here\\r\\n'"
+    ]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a broken backend"
+
+
+# -- the pure parts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([b"2"], 2),
+        ([b"2, 2"], 2),
+        ([b"2", b"2"], 2),
+        ([b"02, 2"], 2),  # the same decimal value (RFC 9110 §8.6)
+        ([b"2,, 2 ,"], 2),  # empty list elements are ignored (RFC 9110 §5.6.1)
+        ([b"0"], 0),
+        ([b"9" * 18], 10**18 - 1),
+    ],
+)
+def test_content_length_reads_one_number_from_a_list_of_equal_ones(
+    values: list[bytes], expected: int
+) -> None:
+    assert content_length(values) == expected
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[b"2, 3"], [b"2", b"3"], [b""], [b","], [b"-2"], [b"+2"], [b"2 2"], [b"0x2"],
+     [b"\xd9\xa2"], [b"9" * 19], [b"1_0"]],
+)  # fmt: skip
+def test_content_length_refuses_anything_else(values: list[bytes]) -> None:
+    with pytest.raises(InvalidResponseHead):
+        content_length(values)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b" folded\r\n", "a folded header line (obs-fold)"),
+        (b"\tfolded\r\n", "a folded header line (obs-fold)"),
+        (b"no colon\r\n", "a header line without a colon b'no colon\\r\\n'"),
+        (b"Bad Name: v\r\n", "an invalid header name b'Bad Name'"),
+        (b": v\r\n", "an invalid header name b''"),
+        (b"X: a\x00b\r\n", "a control character in the value of b'X'"),
+    ],
+)
+def test_a_refused_field_line_is_named_for_the_operator(line: bytes, problem: str) -> None:
+    assert field_line_problem(line) == problem
+
+
+def test_every_name_waitress_refuses_from_an_app_is_dropped_downstream() -> None:
+    # waitress answers 500 when an app sets one of these (task.py, start_response).
+    from waitress.task import hop_by_hop
+
+    relayed = downstream_response_headers(
+        [(name.title(), "x") for name in sorted(hop_by_hop)] + [("X-Kept", "1")],
+        request_id="rid",
+        instance_name="pyproxy-t",
+    )
+
+    assert {name.lower() for name, _ in relayed} == {"x-kept", "via", "x-request-id"}
