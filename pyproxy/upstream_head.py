@@ -9,7 +9,8 @@ head leniently, and each leniency ends badly in a proxy:
   to close, that is for `timeouts.read`;
 - a bare CR splits one line into two fields; NUL and other controls pass through,
   and waitress then refuses CR or LF in the relayed head with a 500;
-- the status code goes through int(), so `+200`, `2_00` and `0200` are 200;
+- the status code goes through int(), so `+200`, `2_00` and `0200` are 200, and the
+  status line is split at any Unicode whitespace (a no-break space will do);
 - `Content-Length: 2, 2` (valid, RFC 9110 §8.6) is unreadable to it, so it reads the
   body until the connection closes; a 304 with `Transfer-Encoding: chunked` waits
   for chunks that never come (RFC 9112 §6.3: a 304 has no body);
@@ -26,8 +27,9 @@ tokens, values contain no control character but HTAB, Content-Length is one numb
 Interim responses (1xx but 101) are read past, at most MAX_INTERIM of them; the
 `timeouts.total` watchdog (connection.py) bounds the time they take.
 
-Everything else (reading the body, keep-alive) is http.client's, unchanged: begin()
-sets the same attributes its own begin() does.
+Reading the body is http.client's, unchanged: begin() sets the same attributes its
+own begin() does. Whether the connection stays open follows RFC 9112 §9.3
+(`_check_close`).
 """
 
 from __future__ import annotations
