@@ -61,7 +61,10 @@ _STATUS_LINE = re.compile(
 # (RFC 9110 §5.1), the value is HTAB, SP, VCHAR and obs-text (§5.5). Whitespace between
 # the name and the colon is matched so it can be removed: RFC 9112 §5.1 says a proxy
 # MUST remove it from a response. A line that starts with whitespace (obs-fold) never
-# matches: RFC 9112 §5.2 lets a proxy answer 502 rather than unfold it.
+# matches: RFC 9112 §5.2 lets a proxy answer 502 rather than unfold it. A value with
+# CR, NUL or another control is refused too, where RFC 9110 §5.5 would also allow
+# replacing CR and NUL with spaces: a silent repair hides a broken backend (nginx
+# refuses NUL as well; it passes the other controls on, which strict clients refuse).
 # Both character classes exclude CR and LF, so matching is linear in the line length.
 _FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z\-]+)[ \t]*:([\t \x21-\x7e\x80-\xff]*)\r?\n")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z\-]+")
