@@ -8,11 +8,11 @@ mutation is applied to the bytes: a byte inserted or deleted, a line folded, a c
 lost, a Content-Length made into a list, the response cut short. An unmutated head
 is valid, so it must be relayed, with its status, its end-to-end fields and its body.
 
-Every generated response starts its fields with `Connection: close`, which no
-mutation touches and which nothing that ends the head early can keep from being
-read... or, if the head ends before it, the body runs to the end of the connection.
-Either way, no upstream connection is reused between examples, so one example's
-leftovers never become the next one's head.
+Every generated response has `Connection: close` as its first field, and no mutation
+touches that line. Either it is read, or a mutation ended the head before it, and
+then no Content-Length was read either, so the body runs to the end of the
+connection. Either way no upstream connection is reused between examples: one
+example's leftover bytes never become the next one's head.
 """
 
 from __future__ import annotations
