@@ -1,29 +1,36 @@
-"""The connection class of pyproxy's upstream pools: urllib3's, with two fixes.
+"""The connection class of pyproxy's upstream pools: urllib3's, with four fixes.
 
 1. The request target goes out exactly as the client sent it. urllib3's `urlopen`
-   re-encodes it (`%zz` becomes `%25zz`: requests/urllib3 normalise URLs), which changes what
-   the backend sees; `request()` below puts the raw target back.
-2. The `timeouts.total` deadline holds while waiting for the response headers.
-3. Connections to backends added through the admin API (`check_peer`) go only to
+   re-encodes it (`%zz` becomes `%25zz`), which changes what the backend sees;
+   `request()` below puts the raw target back.
+2. The response head is read strictly (upstream_head.StrictResponse): whatever a
+   backend writes, what comes back is valid HTTP or an exception, never a hang.
+3. The `timeouts.total` deadline holds while the request is sent and while waiting
+   for the response head.
+4. Connections to backends added through the admin API (`check_peer`) go only to
    addresses the SSRF guard allows (urlguard.py), checked on the address actually
    dialled: a name can resolve differently after the admin check. Config-file
    backends are the operator's own choice and are not checked.
 
-A socket timeout bounds each read, not the whole wait: a backend that trickles its
-status line and headers a byte at a time, just under `timeouts.read`, could hold a
-request forever. So while a worker waits for headers, its
-socket is registered here with the request's deadline, and one watchdog thread
-(`pyproxy-deadline`) shuts the socket down when the deadline passes. The blocked
-read then fails at once, and the attempt reports `deadline_exceeded` (a 504).
+A socket timeout bounds each read or send, not the whole wait: a backend that
+trickles its status line and headers a byte at a time, just under `timeouts.read`,
+could hold a request forever, and so could one that reads the request body a little
+at a time, keeping its TCP window almost shut. So while a worker sends a request or
+waits for the head, its socket is registered here with the request's deadline, and
+one watchdog thread (`pyproxy-deadline`) shuts the socket down when the deadline
+passes. The blocked call then fails at once, and the attempt reports
+`deadline_exceeded` (a 504).
 
-Cost on the hot path: one heap push and one dictionary delete per attempt, under a
-lock held for nothing else; the watchdog sleeps until the earliest deadline.
+Cost on the hot path: per send() call and per response head, one heap push and one
+dictionary delete, under a lock held for nothing else; the watchdog sleeps until the
+earliest deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
+import http.client
 import itertools
 import socket
 import threading
@@ -34,6 +41,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from pyproxy import urlguard
+from pyproxy.upstream_head import StrictResponse
 
 
 class DeadlineWatchdog:
@@ -108,6 +116,8 @@ def set_attempt(target: str | None, deadline: float | None) -> None:
 
 class _AttemptMixin:
     sock: socket.socket | None
+    # What http.client's getresponse() builds: the strict head reader.
+    response_class: type[http.client.HTTPResponse] = StrictResponse
     host: str
     port: int
     _dns_host: str  # urllib3's: the name it resolves, self.host without a trailing dot
@@ -155,15 +165,33 @@ class _AttemptMixin:
         finally:
             fired = not WATCHDOG.unwatch(token)
         if fired:
-            # The shutdown can also look like the end of the header block to
-            # http.client, which then returns a "response" with half its headers.
+            # The deadline passed just as the head came in: the socket is shut down,
+            # so the body could not follow.
             response.close()
             raise TimeoutError("timeouts.total reached while waiting for response headers")
         return response
 
+    def send(self, data: Any) -> None:
+        """http.client's send() of the request head or a piece of the body, within the
+        deadline. Unwatched only on a connection not yet open: http.client connects
+        first (bounded by the connect timeout) to send the head, which an empty socket
+        buffer takes at once."""
+        deadline = getattr(_current, "deadline", None)
+        if deadline is None or self.sock is None:
+            return super().send(data)  # type: ignore[misc]
+        token = WATCHDOG.watch(deadline, self.sock)
+        try:
+            super().send(data)  # type: ignore[misc]
+        finally:
+            if not WATCHDOG.unwatch(token):
+                # The watchdog shut the socket down under sendall, which then failed
+                # with a BrokenPipeError that urllib3 would swallow (hoping for an early
+                # response). The cause is the deadline; say so.
+                raise TimeoutError("timeouts.total reached while sending the request")
+
 
 class UpstreamHTTPConnection(_AttemptMixin, HTTPConnection):
-    """urllib3's HTTPConnection with the raw target and the header deadline."""
+    """urllib3's HTTPConnection with the raw target, the strict head and the deadline."""
 
 
 class UpstreamHTTPSConnection(_AttemptMixin, HTTPSConnection):

@@ -45,7 +45,11 @@ _ALWAYS_REBUILT = frozenset(
 )
 _DROP_FROM_TRUSTED = HOP_BY_HOP | FRAMING | _ALWAYS_REBUILT
 _DROP_FROM_UNTRUSTED = _DROP_FROM_TRUSTED | FORWARDING_HEADERS
-_DROP_DOWNSTREAM = HOP_BY_HOP | {"x-request-id", "via"}
+# RFC 2616 §13.5.1 listed "Trailers" (a misspelling of Trailer) as hop-by-hop; PEP 3333
+# copied that list, and waitress (task.py, hop_by_hop) answers 500 to an app that sets
+# one of its names. A backend may send any of them: they never reach start_response.
+WAITRESS_HOP_BY_HOP = frozenset({"trailers"})
+_DROP_DOWNSTREAM = HOP_BY_HOP | WAITRESS_HOP_BY_HOP | {"x-request-id", "via"}
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 

@@ -280,7 +280,8 @@ class ProxyApp:
         if request.explanation is not None:
             request.explanation.outcome(str(response.status))
             headers.append(request.explanation.header())
-        write = start_response(f"{response.status} {response.reason or ''}".rstrip(), headers)
+        # RFC 9112 §4: the space after the status code stays even when the reason is empty.
+        write = start_response(f"{response.status} {response.reason or ''}", headers)
         if "content-length" not in response.headers:
             # A body of unknown length (server-sent events, a long poll) may not send a
             # byte for a while, and waitress holds the head until the first one: send it

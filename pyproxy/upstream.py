@@ -8,7 +8,7 @@ see docs/performance.md). Nothing here decides about retries or metrics.
 
 from __future__ import annotations
 
-import re
+import logging
 from collections.abc import Iterator
 from typing import IO
 
@@ -17,11 +17,13 @@ from urllib3.util import SKIP_HEADER, Retry
 
 from pyproxy.backend import Backend
 from pyproxy.errors import Failure, bad_response, classify
+from pyproxy.upstream_head import InvalidResponseHead
+
+log = logging.getLogger(__name__)
 
 RELAY_CHUNK = 64 * 1024
 # Built once: `retries=False` makes urllib3 build an equivalent Retry on every call.
 NO_RETRIES = Retry(total=False, redirect=False, raise_on_redirect=False)
-_DIGITS = re.compile(r"[0-9]+")
 
 
 def send(
@@ -34,52 +36,49 @@ def send(
 ) -> urllib3.BaseHTTPResponse:
     """Send one request and return the response with its body still unread.
 
-    Raises the urllib3 exception of a failed exchange (see errors.classify).
+    Raises the urllib3 exception of a failed exchange (see errors.classify). The head
+    has been read strictly (upstream_head.py): a head that is not valid HTTP raised.
     """
     # urllib3 adds User-Agent and Accept-Encoding when absent; SKIP_HEADER says
-    # "send none", so the backend sees only what the client sent (GUIDE, traps).
+    # "send none", so the backend sees only what the client sent.
     if "User-Agent" not in headers and "user-agent" not in headers:
         headers["User-Agent"] = SKIP_HEADER
     if "Accept-Encoding" not in headers and "accept-encoding" not in headers:
         headers["Accept-Encoding"] = SKIP_HEADER
-    return backend.pool.urlopen(
-        method,
-        target,
-        body=body,
-        headers=headers,
-        retries=NO_RETRIES,  # retrying is pyproxy's decision, made with the whole pool in view
-        redirect=False,  # a redirect is the client's to follow
-        assert_same_host=False,
-        preload_content=False,  # stream: never hold a whole response in memory
-        decode_content=False,  # compressed bodies pass through byte for byte
-        # The response keeps its connection until the body is read to the end, then
-        # hands it back to the pool (True would pool it at once, mid-body).
-        release_conn=False,
-        timeout=timeout,
-        chunked=False,  # we always know the length: waitress buffered the request body
-    )
+    try:
+        return backend.pool.urlopen(
+            method,
+            target,
+            body=body,
+            headers=headers,
+            retries=NO_RETRIES,  # retrying is pyproxy's decision, made with the whole pool in view
+            redirect=False,  # a redirect is the client's to follow
+            assert_same_host=False,
+            preload_content=False,  # stream: never hold a whole response in memory
+            decode_content=False,  # compressed bodies pass through byte for byte
+            # The response keeps its connection until the body is read to the end, then
+            # hands it back to the pool (True would pool it at once, mid-body).
+            release_conn=False,
+            timeout=timeout,
+            chunked=False,  # we always know the length: waitress buffered the request body
+        )
+    except urllib3.exceptions.ProtocolError as exc:
+        cause = exc.args[1] if len(exc.args) > 1 else None
+        if isinstance(cause, InvalidResponseHead):
+            # The client is told "invalid response"; the operator learns which rule.
+            log.warning("backend %s sent an invalid response head: %s", backend.name, cause)
+        raise
 
 
 def response_problem(response: urllib3.BaseHTTPResponse) -> str | None:
-    """Why a response must not be relayed, or None. RFC 9112 §6.3 framing rules."""
-    status = response.status
-    if status < 200:
-        # http.client skips 100 Continue but returns e.g. 103 Early Hints as if final,
-        # leaving the real response on the connection for the next caller.
-        return f"{status} informational status as final response"
-    if status > 599:
-        return f"invalid status {status}"
-    lengths = response.headers.getlist("content-length")
-    encodings = response.headers.getlist("transfer-encoding")
-    if encodings:
-        if lengths:
-            return "both Content-Length and Transfer-Encoding"
-        if ",".join(encodings).strip().lower() != "chunked":
-            return "unsupported Transfer-Encoding"
-    if lengths:
-        values = {value.strip() for item in lengths for value in item.split(",")}
-        if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
-            return "invalid Content-Length"
+    """Why a valid response is still no answer pyproxy can relay, or None.
+
+    Its head is valid HTTP (upstream_head.py refused the rest, framing included) and
+    interim responses were read past, so a 1xx here is 101 Switching Protocols: the
+    connection now speaks another protocol, and pyproxy does not do Upgrade.
+    """
+    if response.status < 200:
+        return f"{response.status} as final response (pyproxy does not do Upgrade)"
     return None
 
 

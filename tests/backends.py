@@ -367,20 +367,34 @@ class ScriptedRequest:
 class ScriptedBackend:
     """A raw-socket server whose answers are scripted per request path.
 
-    `scripts[path]` is a list of Steps; a path not scripted gets `default`.
+    `scripts[path]` is a list of Steps; a path not scripted gets `default`. A test
+    may add scripts while the backend runs (one dict store is atomic).
+
+    `slow_body=(n, seconds)` reads a request body `n` bytes at a time, pausing
+    `seconds` between reads, behind a small receive buffer: a backend whose TCP window
+    stays nearly full while the proxy sends it a large body.
     """
 
     scripts: dict[str, list[Step]] = field(default_factory=dict)
     default: list[Step] = field(default_factory=lambda: [send(response(200, b"default\n")), KEEP])
     name: str = "scripted"
+    slow_body: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.connections = 0
         self.received: list[ScriptedRequest] = []
-        self._lock = threading.Lock()  # guards connections, received, _sockets
+        self.body_bytes = 0  # request body bytes read so far, over all connections
+        self.peer_closed: set[int] = set()  # connections the proxy closed (EOF or reset)
+        self._lock = threading.Lock()  # guards the counters above and _sockets
         self._sockets: list[socket.socket] = []
         self._stop = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if self.slow_body is not None:
+            # Set before listen() so accepted sockets inherit it: no receive-buffer
+            # autotuning, so the sender blocks soon after this backend stops reading.
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16_384)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
         self.listener.settimeout(0.05)
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -408,7 +422,7 @@ class ScriptedBackend:
             with self._lock:
                 self._threads.append(worker)
 
-    def _read_request(self, conn: socket.socket, buffer: bytearray) -> bytes | None:
+    def _read_request(self, conn: socket.socket, index: int, buffer: bytearray) -> bytes | None:
         deadline = time.monotonic() + WAIT
         while b"\r\n\r\n" not in buffer:
             if self._stop.is_set() or time.monotonic() > deadline:
@@ -418,8 +432,10 @@ class ScriptedBackend:
             except TimeoutError:
                 continue
             except OSError:
-                return None
+                data = b""
             if not data:
+                with self._lock:
+                    self.peer_closed.add(index)
                 return None
             buffer += data
         end = buffer.index(b"\r\n\r\n") + 4
@@ -429,9 +445,12 @@ class ScriptedBackend:
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
                 length = int(value.strip())
+        size, pause = self.slow_body or (65_536, 0.0)
         while len(buffer) < end + length:
+            if pause and self._stop.wait(pause):
+                return None
             try:
-                data = conn.recv(65_536)
+                data = conn.recv(size)
             except TimeoutError:
                 continue
             except OSError:
@@ -439,6 +458,8 @@ class ScriptedBackend:
             if not data:
                 return None
             buffer += data
+            with self._lock:
+                self.body_bytes += len(data)
         raw = bytes(buffer[: end + length])
         del buffer[: end + length]
         return raw
@@ -448,7 +469,7 @@ class ScriptedBackend:
         buffer = bytearray()
         try:
             while True:
-                raw = self._read_request(conn, buffer)
+                raw = self._read_request(conn, index, buffer)
                 if raw is None:
                     return
                 request_line = raw.split(b"\r\n", 1)[0].decode("latin-1")

@@ -39,10 +39,8 @@ OK = [send(response(200, b"fine\n")), KEEP]
 # Responses that must never be relayed (RFC 9112 §6.3, SPEC §4): each is followed by a
 # request that must get its own, new connection.
 BROKEN = {
-    "/early-hints": b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+    "/switching-protocols": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"
     + response(200, b"leftover\n"),
-    "/continue-then-hints": b"HTTP/1.1 100 Continue\r\n\r\n"
-    b"HTTP/1.1 103 Early Hints\r\n\r\n" + response(200, b"leftover\n"),
     "/bad-status": b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok",
     "/status-999": b"HTTP/1.1 999 Nine\r\nContent-Length: 2\r\n\r\nok",
     "/not-http": b"hello, this is not HTTP\r\n\r\n",
@@ -129,7 +127,7 @@ def test_a_broken_response_is_a_502_and_its_connection_is_not_reused(
     assert_error_body(first, 502)
     assert b"leftover" not in first.body
     # The next request gets its own answer, on a new upstream connection: the bytes
-    # left on the broken one (e.g. the real response after a 103) belong to nobody.
+    # left on the broken one (e.g. what followed a 101) belong to nobody.
     assert second.status == 200 and second.body == b"fine\n"
     received = scripted.requests()
     assert [r.request_line.split(" ")[1] for r in received] == [path, "/ok"]
