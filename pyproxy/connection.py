@@ -28,6 +28,8 @@ from typing import Any
 
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
+from pyproxy.errors import UnsendableRequest
+
 
 class DeadlineWatchdog:
     """Shuts down registered sockets whose deadline (time.monotonic) has passed."""
@@ -102,9 +104,29 @@ def set_attempt(target: str | None, deadline: float | None) -> None:
 class _AttemptMixin:
     sock: socket.socket | None
 
+    _head_sent = False
+
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        """Send the request with the client's raw target. An exception raised before
+        the head goes to the socket means http.client refused to *build* the request
+        (a control byte in the target, a header it cannot encode): nothing reached
+        the backend, and errors.not_sent() decides whose fault it is."""
         raw = getattr(_current, "target", None)
-        return super().request(method, raw or url, *args, **kwargs)  # type: ignore[misc]
+        self._head_sent = False
+        try:
+            return super().request(method, raw or url, *args, **kwargs)  # type: ignore[misc]
+        except OSError:
+            raise  # the network: connecting, or a kept-alive connection found dead
+        except Exception as exc:
+            if self._head_sent:
+                raise
+            raise UnsendableRequest(f"{type(exc).__name__}: {exc}") from exc
+
+    def endheaders(self, *args: Any, **kwargs: Any) -> Any:
+        # From here on bytes may reach the backend (http.client connects and sends the
+        # buffered head in endheaders); everything before only built the request.
+        self._head_sent = True
+        return super().endheaders(*args, **kwargs)  # type: ignore[misc]
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         deadline = getattr(_current, "deadline", None)
