@@ -36,6 +36,7 @@ from pyproxy.stream import ResponseStream
 log = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
+HEAD_REFUSED = Failure("bad_response", "reset", 502, "invalid response head from backend")
 
 
 class ProxyApp:
@@ -96,7 +97,7 @@ class ProxyApp:
         admission = Admission(self.budget, self.metrics)
         handed_over = False
         try:
-            result = self._forward(runtime, request, headers, start_response, admission)
+            result = self._attempts(runtime, request, headers, start_response, admission)
             handed_over = isinstance(result, ResponseStream)
             return result
         finally:
@@ -118,19 +119,6 @@ class ProxyApp:
         return result or ()
 
     # -- the attempt loop ------------------------------------------------------
-
-    def _forward(
-        self,
-        runtime: Runtime,
-        request: Inbound,
-        headers: dict[str, str],
-        start_response: StartResponse,
-        admission: Admission,
-    ) -> Iterable[bytes]:
-        try:
-            return self._attempts(runtime, request, headers, start_response, admission)
-        finally:
-            admission.end_retries()  # the budget caps attempts, not streams
 
     def _attempts(
         self,
@@ -162,9 +150,10 @@ class ProxyApp:
             response, failure = try_backend(self.tools, runtime, lease, request, headers, deadline)
             request.upstream_seconds = self.clock() - attempt_started
             if failure is None:
-                return self._relay(runtime, lease, request, start_response, admission)
+                return self._relay(request, start_response, admission)
             if not failure.backend_at_fault:
-                return self._not_sent(request, start_response, failure, admission)
+                admission.end_attempt()
+                return self._not_sent(request, start_response, failure)
             self.metrics.count_error(backend.name, failure.reason)
             why_not = self._why_not_retry(runtime, request, failure, deadline, admission)
             if request.explanation is not None:
@@ -173,7 +162,7 @@ class ProxyApp:
             if why_not is not None:
                 request.detail = why_not
                 if response is not None:  # a backend's own answer beats one pyproxy makes up
-                    return self._relay(runtime, lease, request, start_response, admission)
+                    return self._relay(request, start_response, admission)
                 admission.end_attempt()
                 return self.answers.failed(request, start_response, failure)
             self.metrics.count_retry(backend.name)
@@ -188,12 +177,10 @@ class ProxyApp:
         request: Inbound,
         start_response: StartResponse,
         failure: Failure,
-        admission: Admission,
     ) -> Iterable[bytes]:
         """The attempt never reached the backend, through no fault of the backend's (the
         request cannot be written as HTTP/1.1, or the deadline ran out first): no
         verdict, no count against it, no retry (another backend would fare no better)."""
-        admission.end_attempt()
         if failure.reason == "deadline_exceeded":  # the error is still the attempt's
             self.metrics.count_error(request.backend_name, failure.reason)
         else:
@@ -221,10 +208,8 @@ class ProxyApp:
         )
         if why_not is None and not runtime.candidates():
             why_not = "no backend available for a retry"
-        # The budget keeps retries from multiplying the load on failing backends. A
-        # retry after a connect error adds none: the failed attempt sent nothing, so
-        # the retry is the first time this request reaches any backend. It needs no
-        # token (so killing one backend under load costs no request).
+        # The budget stops retries multiplying the load on failing backends. A retry
+        # after a connect error adds none (nothing was sent), so it needs no token.
         percent = runtime.config.retries.budget_percent
         if why_not is None and failure.request_sent and not admission.take_retry_token(percent):
             why_not = "retry budget spent"
@@ -269,15 +254,12 @@ class ProxyApp:
     # -- answers ---------------------------------------------------------------
 
     def _relay(
-        self,
-        runtime: Runtime,
-        lease: BackendLease,
-        request: Inbound,
-        start_response: StartResponse,
-        admission: Admission,
+        self, request: Inbound, start_response: StartResponse, admission: Admission
     ) -> Iterable[bytes]:
+        """The current attempt's response goes to the client, its body as it arrives."""
+        lease = admission.lease
+        assert lease is not None and lease.response is not None
         response = lease.response
-        assert response is not None
         request.status = response.status
         headers = downstream_response_headers(
             response.headers.items(),
@@ -289,14 +271,22 @@ class ProxyApp:
         if request.explanation is not None:
             request.explanation.outcome(str(response.status))
             headers.append(request.explanation.header())
+        admission.end_retries()  # the budget caps attempts, not streams
         status = f"{response.status} {response.reason or ''}".rstrip()
         try:
             write = start_response(status, headers)
         except (AssertionError, ValueError) as exc:
-            # The server refused this head (waitress raises AssertionError for a field
-            # it treats as hop-by-hop, ValueError for a bad Content-Length or a CR/LF):
-            # nothing went to the client yet, so it gets a 502 instead of a 500.
-            return self._head_refused(lease, request, start_response, exc, admission)
+            # The server refused this head (waitress: AssertionError for a field it takes
+            # for hop-by-hop, ValueError for a bad Content-Length). Nothing went out yet:
+            # an invalid response, so a 502 (not a 500) and the backend's failure.
+            log.warning(
+                "backend %s: response head refused (%s); answering 502", lease.backend.name, exc
+            )
+            self.metrics.count_error(lease.backend.name, "bad_response")
+            lease.judge(True)
+            admission.end_attempt()  # discards the upstream connection
+            # PEP 3333: a second start_response before any output must carry exc_info.
+            return self.answers.failed(request, start_response, HEAD_REFUSED, sys.exc_info())
         if "content-length" not in response.headers:
             # A body of unknown length (server-sent events, a long poll) may not send a
             # byte for a while, and waitress holds the head until the first one: send it
@@ -314,23 +304,3 @@ class ProxyApp:
             on_close=lambda done: self._log(done, None),
             send_head=write,
         )
-
-    def _head_refused(
-        self,
-        lease: BackendLease,
-        request: Inbound,
-        start_response: StartResponse,
-        exc: Exception,
-        admission: Admission,
-    ) -> Iterable[bytes]:
-        """A backend's response head the server cannot send: an invalid response (502),
-        judged as that backend's failure; its connection is discarded with the lease."""
-        backend = lease.backend
-        log.warning("backend %s: response head cannot be relayed (%s); answering 502",
-                    backend.name, exc)  # fmt: skip
-        self.metrics.count_error(backend.name, "bad_response")
-        lease.judge(True)
-        admission.end_attempt()
-        failure = Failure("bad_response", "reset", 502, "invalid response head from backend")
-        # PEP 3333: a second start_response before any output must carry exc_info.
-        return self.answers.failed(request, start_response, failure, exc_info=sys.exc_info())

@@ -26,7 +26,14 @@ from pyproxy import proxy as proxy_module
 from pyproxy import upstream
 from pyproxy.admission import BackendLease
 from pyproxy.breaker import CircuitBreaker, CircuitState
-from pyproxy.config import BackendConfig, CircuitBreakerConfig, Rate, RateLimitConfig, RetryConfig
+from pyproxy.config import (
+    BackendConfig,
+    CircuitBreakerConfig,
+    Rate,
+    RateLimitConfig,
+    RetryConfig,
+    Timeouts,
+)
 from pyproxy.metrics import Metrics
 from pyproxy.ratelimit import BackendLimiter
 from pyproxy.runtime import Runtime
@@ -157,6 +164,9 @@ def half_open_pair(
         ),
         retries=RetryConfig(max_retries=2),
         rate_limit=RateLimitConfig(per_backend=Rate(100_000, 1.0)),
+        # No total deadline: the header watchdog (connection.py) reads the real
+        # monotonic clock, and a deadline on the fake one would be long past.
+        timeouts=Timeouts(connect=1.0, read=5.0, total=0.0),
     )
     service = Service(
         config, registry=CollectorRegistry(), access_log_stream=io.StringIO(), clock=clock
