@@ -164,7 +164,9 @@ class ProxyApp:
                 if response is not None:  # a backend's own answer beats one pyproxy makes up
                     return self._relay(request, start_response, admission)
                 admission.end_attempt()
-                return self.answers.failed(request, start_response, failure)
+                answer = self.answers.failed(request, start_response, failure)
+                request.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
+                return answer
             self.metrics.count_retry(backend.name)
             admission.end_attempt()  # discards the failed response, if any
             if config.retries.backoff:

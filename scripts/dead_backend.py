@@ -45,12 +45,16 @@ MAX_REQUESTS_PER_THREAD = 20_000  # a bound on the load, whatever the machine's 
 
 # A backend small enough to read at a glance: 200 "ok" to everything, /health included.
 BACKEND = r"""
-import sys
+import sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DELAY = float(sys.argv[1])  # seconds of "work" per request
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path != "/health":
+            time.sleep(DELAY)
         body = b"ok\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -77,8 +81,9 @@ backends:
 """
 
 
-def start_backend() -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen([sys.executable, "-c", BACKEND], stdout=subprocess.PIPE, text=True)
+def start_backend(delay: float) -> tuple[subprocess.Popen[str], int]:
+    command = [sys.executable, "-c", BACKEND, str(delay)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     port = int(process.stdout.readline())
     return process, port
@@ -119,20 +124,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--delay", type=float, default=0.02, help="backend time per request")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dead_backend-") as workdir:
-        errors = run(Path(workdir), args.threads, args.seconds)
+        errors = run(Path(workdir), args.threads, args.seconds, args.delay)
         report(Path(workdir))
     return 0 if not errors else 1
 
 
-def run(workdir: Path, threads: int, seconds: float) -> int:
+def run(workdir: Path, threads: int, seconds: float, delay: float) -> int:
     """The experiment; returns the number of client errors. Stops every process."""
     processes: list[subprocess.Popen[Any]] = []
     try:
         ports = []
         for _ in range(3):
-            process, port = start_backend()
+            process, port = start_backend(delay)
             processes.append(process)
             ports.append(port)
         backends = "\n".join(
@@ -150,8 +156,8 @@ def run(workdir: Path, threads: int, seconds: float) -> int:
         with (workdir / "pyproxy.log").open("w") as proxy_log:
             proxy = start_proxy(str(config_path), f"http://127.0.0.1:{admin_port}", proxy_log)
         processes.append(proxy)
-        print(f"pyproxy at {url}, backends on ports {ports}; "
-              f"{threads} client threads for {seconds:.0f} s")  # fmt: skip
+        print(f"pyproxy at {url}, backends on ports {ports} ({delay * 1000:.0f} ms per "
+              f"request); {threads} client threads for {seconds:.0f} s")  # fmt: skip
 
         stop = threading.Event()
         lock = threading.Lock()
