@@ -1,15 +1,16 @@
 """Answers: the responses pyproxy makes itself, in one place.
 
-SPEC §4: a short `text/plain` body `<code> <reason>: <why>`, the X-Request-ID, and for
-the statuses that invite a retry (429, 503) a `Retry-After`. Each answer is counted
-in `proxy_requests_total` like a relayed one. Which failure becomes which status is
-decided in errors.py; this module only writes the answer.
+Each is a short `text/plain` body `<code> <reason>: <why>` with the X-Request-ID, and
+for the statuses that invite a retry (429, 503) a `Retry-After` (RFC 9110 §10.2.3).
+Each answer is counted in `proxy_requests_total` like a relayed one. Which failure
+becomes which status is decided in errors.py; this module only writes the answer.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from types import TracebackType
 from typing import Any
 
 from pyproxy.errors import Failure, error_body, reason_phrase
@@ -20,6 +21,7 @@ from pyproxy.runtime import Runtime
 
 StartResponse = Callable[..., Any]
 Headers = list[tuple[str, str]]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
 class Answers:
@@ -36,8 +38,12 @@ class Answers:
         status: int,
         why: str,
         extra: Headers | None = None,
+        exc_info: ExcInfo | tuple[None, None, None] | None = None,
     ) -> Iterable[bytes]:
-        """A response pyproxy produces itself (SPEC §4: short text body + X-Request-ID)."""
+        """A response pyproxy produces itself: short text body + X-Request-ID.
+
+        `exc_info` replaces a head the server refused (PEP 3333 allows a second
+        start_response call only with it, and only before any output)."""
         body = error_body(status, why)
         request.status, request.bytes_sent, request.detail = status, len(body), why
         start_response(
@@ -49,6 +55,7 @@ class Answers:
                 *(extra or []),
                 *([request.explanation.header()] if request.explanation else []),
             ],
+            *([exc_info] if exc_info else []),
         )
         self.metrics.observe_request(
             request.backend_name, request.method, status, self.clock() - request.started
@@ -56,15 +63,20 @@ class Answers:
         return [body]
 
     def failed(
-        self, request: Inbound, start_response: StartResponse, failure: Failure
+        self,
+        request: Inbound,
+        start_response: StartResponse,
+        failure: Failure,
+        exc_info: ExcInfo | tuple[None, None, None] | None = None,
     ) -> Iterable[bytes]:
         extra = [("Retry-After", "1")] if failure.status == 503 else []
-        return self.answer(request, start_response, failure.status, failure.detail, extra)
+        why = failure.detail
+        return self.answer(request, start_response, failure.status, why, extra, exc_info)
 
     def no_backend(
         self, runtime: Runtime, request: Inbound, start_response: StartResponse
     ) -> Iterable[bytes]:
-        """SPEC §4: 503 + Retry-After when nothing is available, with no upstream attempt."""
+        """503 + Retry-After when nothing is available, with no upstream attempt."""
         wait = 1.0
         limiter = runtime.backend_limiter
         if limiter is not None:
@@ -79,7 +91,7 @@ class Answers:
     def over_client_limit(
         self, runtime: Runtime, request: Inbound, start_response: StartResponse
     ) -> Iterable[bytes] | None:
-        """429 when this client's bucket is empty (SPEC §4); None to go on."""
+        """429 when this client's bucket is empty; None to go on."""
         settings = runtime.config.rate_limit
         assert runtime.client_limiter is not None and settings.per_client is not None
         decision = runtime.client_limiter.check(request.rate_limit_key(settings.client_key))

@@ -41,6 +41,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from pyproxy import urlguard
+from pyproxy.errors import UnsendableRequest
 from pyproxy.upstream_head import StrictResponse
 
 
@@ -151,9 +152,29 @@ class _AttemptMixin:
         assert failure is not None  # resolve_allowed returns at least one address
         raise failure
 
+    _head_sent = False
+
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        """Send the request with the client's raw target. An exception raised before
+        the head goes to the socket means http.client refused to *build* the request
+        (a control byte in the target, a header it cannot encode): nothing reached
+        the backend, and errors.not_sent() decides whose fault it is."""
         raw = getattr(_current, "target", None)
-        return super().request(method, raw or url, *args, **kwargs)  # type: ignore[misc]
+        self._head_sent = False
+        try:
+            return super().request(method, raw or url, *args, **kwargs)  # type: ignore[misc]
+        except OSError:
+            raise  # the network: connecting, or a kept-alive connection found dead
+        except Exception as exc:
+            if self._head_sent:
+                raise
+            raise UnsendableRequest(f"{type(exc).__name__}: {exc}") from exc
+
+    def endheaders(self, *args: Any, **kwargs: Any) -> Any:
+        # From here on bytes may reach the backend (http.client connects and sends the
+        # buffered head in endheaders); everything before only built the request.
+        self._head_sent = True
+        return super().endheaders(*args, **kwargs)  # type: ignore[misc]
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         deadline = getattr(_current, "deadline", None)

@@ -1,10 +1,17 @@
 """The one place that turns what went wrong upstream into what the client is told.
 
 `classify()` reads like a table: each exception urllib3 can raise on the way to a
-backend becomes a `Failure` carrying the metric reason (SPEC §9), the retry
-condition it counts as (SPEC §3 `retry_on`), the status the client gets if it is
-the final outcome (SPEC §4), and whether the request may have reached the backend
-(only a request that certainly did not is safe to retry whatever its method).
+backend becomes a `Failure` carrying the metric reason (`proxy_errors_total`), the
+retry condition it counts as (`retry_on`), the status the client gets if it is the
+final outcome, whether the request may have reached the backend (only a request
+that certainly did not is safe to retry whatever its method), and whether the
+backend is to blame at all.
+
+A backend is judged only on its own behaviour. `not_sent()` is the other table:
+a request that http.client refused to *write* (a control byte in the target, a
+header value it cannot encode) never reached the backend and says nothing about
+it, so it is answered 400 (the request's fault) or 500 (pyproxy's), never retried,
+and never counted against the backend.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from urllib3 import exceptions as u3
 
 REASONS = {
     400: "Bad Request",
+    500: "Internal Server Error",
     403: "Forbidden",
     405: "Method Not Allowed",
     413: "Content Too Large",
@@ -38,6 +46,26 @@ class Failure:
     status: int  # the answer if this is the final outcome
     detail: str  # a few words for the error body and the log
     request_sent: bool = True  # False: nothing reached the backend, safe to retry any method
+    backend_at_fault: bool = True  # False: not the backend's doing; no verdict, no retry
+
+
+class UnsendableRequest(Exception):
+    """http.client or urllib3 refused to build the request before a byte of it was
+    written to the backend's socket (the exception they raised is `__cause__`)."""
+
+
+# The request itself cannot be written as HTTP/1.1: http.client refuses it while
+# building the request line and header lines, before anything is sent.
+_REQUEST_AT_FAULT: tuple[tuple[type[BaseException], str], ...] = (
+    # putrequest: a control byte, space or DEL in the target (CPython bpo-30458)
+    (http.client.InvalidURL, "request target cannot be forwarded"),
+    (u3.LocationParseError, "request target cannot be forwarded"),
+    # putrequest encodes the request line as ASCII, putheader names as ASCII and
+    # values as latin-1 (RFC 9110 §5.5: field values are octets, not text)
+    (UnicodeEncodeError, "a byte in the request target or a header cannot be forwarded"),
+    # putheader: a name that is not a token, a value with a bare CR or LF
+    (ValueError, "a header name or value cannot be forwarded"),
+)
 
 
 def classify(exc: BaseException) -> Failure:
@@ -47,7 +75,7 @@ def classify(exc: BaseException) -> Failure:
         return Failure("connect_error", "connect_error", 502, "connection refused", False)
     if isinstance(exc, u3.ConnectTimeoutError):
         # A connect timeout sent nothing, so it retries like a refusal, but the
-        # client's final answer says "timeout" (SPEC §4).
+        # client's final answer says "timeout": 504, as nginx answers a connect timeout.
         return Failure("connect_error", "connect_error", 504, "connect timeout", False)
     if isinstance(exc, u3.SSLError):
         return Failure("connect_error", "connect_error", 502, "TLS handshake failed", False)
@@ -65,11 +93,25 @@ def classify(exc: BaseException) -> Failure:
             # BadStatusLine, LineTooLong and friends: bytes that are not HTTP.
             return Failure("bad_response", "reset", 502, "invalid response")
         return Failure("reset", "reset", 502, "connection closed before the response")
+    if isinstance(exc, UnsendableRequest | u3.LocationParseError):
+        return not_sent(exc)  # urlopen parses the target before it takes a connection
     if isinstance(exc, u3.InvalidHeader | u3.HTTPError | http.client.HTTPException):
         return Failure("bad_response", "reset", 502, "invalid response")
     if isinstance(exc, OSError):
         return Failure("reset", "reset", 502, "connection error")
     raise exc
+
+
+def not_sent(exc: BaseException) -> Failure:
+    """A request that never left pyproxy: 400 if the request cannot be written as
+    HTTP/1.1, 500 if pyproxy built something it could not send (a bug). Neither is
+    the backend's doing, so neither is judged, counted against it or retried."""
+    cause = exc.__cause__ if isinstance(exc, UnsendableRequest) and exc.__cause__ else exc
+    for kind, why in _REQUEST_AT_FAULT:
+        if isinstance(cause, kind):
+            return Failure("bad_request", "bad_request", 400, why, False, backend_at_fault=False)
+    why = f"request could not be built ({type(cause).__name__})"
+    return Failure("proxy_error", "proxy_error", 500, why, False, backend_at_fault=False)
 
 
 def bad_response(detail: str) -> Failure:
@@ -98,5 +140,5 @@ def reason_phrase(status: int) -> str:
 
 
 def error_body(status: int, why: str) -> bytes:
-    """SPEC §4: a short text/plain body `<code> <reason>: <why>`."""
+    """The body of an answer pyproxy makes itself: one short line, `<code> <reason>: <why>`."""
     return f"{status} {reason_phrase(status)}: {why}\n".encode()

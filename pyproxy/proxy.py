@@ -11,18 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import urllib3
-
 from pyproxy import upstream
 from pyproxy.accesslog import AccessLog
+from pyproxy.admission import Admission, BackendLease
 from pyproxy.answers import Answers
-from pyproxy.attempt import Tools, judge, try_backend
+from pyproxy.attempt import Tools, try_backend
 from pyproxy.backend import Backend
-from pyproxy.breaker import Permit
 from pyproxy.errors import Failure
 from pyproxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.headers import downstream_response_headers, upstream_request_headers
@@ -37,6 +36,7 @@ from pyproxy.stream import ResponseStream
 log = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
+HEAD_REFUSED = Failure("bad_response", "reset", 502, "invalid response head from backend")
 
 
 class ProxyApp:
@@ -90,15 +90,20 @@ class ProxyApp:
                 return self._log(request, limited)
         if request.body_length is not None:
             headers["Content-Length"] = str(request.body_length)
-        self.budget.request_started()  # also what proxy_in_flight_requests reports
-        finished_here = True
+        # From here the request holds things (its place in flight, a backend's slot,
+        # a breaker permit, a retry token), all owned by `admission`. Its close() gives
+        # them back: here when pyproxy answers itself or something raised, else in
+        # ResponseStream.close(), which the server calls however the relay ends.
+        admission = Admission(self.budget, self.metrics)
+        handed_over = False
         try:
-            result = self._forward(runtime, request, headers, start_response)
-            finished_here = not isinstance(result, ResponseStream)
+            result = self._attempts(runtime, request, headers, start_response, admission)
+            handed_over = isinstance(result, ResponseStream)
             return result
         finally:
-            if finished_here:
-                self._request_done(request)
+            if not handed_over:
+                admission.close()
+                self._log(request, None)
 
     def record_refusal(self, refusal: EdgeRefusal) -> None:
         """A request the edge parser refused (400, 413, 431, ...): counted and logged
@@ -108,10 +113,6 @@ class ProxyApp:
         if self.access_log is not None:
             self.access_log.write(Inbound.refused(refusal, now), now)
 
-    def _request_done(self, request: Inbound) -> None:
-        self.budget.request_finished()
-        self._log(request, None)
-
     def _log(self, request: Inbound, result: Iterable[bytes] | None) -> Iterable[bytes]:
         if self.access_log is not None:
             self.access_log.write(request, self.clock())
@@ -119,74 +120,76 @@ class ProxyApp:
 
     # -- the attempt loop ------------------------------------------------------
 
-    def _forward(
-        self,
-        runtime: Runtime,
-        request: Inbound,
-        headers: dict[str, str],
-        start_response: StartResponse,
-    ) -> Iterable[bytes]:
-        try:
-            return self._attempts(runtime, request, headers, start_response)
-        finally:
-            # The budget caps retries being *attempted*; a retried request that now
-            # streams a long body must not hold a token for the length of the stream.
-            if request.holds_retry_token:
-                self.budget.retry_finished()
-                request.holds_retry_token = False
-
     def _attempts(
         self,
         runtime: Runtime,
         request: Inbound,
         headers: dict[str, str],
         start_response: StartResponse,
+        admission: Admission,
     ) -> Iterable[bytes]:
         config = runtime.config
         deadline = request.started + config.timeouts.total if config.timeouts.total else None
         tried: list[Backend] = []
         while True:
-            chosen = self._choose(runtime, request, tried)
-            if chosen is None and self.holder.runtime is not runtime:
+            lease = self._choose(runtime, request, tried, admission)
+            if lease is None and self.holder.runtime is not runtime:
                 # A reload or an admin change replaced this snapshot's backends while the
                 # request waited: the new snapshot's backends are the ones to try.
                 runtime = self.holder.runtime
-                chosen = self._choose(runtime, request, tried)
-            if chosen is None:
+                lease = self._choose(runtime, request, tried, admission)
+            if lease is None:
                 if request.explanation is not None:
                     request.explanation.none_available(runtime, tried, self.clock())
                 return self.answers.no_backend(runtime, request, start_response)
-            backend, permit = chosen
+            backend = lease.backend
             tried.append(backend)
             request.attempts += 1
             request.backend_name = backend.name
             attempt_started = self.clock()
-            response, failure = try_backend(
-                self.tools, runtime, backend, permit, request, headers, deadline
-            )
+            response, failure = try_backend(self.tools, runtime, lease, request, headers, deadline)
             request.upstream_seconds = self.clock() - attempt_started
             if failure is None:
-                assert response is not None
-                return self._relay(runtime, backend, request, response, start_response)
+                return self._relay(request, start_response, admission)
+            if not failure.backend_at_fault:
+                admission.end_attempt()
+                return self._not_sent(request, start_response, failure)
             self.metrics.count_error(backend.name, failure.reason)
-            why_not = self._why_not_retry(runtime, request, failure, deadline, tried)
+            why_not = self._why_not_retry(runtime, request, failure, deadline, admission)
             if request.explanation is not None:
                 verdict = "retry" if why_not is None else f"no retry: {why_not}"
                 request.explanation.outcome(f"{failure.status} {failure.detail}, {verdict}")
             if why_not is not None:
                 request.detail = why_not
-                if response is not None:  # SPEC §4: the client gets the backend's own answer
-                    return self._relay(runtime, backend, request, response, start_response)
-                backend.release(failed=True)
-                return self.answers.failed(request, start_response, failure)
+                if response is not None:  # a backend's own answer beats one pyproxy makes up
+                    return self._relay(request, start_response, admission)
+                admission.end_attempt()
+                answer = self.answers.failed(request, start_response, failure)
+                request.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
+                return answer
             self.metrics.count_retry(backend.name)
-            if response is not None:
-                upstream.discard(response)
-            backend.release(failed=True)
+            admission.end_attempt()  # discards the failed response, if any
             if config.retries.backoff:
                 pause = config.retries.backoff * self.tools.rng.uniform(0.5, 1.5)
                 left = math.inf if deadline is None else deadline - self.clock()
                 self.tools.sleep(max(0.0, min(pause, left)))
+
+    def _not_sent(
+        self,
+        request: Inbound,
+        start_response: StartResponse,
+        failure: Failure,
+    ) -> Iterable[bytes]:
+        """The attempt never reached the backend, through no fault of the backend's (the
+        request cannot be written as HTTP/1.1, or the deadline ran out first): no
+        verdict, no count against it, no retry (another backend would fare no better)."""
+        if failure.reason == "deadline_exceeded":  # the error is still the attempt's
+            self.metrics.count_error(request.backend_name, failure.reason)
+        else:
+            request.backend_name = ""  # no backend saw it
+            if failure.status >= 500:  # pyproxy could not build its own request: a bug
+                log.error("request %s not forwarded: %s", request.request_id, failure.detail)
+        return self.answers.failed(request, start_response, failure)
 
     def _why_not_retry(
         self,
@@ -194,7 +197,7 @@ class ProxyApp:
         request: Inbound,
         failure: Failure,
         deadline: float | None,
-        tried: list[Backend],
+        admission: Admission,
     ) -> str | None:
         """None to retry; else the reason not to (kept for the access log)."""
         why_not = retry_verdict(
@@ -207,17 +210,17 @@ class ProxyApp:
         )
         if why_not is None and not runtime.candidates():
             why_not = "no backend available for a retry"
-        if why_not is None and not request.holds_retry_token:
-            if self.budget.try_start_retry(runtime.config.retries.budget_percent):
-                request.holds_retry_token = True
-            else:
-                why_not = "retry budget spent"
+        # The budget stops retries multiplying the load on failing backends. A retry
+        # after a connect error adds none (nothing was sent), so it needs no token.
+        percent = runtime.config.retries.budget_percent
+        if why_not is None and failure.request_sent and not admission.take_retry_token(percent):
+            why_not = "retry budget spent"
         return why_not
 
     def _choose(
-        self, runtime: Runtime, request: Inbound, tried: list[Backend]
-    ) -> tuple[Backend, Permit] | None:
-        """An available backend, one not yet tried when there is one (SPEC §5); the
+        self, runtime: Runtime, request: Inbound, tried: list[Backend], admission: Admission
+    ) -> BackendLease | None:
+        """A lease on an available backend, one not yet tried when there is one; the
         sticky rule first, the strategy otherwise; admitted by cap, breaker, bucket."""
         sticky = runtime.sticky
         for _ in range(3):  # another thread may take the last slot between look and admit
@@ -238,17 +241,8 @@ class ProxyApp:
                     request.set_cookie = sticky.set_cookie(backend)
             elif sticky.mode == "cookie":
                 request.set_cookie = None  # the client's cookie already names this one
-            if not backend.try_acquire():
-                continue
-            permit = backend.breaker.try_acquire()
-            if permit is None:
-                backend.release(failed=False)
-                continue
-            if runtime.backend_limiter is not None and not runtime.backend_limiter.take(
-                backend.name
-            ):
-                backend.breaker.release(permit)
-                backend.release(failed=False)
+            lease = admission.admit(backend, runtime.backend_limiter)
+            if lease is None:
                 continue
             if request.explanation is not None:
                 if pinned:
@@ -256,19 +250,18 @@ class ProxyApp:
                 else:
                     rule = "retry (random among untried)" if tried else runtime.config.strategy
                 request.explanation.chose(runtime, backend, rule, tried, self.clock())
-            return backend, permit
+            return lease
         return None
 
     # -- answers ---------------------------------------------------------------
 
     def _relay(
-        self,
-        runtime: Runtime,
-        backend: Backend,
-        request: Inbound,
-        response: urllib3.BaseHTTPResponse,
-        start_response: StartResponse,
+        self, request: Inbound, start_response: StartResponse, admission: Admission
     ) -> Iterable[bytes]:
+        """The current attempt's response goes to the client, its body as it arrives."""
+        lease = admission.lease
+        assert lease is not None and lease.response is not None
+        response = lease.response
         request.status = response.status
         headers = downstream_response_headers(
             response.headers.items(),
@@ -280,8 +273,23 @@ class ProxyApp:
         if request.explanation is not None:
             request.explanation.outcome(str(response.status))
             headers.append(request.explanation.header())
+        admission.end_retries()  # the budget caps attempts, not streams
         # RFC 9112 §4: the space after the status code stays even when the reason is empty.
-        write = start_response(f"{response.status} {response.reason or ''}", headers)
+        status = f"{response.status} {response.reason or ''}"
+        try:
+            write = start_response(status, headers)
+        except (AssertionError, ValueError) as exc:
+            # The server refused this head (waitress: AssertionError for a field it takes
+            # for hop-by-hop, ValueError for a bad Content-Length). Nothing went out yet:
+            # an invalid response, so a 502 (not a 500) and the backend's failure.
+            log.warning(
+                "backend %s: response head refused (%s); answering 502", lease.backend.name, exc
+            )
+            self.metrics.count_error(lease.backend.name, "bad_response")
+            lease.judge(True)
+            admission.end_attempt()  # discards the upstream connection
+            # PEP 3333: a second start_response before any output must carry exc_info.
+            return self.answers.failed(request, start_response, HEAD_REFUSED, sys.exc_info())
         if "content-length" not in response.headers:
             # A body of unknown length (server-sent events, a long poll) may not send a
             # byte for a while, and waitress holds the head until the first one: send it
@@ -289,15 +297,13 @@ class ProxyApp:
             # first chunk in one write instead of two.
             write(b"")
         self.metrics.observe_request(
-            backend.name, request.method, response.status, self.clock() - request.started
+            lease.backend.name, request.method, response.status, self.clock() - request.started
         )
         return ResponseStream(
-            backend,
+            admission,
             request,
-            upstream.BodyRelay(response),
-            failed_status=response.status in runtime.config.circuit_breaker.failure_statuses,
+            upstream.BodyRelay(lease.take_response()),
             metrics=self.metrics,
-            on_backend_failure=lambda b: judge(self.tools, b, None, True),
-            on_close=self._request_done,
+            on_close=lambda done: self._log(done, None),
             send_head=write,
         )

@@ -70,7 +70,6 @@ class Inbound:
     status: int = 0
     bytes_sent: int = 0
     detail: str = ""
-    holds_retry_token: bool = False  # counted in the retry budget until the request ends
     protocol: str = "HTTP/1.1"
     upstream_seconds: float | None = None  # last attempt: sent -> response headers
     referer: str = ""

@@ -1,8 +1,10 @@
 """Retries: whether a failed attempt may be tried again, and a budget that keeps
 retries from multiplying the load on a pool that is already failing.
 
-`retry_verdict()` is the decision table of SPEC §5 as one pure function; it returns
-None ("retry") or the reason not to, so logs and the explain header can say why.
+`retry_verdict()` is the decision table of docs/retries.md as one pure function; it
+returns None ("retry") or the reason not to, so logs and the explain header can say
+why. The budget is asked by the proxy only for a retry of a request that was sent
+(a retry after a connect error adds no load anywhere, see `_why_not_retry`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pyproxy.config import RetryConfig
 from pyproxy.errors import Failure
 from pyproxy.headers import IDEMPOTENT_METHODS
 
-MIN_RETRY_BUDGET = 3  # retries allowed in flight even when little else is (SPEC §3)
+MIN_RETRY_BUDGET = 3  # retries allowed in flight even when little else is (Envoy's floor)
 
 
 def retry_verdict(
@@ -50,6 +52,13 @@ class RetryBudget:
     Without it, a pool where every backend fails turns each request into
     1 + max_retries requests exactly when the backends can least afford it
     (the "retry storm"; Envoy and Finagle use the same budget idea).
+
+    `requests_in_flight` is *the* count of requests in flight: a request is in it
+    from its admission.Admission to that Admission's close() (the end of its
+    response body), and the same number is the `proxy_in_flight_requests` gauge
+    and what a graceful drain waits for. `retries_in_flight` counts requests
+    holding a retry token: from their first retry of a sent request to their last
+    attempt (not to the end of their body).
     """
 
     def __init__(self) -> None:

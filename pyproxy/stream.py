@@ -2,8 +2,9 @@
 
 PEP 3333 promises that the server calls `close()` on the iterable whatever happens
 (complete, client gone, error), so `close()` is where a relayed request ends: the
-backend's in-flight slot is given back, and the metrics and access log line are
-recorded, exactly once (the idea of werkzeug's ClosingIterator).
+request's Admission (backend slot, breaker permit, its place in flight) is closed,
+and the metrics and access log line are recorded, exactly once (the idea of
+werkzeug's ClosingIterator).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from pyproxy.backend import Backend
+from pyproxy.admission import Admission, BackendLease
 from pyproxy.inbound import AbortResponse
 from pyproxy.metrics import Metrics
 from pyproxy.request import Inbound
@@ -21,25 +22,23 @@ log = logging.getLogger(__name__)
 
 
 class ResponseStream:
-    """Relays `relay` to the client. `failed_status` marks an answer the breaker
-    counted as a failure (e.g. a 503 relayed after retries ran out)."""
+    """Relays `relay` to the client for the request that `admission` holds; the
+    admission's current lease is the backend the body comes from."""
 
     def __init__(
         self,
-        backend: Backend,
+        admission: Admission,
         request: Inbound,
         relay: BodyRelay,
         *,
-        failed_status: bool,
         metrics: Metrics,
-        on_backend_failure: Callable[[Backend], None],
-        on_close: Callable[[Inbound], None],
+        on_close: Callable[[Inbound], object],
         send_head: Callable[[bytes], object],
     ) -> None:
-        self.backend, self.request, self.relay = backend, request, relay
-        self.failed_status = failed_status
+        assert admission.lease is not None
+        self.admission, self.request, self.relay = admission, request, relay
+        self.lease: BackendLease = admission.lease
         self.metrics = metrics
-        self.on_backend_failure = on_backend_failure
         self.on_close = on_close
         self.send_head = send_head  # the WSGI write(): write(b"") sends the head alone
         self._closed = False
@@ -48,18 +47,20 @@ class ResponseStream:
         yield from self.relay
         failure = self.relay.failure
         if failure is not None:
+            backend = self.lease.backend
             self.request.detail = f"backend failed mid-body: {failure.detail}"
             log.warning(
                 "backend %s failed mid-response (%s); cutting the client's response short",
-                self.backend.name, failure.detail,
+                backend.name, failure.detail,
             )  # fmt: skip
-            self.metrics.count_error(self.backend.name, failure.reason)
-            self.on_backend_failure(self.backend)
+            self.metrics.count_error(backend.name, failure.reason)
+            self.lease.judge(True)
             if not self.relay.bytes_sent:
                 # The head waits for the first body byte; without it the client would
                 # see no answer at all. It gets the head, then the cut.
                 self.send_head(b"")
-            # SPEC §4: the client must see the truncation, never a complete short body.
+            # The client must see the truncation, never a complete short body
+            # (RFC 9112 §8: an incomplete message is one the recipient can detect).
             raise AbortResponse(failure.detail)
 
     def close(self) -> None:
@@ -67,10 +68,14 @@ class ResponseStream:
             return
         self._closed = True
         relay, request = self.relay, self.request
-        relay.close()
-        request.bytes_sent = relay.bytes_sent
-        if not relay.complete and relay.failure is None:
-            request.detail = "client disconnected"
-            self.metrics.count_error(self.backend.name, "client_disconnected")
-        self.backend.release(failed=relay.failure is not None or self.failed_status)
-        self.on_close(request)
+        try:
+            relay.close()
+            request.bytes_sent = relay.bytes_sent
+            if not relay.complete and relay.failure is None:
+                request.detail = "client disconnected"
+                self.metrics.count_error(self.lease.backend.name, "client_disconnected")
+        finally:
+            try:
+                self.admission.close()
+            finally:
+                self.on_close(request)
