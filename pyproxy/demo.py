@@ -65,11 +65,12 @@ class DemoBackends:
     first and closes the sockets after it has exited.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ports: tuple[int, ...] = DEMO_PORTS) -> None:
+        """One backend per port (0 = an ephemeral port); a taken port falls back to 0."""
         self.servers: list[EdgeServer] = []
         self.urls: list[str] = []
         self._threads: list[threading.Thread] = []
-        for index, port in enumerate(DEMO_PORTS, start=1):
+        for index, port in enumerate(ports, start=1):
             name, app = f"demo-app{index}", demo_backend_app(f"app{index}")
             try:
                 server = EdgeServer(app, HOST, port, threads=4, limits=LimitsConfig(), name=name)

@@ -36,7 +36,7 @@ import yaml
 from backends import EchoBackend, wait_for
 from waitress import wasyncore
 
-from pyproxy import demo as demo_module
+from pyproxy.demo import DemoBackends
 
 REPO = Path(__file__).resolve().parent.parent
 # Several times the watcher's debounce (0.25 s): the window in which a watched file's
@@ -285,14 +285,13 @@ def test_closing_the_demo_backends_never_pulls_a_socket_from_under_their_loop(
     # A loop that has listed its descriptors and is about to wait on them must not find
     # them closed: select() fails with EBADF and the loop thread dies with a traceback,
     # the flaky demo shutdown. close() must stop each loop before closing its sockets.
-    monkeypatch.setattr(demo_module, "DEMO_PORTS", (0, 0, 0))
     died: list[str] = []
     monkeypatch.setattr(
         threading, "excepthook", lambda hook: died.append(f"{hook.thread}: {hook.exc_value!r}")
     )
     held = HeldLoop("pyproxy-demo-app1")
     monkeypatch.setattr(wasyncore, "select", held)
-    backends = demo_module.DemoBackends()
+    backends = DemoBackends(ports=(0, 0, 0))
     closer = threading.Thread(target=backends.close, name="closer")
     try:
         assert held.arrived.wait(10), "the loop never waited on its descriptors"
