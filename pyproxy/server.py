@@ -86,8 +86,8 @@ def install_signal_handlers(service: Service) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen > 1:
-            # A second signal exits at once, drain or not (as HAProxy's and nginx's
-            # fast stop): an operator who asks twice does not want to wait.
+            # A second signal exits at once, drain or not: whoever asks twice
+            # (Ctrl-C twice) does not want to wait.
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(1)
         log.info("%s received: draining", signal.Signals(signum).name)
