@@ -122,6 +122,39 @@ def test_demo_takes_no_config_file_and_says_so(tmp_path: Path, args: list[str]) 
     assert_no_traceback(result)
 
 
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    # The config is a named pipe nobody writes to: pyproxy blocks reading it, before its
+    # signal handlers exist, which is when Ctrl-C used to print a KeyboardInterrupt.
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pyproxy", "-c", str(fifo)],
+            cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    writer = -1
+    try:
+        deadline = time.monotonic() + 20
+        while writer < 0 and time.monotonic() < deadline:
+            try:  # succeeds once pyproxy has opened the pipe to read it
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        assert writer >= 0, stderr.read_text()
+        os.kill(process.pid, signal.SIGINT)
+        code = process.wait(timeout=20)
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    assert code == 130, stderr.read_text()
+    assert "Traceback" not in stderr.read_text()
+
+
 # -- --check --------------------------------------------------------------------------------
 
 
