@@ -1,9 +1,15 @@
 """Control: the only code that replaces the running Runtime.
 
-Three things change what pyproxy runs: a config reload (file watcher, SIGHUP,
-`POST /admin/reload`), and adding or removing a backend through the admin API. All
-three build a complete new snapshot and swap it under one lock, so they cannot
-interleave and lose each other, and no request ever sees half a change.
+Three things change what pyproxy runs: a config reload, and adding or removing a
+backend through the admin API. All three build a complete new snapshot and swap it
+under one lock, so they cannot interleave and lose each other, and no request ever
+sees half a change.
+
+`Control.reload` is the one way into a reload: the file watcher, SIGHUP and
+`POST /admin/reload` all call it, so each trigger has the same effects. Where the
+new config comes from is the `ConfigSource` it was given: the config file
+(`FileSource`), or a config built in code that a reload re-applies as it is
+(`FixedSource`, for `--demo`). See docs/reload.md.
 
 Backends the admin API added or removed are kept in `AdminChanges`, which every
 rebuild applies on top of the file, and (with `admin.state_file`) on disk, so they
@@ -22,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyproxy.backend import Backend
 from pyproxy.config import BackendConfig, Config
 from pyproxy.configload import ConfigError, load_config, parse_backend
 from pyproxy.configreport import describe_changes, keep_running_values
 from pyproxy.metrics import Metrics
+from pyproxy.reload import file_digest
 from pyproxy.runtime import AdminChanges, RuntimeHolder, build_runtime
 from pyproxy.urlguard import url_identity
 
@@ -41,6 +49,44 @@ class ReloadResult:
     problems: list[str]  # why nothing changed, when not ok
 
 
+class ConfigSource(Protocol):
+    """Where a reload reads the config to apply."""
+
+    name: str  # for log lines: the file's path, or what the config is
+
+    def read(self) -> Config:
+        """The config to apply now; raises ConfigError if it is unusable."""
+        ...
+
+
+class FileSource:
+    """The config file at `path`. `digest` is the SHA-256 of the bytes the last read
+    saw (valid or not; None if unreadable): the watcher compares the file with it, so
+    bytes a reload already read are not read again, whichever trigger read them."""
+
+    def __init__(self, path: str) -> None:
+        self.path = self.name = path
+        self.digest = file_digest(path)
+
+    def read(self) -> Config:
+        # Hashed before parsing: if a write lands in between, the digest is the older
+        # bytes', and the watcher reloads once more rather than miss the write.
+        self.digest = file_digest(self.path)
+        return load_config(self.path)
+
+
+class FixedSource:
+    """A config built in code (`--demo`): a reload re-applies it, so nothing changes."""
+
+    name = "the built-in config"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def read(self) -> Config:
+        return self.config
+
+
 def keep_restart_settings(old: Config, new: Config) -> Config:
     """Listeners, the thread count and the edge limits are bound at start: the running
     values stay (the list is `RESTART_NEEDED` in configreport.py, which the summary
@@ -49,20 +95,31 @@ def keep_restart_settings(old: Config, new: Config) -> Config:
 
 
 class Control:
-    """Swaps runtimes for reloads and admin changes. `on_backend_added` lets the
-    health checker probe a new backend at once; `on_settings` sees each new Config."""
+    """Swaps runtimes for reloads and admin changes.
+
+    `source`: where reloads read the config; by default the file the running config
+    came from (none: a reload is refused). `on_reload` runs first in every reload,
+    whatever its outcome (the service reopens its access log there). `on_backend_added`
+    lets the health checker probe a new backend at once; `on_settings` sees each new
+    Config a reload applied.
+    """
 
     def __init__(
         self,
         holder: RuntimeHolder,
         metrics: Metrics,
         *,
+        source: ConfigSource | None = None,
+        on_reload: Callable[[], None] = lambda: None,
         on_backend_added: Callable[[], None] = lambda: None,
         on_settings: Callable[[Config], None] = lambda config: None,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
         metrics.read_backends_from(lambda: holder.runtime.backends)  # gauges read at scrape
+        path = holder.runtime.config.source_path
+        self.source = source if source is not None else FileSource(path) if path else None
+        self.on_reload = on_reload
         self.on_backend_added = on_backend_added
         self.on_settings = on_settings
         self.last_reload: tuple[bool, float] | None = None  # (succeeded, monotonic time)
@@ -73,22 +130,25 @@ class Control:
     # -- reload ------------------------------------------------------------------
 
     def reload(self, trigger: str) -> ReloadResult:
-        """Re-read the config file; apply it only if it is valid in full."""
+        """Read the config from the source; apply it only if it is valid in full.
+        `trigger` names the caller in the log: "file change", "SIGHUP", "admin API"."""
         with self._reload_lock:
+            self.on_reload()
             return self._reload(trigger)
 
     def _reload(self, trigger: str) -> ReloadResult:
-        path = self.holder.runtime.config.source_path
-        if path is None:
+        if self.source is None:
             return ReloadResult(False, [], ["no config file: pyproxy was started without one"])
         try:
-            new = load_config(path)
+            new = self.source.read()
         except ConfigError as error:
             self.metrics.reload_result(False)
             self.last_reload = (False, time.monotonic())
             for problem in error.problems:
                 log.error("reload (%s): %s", trigger, problem)
-            log.error("reload (%s): %s is invalid; the running config stays", trigger, path)
+            log.error(
+                "reload (%s): %s is invalid; the running config stays", trigger, self.source.name
+            )
             return ReloadResult(False, [], error.problems)
         with self.holder.swap_lock:
             clash = name_clashes(new, self.holder.admin)

@@ -299,7 +299,10 @@ class EdgeServer:
         self._on_loop(self._server.close_listener)
 
     def close(self) -> None:
-        """Stop the loop, close every connection, stop the workers (waits about 1 s at most)."""
+        """Stop the loop, then close every connection and stop the workers.
+
+        Returns at once when the loop is idle; waits up to 5 s for a loop starved of CPU
+        and 1 s for busy workers."""
         with self._close_lock:
             if self._closed:
                 return
@@ -307,7 +310,10 @@ class EdgeServer:
         self._stopping.set()
         if self._loop_thread not in (None, threading.get_ident()):
             self._server.pull_trigger()
-            self._loop_exited.wait(0.5)  # the trigger wakes it at once
+            # The trigger wakes it at once. Sockets closed while it still runs could be
+            # closed under its poll or its walk over the channels (a "dictionary changed
+            # size" error would kill the thread), so give a starved loop time to exit.
+            self._loop_exited.wait(5.0)
         for channel in list(self._server.active_channels.values()):
             channel.handle_close()  # releases a worker blocked writing to it
         self._server.close_listener()

@@ -1,11 +1,11 @@
-"""ConfigWatcher: reload the config when its file changes (SPEC §7).
+"""ConfigWatcher: reload the config when its file changes.
 
 Editors save by writing a temp file and renaming it over the original; Kubernetes
 updates a mounted ConfigMap by swapping a `..data` symlink. Both replace the file
 rather than write into it, so a watch on the file itself goes deaf after the first
 change. We watch the *directory*, react to any event there, wait until events stop
 for `DEBOUNCE` seconds (a save is several events), and reload only when the bytes
-of the file actually changed.
+of the file differ from the bytes the last reload read, whoever triggered it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -55,18 +56,27 @@ class _AnyEvent(FileSystemEventHandler):
             self._poke()
 
 
-class ConfigWatcher:
-    """Calls `reload()` after the file at `path` changed and settled.
+class WatchedFile(Protocol):
+    """The file reloads read (control.FileSource)."""
 
-    `reload` returns nothing useful here: it validates, applies or refuses, and logs.
-    The digest is remembered even for an invalid file, so the same broken bytes are
-    not re-parsed on every event, but fixing the file triggers a reload.
+    path: str
+    digest: str | None  # of the bytes the last reload read (valid or not)
+
+
+class ConfigWatcher:
+    """Calls `reload("file change")` after `source.path` changed and settled, unless
+    the last reload (by any trigger) already read these bytes.
+
+    `reload` is the service's one reload entry: it reads the file, records its digest
+    in `source`, validates, applies or refuses, and logs. The digest is recorded even
+    for an invalid file, so the same broken bytes are not re-parsed on every event,
+    but fixing the file triggers a reload.
     """
 
-    def __init__(self, path: str, reload: Callable[[str], object]) -> None:
-        self.path = os.path.abspath(path)
+    def __init__(self, source: WatchedFile, reload: Callable[[str], object]) -> None:
+        self.source = source
+        self.path = os.path.abspath(source.path)
         self._reload = reload
-        self._seen = file_digest(self.path)
         self._changed = threading.Event()
         self._stop = threading.Event()
         self._last_event = 0.0
@@ -90,10 +100,6 @@ class ConfigWatcher:
         self._observer.join(timeout=2)
         self._thread.join(timeout=2)
 
-    def note_applied(self, digest: str) -> None:
-        """A reload by other means (SIGHUP) applied the bytes with this digest."""
-        self._seen = digest
-
     def _poke(self) -> None:
         self._last_event = time.monotonic()
         self._changed.set()
@@ -110,10 +116,12 @@ class ConfigWatcher:
                     break
                 self._stop.wait(DEBOUNCE - quiet)
             self._changed.clear()
-            digest = file_digest(self.path)  # None: deleted or unreadable, a failed reload
-            if digest == self._seen:
-                continue  # touched, or replaced by identical bytes: nothing to do
-            self._seen = digest
+            # A deleted or unreadable file hashes to None: the first reload of it fails
+            # and records None, and the next one waits until the file is back.
+            if file_digest(self.path) == self.source.digest:
+                continue  # touched, rewritten identically, or already reloaded
+            # Another trigger may read these bytes between this check and the reload;
+            # this reload then finds nothing new and logs "no changes": harmless.
             try:
                 self._reload("file change")
             except Exception:  # the watcher must outlive any bug in a reload

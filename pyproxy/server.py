@@ -1,8 +1,8 @@
 """The command line: `python -m pyproxy [-c PATH] [--check] [--demo] [--log-level L]`.
 
-Exit codes (SPEC §2): 0 after a clean shutdown or a valid `--check`, 1 for an
+Exit codes: 0 after a clean shutdown or a valid `--check` (as `nginx -t`), 1 for an
 invalid config or a port already in use (one line, no traceback), 2 for bad usage
-(argparse's own convention).
+(argparse's own convention). `--demo` reads no config file, so it takes no `-c`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from pyproxy import __version__
@@ -42,7 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO",
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.demo and (args.config or args.check):
+        parser.error("--demo runs on its own built-in settings: it takes no -c or --check")
+    return args
 
 
 def configure_logging(level: str) -> None:
@@ -82,7 +86,8 @@ def install_signal_handlers(service: Service) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen > 1:
-            # SPEC §8: a second signal exits at once, drain or not.
+            # A second signal exits at once, drain or not: whoever asks twice
+            # (Ctrl-C twice) does not want to wait.
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(1)
         log.info("%s received: draining", signal.Signals(signum).name)
@@ -100,18 +105,13 @@ def install_signal_handlers(service: Service) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
+    if args.demo:
+        return demo()
     path = config_path(args)
     if args.check:
         return check(path)
-    demo_backends = None
     try:
-        if args.demo:
-            from pyproxy.demo import demo_config, start_demo_backends
-
-            demo_backends = start_demo_backends()
-            config: Config = demo_config(path, demo_backends)
-        else:
-            config = load_config(path)
+        config: Config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("config: %s", problem)
@@ -123,21 +123,41 @@ def run(argv: list[str] | None = None) -> int:
         service = Service(config)
     except OSError as exc:
         log.error("cannot listen: %s", exc.strerror or exc)
-        if demo_backends:
-            demo_backends.close()
         return 1
-    install_signal_handlers(service)
-    service.start()
-    if demo_backends is not None:
-        from pyproxy.demo import banner
-
-        print(banner(service, demo_backends), flush=True)
-    service.serve()
-    if demo_backends is not None:
-        demo_backends.close()
+    serve(service)
     log.info("stopped")
     return 0
 
 
+def demo() -> int:
+    """`--demo`: its own backends and settings; no config file is read or watched."""
+    from pyproxy.demo import DemoBackends, banner, demo_service
+
+    backends = DemoBackends()
+    try:
+        service = demo_service(backends)
+    except OSError as exc:
+        backends.close()
+        log.error("cannot listen: %s", exc.strerror or exc)
+        return 1
+    serve(service, on_started=lambda: print(banner(service, backends), flush=True))
+    backends.close()  # after the proxy, which may have drained requests to them
+    log.info("stopped")
+    return 0
+
+
+def serve(service: Service, on_started: Callable[[], None] = lambda: None) -> None:
+    """Start, serve until a signal, drain and stop."""
+    install_signal_handlers(service)
+    service.start()
+    on_started()
+    service.serve()
+
+
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(argv))
+    try:
+        sys.exit(run(argv))
+    except KeyboardInterrupt:
+        # Ctrl-C before the signal handlers are installed (while starting): quietly,
+        # with the shell's code for "killed by SIGINT" (128 + 2).
+        sys.exit(130)

@@ -26,12 +26,19 @@ from prometheus_client import CollectorRegistry
 from pyproxy.accesslog import AccessLog
 from pyproxy.admin import AdminApp
 from pyproxy.config import Config
-from pyproxy.control import Control, ReloadResult, drop_name_clashes, load_state
+from pyproxy.control import (
+    ConfigSource,
+    Control,
+    FileSource,
+    ReloadResult,
+    drop_name_clashes,
+    load_state,
+)
 from pyproxy.healthcheck import HealthChecker
 from pyproxy.inbound import EdgeServer
 from pyproxy.metrics import Metrics
 from pyproxy.proxy import ProxyApp
-from pyproxy.reload import ConfigWatcher, file_digest
+from pyproxy.reload import ConfigWatcher
 from pyproxy.runtime import RuntimeHolder, build_runtime
 from pyproxy.urlguard import restorable
 
@@ -42,12 +49,17 @@ ADMIN_THREADS = 4  # probes and scrapes are light; a busy proxy pool must not st
 
 class Service:
     """One pyproxy instance. Binds its listeners on construction (OSError if a port is
-    taken); `start()` starts threads; `serve()` blocks until shutdown completes."""
+    taken); `start()` starts threads; `serve()` blocks until shutdown completes.
+
+    `source`: where reloads read the config; by default `config.source_path`, watched
+    for changes. `--demo` passes a FixedSource: nothing to watch, reloads change nothing.
+    """
 
     def __init__(
         self,
         config: Config,
         *,
+        source: ConfigSource | None = None,
         registry: CollectorRegistry | None = None,
         access_log_stream: IO[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -89,7 +101,8 @@ class Service:
         self.proxy_server.on_refused = self.app.record_refusal
         self.watcher: ConfigWatcher | None = None
         self.control = Control(
-            self.holder, self.metrics,
+            self.holder, self.metrics, source=source,
+            on_reload=self._reopen_access_log,
             on_backend_added=lambda: self.health_checker.poke(),
             on_settings=self._apply_settings,
         )  # fmt: skip
@@ -115,17 +128,13 @@ class Service:
         return [self.proxy_server.address[:2], self.admin_server.address[:2]]
 
     def reload(self, trigger: str) -> ReloadResult:
-        """Re-read the config file (SIGHUP, the admin API and the watcher call this)."""
+        """Reload the config (SIGHUP and the watcher call this; the admin API calls
+        `control.reload`, the same entry)."""
+        return self.control.reload(trigger)
+
+    def _reopen_access_log(self) -> None:
         if self.access_log is not None:
             self.access_log.reopen()  # after logrotate moved the file away
-        path = self.holder.runtime.config.source_path
-        digest = file_digest(path) if path else None  # read before the reload reads it
-        result = self.control.reload(trigger)
-        if self.watcher is not None and digest is not None:
-            # The watcher need not reload these bytes again; a write landing after
-            # this point has another digest and is still picked up.
-            self.watcher.note_applied(digest)
-        return result
 
     def _apply_settings(self, config: Config) -> None:
         """Settings that live outside the runtime snapshot: the access log."""
@@ -154,7 +163,8 @@ class Service:
         return f"http://{host}:{port}"
 
     def ready(self) -> bool:
-        """False from the moment shutdown starts (SPEC §8: /readyz turns 503 at once)."""
+        """False from the moment shutdown starts: /readyz turns 503 at once, so load
+        balancers in front stop sending new clients here."""
         return not self._shutdown_requested.is_set()
 
     # -- life ------------------------------------------------------------------
@@ -163,10 +173,8 @@ class Service:
         self._spawn("pyproxy-proxy", self.proxy_server.serve_forever)
         self._spawn("pyproxy-admin", self.admin_server.serve_forever)
         self.health_checker.start()
-        if self.config.source_path:
-            self.watcher = ConfigWatcher(
-                self.config.source_path, lambda trigger: self.control.reload(trigger)
-            )
+        if isinstance(self.control.source, FileSource):
+            self.watcher = ConfigWatcher(self.control.source, self.reload)
             self.watcher.start()
         log.info(
             "serving on %s (admin %s), %d backend(s), strategy %s",
@@ -196,7 +204,8 @@ class Service:
     def _drain(self) -> None:
         settings = self.config.shutdown
         if settings.delay:
-            # Keep serving while load balancers in front notice /readyz (SPEC §8).
+            # Keep serving while load balancers in front notice that /readyz turned 503:
+            # they stop sending only after their next health check of this instance.
             log.info("shutdown: serving %.1fs more before closing the listener", settings.delay)
             self._stopped.wait(settings.delay)
         self.proxy_server.stop_accepting()

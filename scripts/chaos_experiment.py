@@ -48,17 +48,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import requests
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from waitress.server import create_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from pyproxy.configload import load_config
-from pyproxy.demo import demo_backend_app
+from pyproxy.demo import DemoBackends
 from pyproxy.service import Service
 
 CLIENTS = 4
@@ -91,23 +89,10 @@ PHASES = (
 # -- the servers ---------------------------------------------------------------------
 
 
-class Backends:
-    """Three demo backends (pyproxy.demo's app) on waitress, on ephemeral ports."""
-
-    def __init__(self) -> None:
-        self.servers: list[Any] = []
-        self.urls: list[str] = []
-        for index in (1, 2, 3):
-            server = create_server(
-                demo_backend_app(f"app{index}"), host="127.0.0.1", port=0, threads=4
-            )
-            self.servers.append(server)
-            self.urls.append(f"http://127.0.0.1:{server.effective_port}")
-            threading.Thread(target=server.run, name=f"experiment-app{index}", daemon=True).start()
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.close()
+def start_backends() -> DemoBackends:
+    """Three demo backends (pyproxy.demo's) on ephemeral ports. DemoBackends stops each
+    loop before closing its sockets; waitress's own server.run() cannot be stopped."""
+    return DemoBackends(ports=(0, 0, 0))
 
 
 def main_proxy_yaml(urls: list[str], sidecar_url: str, error_rate: float) -> str:
@@ -282,8 +267,8 @@ def line(t: float, phase: str, before: Reading, now: Reading) -> str:
 
 
 @contextlib.contextmanager
-def running(workdir: Path) -> Iterator[tuple[Backends, Service, Service, Path, Path]]:
-    backends = Backends()
+def running(workdir: Path) -> Iterator[tuple[DemoBackends, Service, Service, Path, Path]]:
+    backends = start_backends()
     services: list[Service] = []
     try:
         sidecar_path, proxy_path = workdir / "sidecar.yaml", workdir / "pyproxy.yaml"

@@ -7,7 +7,6 @@ outlives the test.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -108,6 +107,52 @@ def test_bad_usage_exits_2(tmp_path: Path, args: list[str]) -> None:
     assert result.returncode == 2, result.stderr
     assert "usage" in result.stderr.lower()
     assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("args", [["-c", "demo.yaml"], ["--check"]])
+def test_demo_takes_no_config_file_and_says_so(tmp_path: Path, args: list[str]) -> None:
+    # --demo runs on its own built-in settings (tests/test_demo.py): a file given with
+    # it would be silently ignored, so it is refused before anything starts.
+    write(tmp_path / "demo.yaml", "backends: []\n")
+
+    result = run_cli("--demo", *args, cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert "--demo" in result.stderr and "usage" in result.stderr.lower()
+    assert_no_traceback(result)
+
+
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    # The config is a named pipe nobody writes to: pyproxy blocks reading it, before its
+    # signal handlers exist, which is when Ctrl-C used to print a KeyboardInterrupt.
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pyproxy", "-c", str(fifo)],
+            cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    writer = -1
+    try:
+        deadline = time.monotonic() + 20
+        while writer < 0 and time.monotonic() < deadline:
+            try:  # succeeds once pyproxy has opened the pipe to read it
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        assert writer >= 0, stderr.read_text()
+        os.kill(process.pid, signal.SIGINT)
+        code = process.wait(timeout=20)
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    assert code == 130, stderr.read_text()
+    assert "Traceback" not in stderr.read_text()
 
 
 # -- --check --------------------------------------------------------------------------------
@@ -294,35 +339,3 @@ def test_serves_logs_to_stderr_and_exits_0_on_sigterm(
     assert_no_traceback(subprocess.CompletedProcess([], 0, "", stderr))
     # One line per event, with the logger name.
     assert any("pyproxy" in line and "serving" in line for line in stderr.splitlines()), stderr
-
-
-def test_demo_serves_three_backends_in_turn_and_exits_0_on_sigterm(
-    tmp_path: Path, start_cli: Callable[..., Running]
-) -> None:
-    port, admin_port = free_ports(2)
-    config = write(
-        tmp_path / "demo.yaml",
-        f'listen: "127.0.0.1:{port}"\nbackends: []\nadmin:\n  listen: "127.0.0.1:{admin_port}"\n',
-    )
-    running = start_cli("--demo", "-c", str(config))
-    proxy_url = f"http://127.0.0.1:{port}"
-    wait_until_serving(proxy_url + "/", running)
-
-    seen = []
-    with requests.Session() as session:
-        session.trust_env = False
-        for index in range(6):
-            response = session.get(f"{proxy_url}/hello/{index}", timeout=5)
-            assert response.status_code == 200
-            seen.append(json.loads(response.text)["backend"])
-        backends = session.get(f"http://127.0.0.1:{admin_port}/admin/backends", timeout=5)
-    assert sorted(set(seen)) == ["app1", "app2", "app3"]
-    assert seen[:3] * 2 == seen  # round robin by default
-    assert [b["name"] for b in backends.json()["backends"]] == ["app1", "app2", "app3"]
-
-    assert stop(running) == 0
-    stdout, stderr = running.output()
-    assert proxy_url in stdout  # the banner names the URLs ...
-    assert "curl" in stdout  # ... and lines to try
-    assert "token" in stdout.lower()
-    assert "Traceback" not in stderr
