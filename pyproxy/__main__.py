@@ -1,3 +1,3 @@
-from pyproxy.server import main
+from pyproxy.cli import main
 
 main()

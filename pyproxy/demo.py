@@ -22,10 +22,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pyproxy.config import Address, AdminConfig, BackendConfig, Config, LimitsConfig
-from pyproxy.control import FixedSource
-from pyproxy.inbound import EdgeServer
-from pyproxy.service import Service
+from pyproxy.config.schema import Address, AdminConfig, BackendConfig, Config, LimitsConfig
+from pyproxy.edge.server import EdgeServer
+from pyproxy.process.service import Service
+from pyproxy.runtime.swap import FixedSource
 
 DEMO_PORTS = (9001, 9002, 9003)
 PROXY_PORT, ADMIN_PORT = 8080, 8081

@@ -12,7 +12,7 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 
-from pyproxy.config import Network
+from pyproxy.config.schema import Network
 
 # RFC 9110 §7.6.1: these describe one connection, not the message, and must not be
 # forwarded. Proxy-Connection and Keep-Alive are legacy spellings still seen in the wild.

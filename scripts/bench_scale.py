@@ -74,7 +74,7 @@ def time_per_call(fn: Callable[[], object], budget_s: float = 0.3) -> float:
 
 @dataclass
 class FakeBackend:
-    """Just what a selection policy may look at (pyproxy.selection.Candidate)."""
+    """Just what a selection policy may look at (pyproxy.policy.selection.Candidate)."""
 
     name: str
     weight: int
@@ -84,9 +84,9 @@ class FakeBackend:
 def part_selection(results: dict[str, Any]) -> None:
     say("\n== selection: cost per pick, by strategy and number of backends ==")
     try:
-        from pyproxy.selection import SELECTORS
+        from pyproxy.policy.selection import SELECTORS
     except ImportError as exc:
-        say(f"selection: pyproxy.selection not available yet ({exc}); skipped")
+        say(f"selection: pyproxy.policy.selection not available yet ({exc}); skipped")
         return
     full_path = full_path_runtimes()
     if isinstance(full_path, str):
@@ -118,10 +118,10 @@ def part_selection(results: dict[str, Any]) -> None:
 def full_path_runtimes() -> Callable[[str, int], Any] | str:
     """A factory of real pyproxy Runtimes with n backends, or why there is none."""
     try:
-        from pyproxy.configload import parse_config
-        from pyproxy.runtime import build_runtime
+        from pyproxy.config.load import parse_config
+        from pyproxy.runtime.snapshot import build_runtime
     except ImportError as exc:
-        return f"pyproxy.runtime/configload not available yet ({exc})"
+        return f"pyproxy.runtime.snapshot/configload not available yet ({exc})"
 
     def make(strategy: str, n: int) -> Any:
         config = parse_config(
@@ -228,10 +228,10 @@ def part_client(
 def part_limiter(results: dict[str, Any], keys: int) -> None:
     say(f"\n== limiter: {keys:,} distinct client keys ==")
     try:
-        from pyproxy.config import Rate
-        from pyproxy.ratelimit import MemoryClientLimiter
+        from pyproxy.config.schema import Rate
+        from pyproxy.policy.ratelimit import MemoryClientLimiter
     except ImportError as exc:
-        say(f"limiter: pyproxy.ratelimit not available yet ({exc}); skipped")
+        say(f"limiter: pyproxy.policy.ratelimit not available yet ({exc}); skipped")
         return
     rows = []
     # (rate, max_clients): a typical rate with the default bound; then the worst case

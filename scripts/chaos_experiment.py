@@ -55,9 +55,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from pyproxy.configload import load_config
+from pyproxy.config.load import load_config
 from pyproxy.demo import DemoBackends
-from pyproxy.service import Service
+from pyproxy.process.service import Service
 
 CLIENTS = 4
 CLIENT_RATE = 25.0  # requests per second per client thread (~100/s in all)
@@ -285,7 +285,7 @@ def running(workdir: Path) -> Iterator[tuple[DemoBackends, Service, Service, Pat
 
 def run(phases: tuple[Phase, ...]) -> None:
     logging.basicConfig(level=logging.WARNING, format="        ! %(name)s: %(message)s")
-    logging.getLogger("pyproxy.attempt").setLevel(logging.INFO)  # circuit transitions
+    logging.getLogger("pyproxy.proxy.attempt").setLevel(logging.INFO)  # circuit transitions
     stop = threading.Event()
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="pyproxy-chaos-") as tmp, running(Path(tmp)) as (

@@ -21,7 +21,7 @@ import requests
 from backends import EchoBackend, ScriptedBackend, Step
 from prometheus_client import CollectorRegistry
 
-from pyproxy.config import (
+from pyproxy.config.schema import (
     Address,
     AdminConfig,
     BackendConfig,
@@ -31,7 +31,7 @@ from pyproxy.config import (
     RetryConfig,
     Timeouts,
 )
-from pyproxy.service import Service
+from pyproxy.process.service import Service
 
 
 class HasUrl(Protocol):

@@ -27,10 +27,10 @@ from conftest import access_log_text, base_config
 from prometheus_client import CollectorRegistry
 from rawhttp import exchange, request_bytes
 
-from pyproxy import accesslog
-from pyproxy.accesslog import AccessLog
-from pyproxy.config import AccessLogConfig, BackendConfig, RetryConfig
-from pyproxy.service import Service
+from pyproxy.config.schema import AccessLogConfig, BackendConfig, RetryConfig
+from pyproxy.observe import accesslog
+from pyproxy.observe.accesslog import AccessLog
+from pyproxy.process.service import Service
 
 TEXT_LINE = re.compile(
     r"(?P<client>\S+) - - \[(?P<time>\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} \+0000)\] "

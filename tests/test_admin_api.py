@@ -26,16 +26,16 @@ from conftest import ProxyFactory
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyproxy import urlguard
-from pyproxy.config import (
+from pyproxy.config.load import ConfigError, load_config
+from pyproxy.config.schema import (
     Address,
     AdminConfig,
     BackendConfig,
     Config,
     HealthCheckConfig,
 )
-from pyproxy.configload import ConfigError, load_config
-from pyproxy.service import Service
+from pyproxy.pool import urlguard
+from pyproxy.process.service import Service
 
 TOKEN = "t0ken-for-tests"
 ADMIN = AdminConfig(listen=Address("127.0.0.1", 0), token=TOKEN)
@@ -514,7 +514,7 @@ def test_a_name_that_later_resolves_to_metadata_is_refused_at_connect_time(
     for idle in list(pool.pool.queue):  # type: ignore[union-attr]  # the next request dials
         if idle is not None:
             idle.close()
-    with caplog.at_level(logging.WARNING, logger="pyproxy.urlguard"):
+    with caplog.at_level(logging.WARNING, logger="pyproxy.pool.urlguard"):
         codes = [http.get(service.proxy_url + "/who", timeout=5).status_code for _ in range(4)]
     assert sorted(codes) == [200, 200, 502, 502]
     assert len(rebinding.requests()) == served
@@ -587,7 +587,7 @@ def test_a_tampered_state_file_cannot_add_a_metadata_backend(
         {"url": "http://127.0.0.1:9", "name": "fine"},
     ]
     state.write_text(json.dumps({"added": entries, "removed_urls": []}))
-    with caplog.at_level(logging.ERROR, logger="pyproxy.urlguard"):
+    with caplog.at_level(logging.ERROR, logger="pyproxy.pool.urlguard"):
         service = start_service(load_config(str(path)))
     assert list(listed(http, service)) == ["echo", "fine"]
     for entry in entries[:-1]:

@@ -16,8 +16,8 @@ from backends import RESET, EchoBackend, ScriptedBackend, closed_port, wait_for
 from conftest import ProxyFactory
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyproxy.config import Address, AdminConfig, BackendConfig
-from pyproxy.service import Service
+from pyproxy.config.schema import Address, AdminConfig, BackendConfig
+from pyproxy.process.service import Service
 
 BACKEND_FIELDS = {
     "name": str,

@@ -22,11 +22,7 @@ from conftest import FakeClock, ProxyFactory, base_config
 from prometheus_client import CollectorRegistry
 from test_resilience import WAIT, metric, status_of
 
-from pyproxy import proxy as proxy_module
-from pyproxy import upstream
-from pyproxy.admission import BackendLease
-from pyproxy.breaker import CircuitBreaker, CircuitState
-from pyproxy.config import (
+from pyproxy.config.schema import (
     BackendConfig,
     CircuitBreakerConfig,
     Rate,
@@ -34,10 +30,14 @@ from pyproxy.config import (
     RetryConfig,
     Timeouts,
 )
-from pyproxy.metrics import Metrics
-from pyproxy.ratelimit import BackendLimiter
-from pyproxy.runtime import Runtime
-from pyproxy.service import Service
+from pyproxy.observe.metrics import Metrics
+from pyproxy.policy.ratelimit import BackendLimiter
+from pyproxy.pool import upstream
+from pyproxy.pool.breaker import CircuitBreaker, CircuitState
+from pyproxy.process.service import Service
+from pyproxy.proxy import app as proxy_module
+from pyproxy.proxy.admission import BackendLease
+from pyproxy.runtime.snapshot import Runtime
 
 OPEN_FOR = 30.0
 

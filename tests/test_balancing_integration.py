@@ -14,7 +14,7 @@ import requests
 from backends import EchoBackend, wait_for
 from conftest import ProxyFactory
 
-from pyproxy.config import BackendConfig
+from pyproxy.config.schema import BackendConfig
 
 
 def served_by(session: requests.Session, url: str, count: int) -> list[str]:

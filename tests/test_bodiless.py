@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import ProxyFactory
 
-from pyproxy.config import BackendConfig
+from pyproxy.config.schema import BackendConfig
 
 ANSWERS = {
     b"HEAD": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",

@@ -12,8 +12,8 @@ import time
 import pytest
 from conftest import FakeClock
 
-from pyproxy.breaker import CircuitBreaker, CircuitState, Permit
-from pyproxy.config import CircuitBreakerConfig
+from pyproxy.config.schema import CircuitBreakerConfig
+from pyproxy.pool.breaker import CircuitBreaker, CircuitState, Permit
 
 
 def make(clock: FakeClock | None = None, **overrides: object) -> tuple[CircuitBreaker, FakeClock]:

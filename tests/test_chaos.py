@@ -23,9 +23,9 @@ import requests
 from backends import EchoBackend
 from conftest import ProxyFactory
 
-from pyproxy.config import ChaosConfig, CircuitBreakerConfig, RetryConfig, Timeouts
-from pyproxy.runtime import build_runtime
-from pyproxy.service import Service
+from pyproxy.config.schema import ChaosConfig, CircuitBreakerConfig, RetryConfig, Timeouts
+from pyproxy.process.service import Service
+from pyproxy.runtime.snapshot import build_runtime
 
 WAIT = 5.0
 RETRIES_ON = RetryConfig(max_retries=2, backoff=0.0)

@@ -24,20 +24,20 @@ from conftest import ProxyFactory, base_config
 from rawhttp import exchange
 from test_resilience import WAIT, dead, metric, status_of
 
-from pyproxy.admission import Admission
-from pyproxy.attempt import Tools, try_backend
-from pyproxy.config import (
+from pyproxy.config.schema import (
     ChaosConfig,
     CircuitBreakerConfig,
     HealthCheckConfig,
     RetryConfig,
     Timeouts,
 )
-from pyproxy.metrics import Metrics
-from pyproxy.request import Inbound
-from pyproxy.retry import MIN_RETRY_BUDGET, RetryBudget
-from pyproxy.runtime import Runtime, build_runtime
-from pyproxy.service import Service
+from pyproxy.observe.metrics import Metrics
+from pyproxy.policy.retry import MIN_RETRY_BUDGET, RetryBudget
+from pyproxy.process.service import Service
+from pyproxy.proxy.admission import Admission
+from pyproxy.proxy.attempt import Tools, try_backend
+from pyproxy.proxy.request import Inbound
+from pyproxy.runtime.snapshot import Runtime, build_runtime
 
 TOUCHY = CircuitBreakerConfig(failure_threshold=1)  # one failure opens a circuit
 

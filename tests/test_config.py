@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pyproxy.config import STRATEGIES, Address, BackendConfig, Config, Rate, Timeouts
-from pyproxy.configload import (
+from pyproxy.config.load import (
     ConfigError,
     config_warnings,
     describe_changes,
@@ -21,6 +20,7 @@ from pyproxy.configload import (
     parse_config,
     redact_secrets,
 )
+from pyproxy.config.schema import STRATEGIES, Address, BackendConfig, Config, Rate, Timeouts
 
 REPO = Path(__file__).resolve().parent.parent
 EMPTY_BACKENDS_WARNING = (
@@ -915,7 +915,7 @@ def test_redact_secrets(text: str, shown: str) -> None:
 def test_check_never_prints_a_store_password(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pyproxy.server import check
+    from pyproxy.cli import check
 
     path = tmp_path / "pyproxy.yaml"
     path.write_text(

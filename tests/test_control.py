@@ -21,12 +21,12 @@ import yaml
 from conftest import base_config
 from prometheus_client import CollectorRegistry
 
-from pyproxy.config import Address, AdminConfig, BackendConfig, Config
-from pyproxy.configload import load_config
-from pyproxy.configreport import config_warnings, describe_changes
-from pyproxy.control import Control, keep_restart_settings, load_state, save_state
-from pyproxy.metrics import Metrics
-from pyproxy.runtime import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.config.load import load_config
+from pyproxy.config.report import config_warnings, describe_changes
+from pyproxy.config.schema import Address, AdminConfig, BackendConfig, Config
+from pyproxy.observe.metrics import Metrics
+from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.swap import Control, keep_restart_settings, load_state, save_state
 
 A = BackendConfig(url="http://127.0.0.1:9101", name="a")
 B = BackendConfig(url="http://127.0.0.1:9102", name="b")
@@ -312,7 +312,7 @@ def test_corrupt_state_file_is_ignored_with_a_log_line(
 ) -> None:
     path = tmp_path / "state.json"
     path.write_text(content)
-    with caplog.at_level(logging.ERROR, logger="pyproxy.control"):
+    with caplog.at_level(logging.ERROR, logger="pyproxy.runtime.swap"):
         assert load_state(str(path)) == AdminChanges()
     assert f"admin state file {path} ignored" in caplog.text
 
@@ -323,7 +323,7 @@ def test_unwritable_state_file_is_logged_not_raised(
     target = tmp_path / "is-a-directory"
     target.mkdir()
     (target / "keep").write_text("x")  # os.replace cannot replace a non-empty directory
-    with caplog.at_level(logging.ERROR, logger="pyproxy.control"):
+    with caplog.at_level(logging.ERROR, logger="pyproxy.runtime.swap"):
         save_state(str(target), AdminChanges(added=(A,)))
     assert "not written" in caplog.text
     assert sorted(os.listdir(tmp_path)) == ["is-a-directory"]  # the temp file was cleaned up

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from waitress.buffers import OverflowableBuffer
 
-from pyproxy.inbound_chunked import StrictChunkedReceiver
+from pyproxy.edge.chunked import StrictChunkedReceiver
 
 BODY = b"3;name=value\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: t\r\n\r\n"
 NEXT = b"GET /next HTTP/1.1\r\n"

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawhttp import RawClient, RawResponse, exchange, request_bytes
 
-from pyproxy.config import LimitsConfig
-from pyproxy.inbound import EdgeRefusal
-from pyproxy.service import Service
+from pyproxy.config.schema import LimitsConfig
+from pyproxy.edge.server import EdgeRefusal
+from pyproxy.process.service import Service
 
 WAIT = 5.0
 

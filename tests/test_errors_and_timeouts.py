@@ -31,8 +31,8 @@ from backends import (
 from conftest import ProxyFactory
 from rawhttp import RawClient, RawResponse, exchange, request_bytes
 
-from pyproxy.config import BackendConfig, LimitsConfig, RetryConfig, Timeouts
-from pyproxy.service import Service
+from pyproxy.config.schema import BackendConfig, LimitsConfig, RetryConfig, Timeouts
+from pyproxy.process.service import Service
 
 OK = [send(response(200, b"fine\n")), KEEP]
 

@@ -18,11 +18,11 @@ import pytest
 from backends import CLOSE, HANG, RESET, ScriptedBackend, closed_port, send, sleep
 from urllib3 import exceptions as u3
 
-from pyproxy import upstream
-from pyproxy.backend import Backend
-from pyproxy.config import BackendConfig, CircuitBreakerConfig, HealthCheckConfig
-from pyproxy.errors import Failure, classify, error_body, status_failure
-from pyproxy.runtime import attempt_timeout
+from pyproxy.config.schema import BackendConfig, CircuitBreakerConfig, HealthCheckConfig
+from pyproxy.pool import upstream
+from pyproxy.pool.backend import Backend
+from pyproxy.pool.errors import Failure, classify, error_body, status_failure
+from pyproxy.runtime.snapshot import attempt_timeout
 
 # (reason, condition, status, request_sent)
 CONNECT_REFUSED = ("connect_error", "connect_error", 502, False)

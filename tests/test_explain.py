@@ -8,8 +8,8 @@ import requests
 from backends import EchoBackend, closed_port
 from conftest import ProxyFactory
 
-from pyproxy.config import BackendConfig, CircuitBreakerConfig, RetryConfig
-from pyproxy.explain import wants_explanation
+from pyproxy.config.schema import BackendConfig, CircuitBreakerConfig, RetryConfig
+from pyproxy.proxy.explain import wants_explanation
 
 ASK = {"X-PyProxy-Explain": "1"}
 

@@ -33,8 +33,8 @@ from backends import (
 from conftest import ProxyFactory, access_log_text
 from rawhttp import RawClient, exchange, request_bytes
 
-from pyproxy.config import BackendConfig
-from pyproxy.service import Service
+from pyproxy.config.schema import BackendConfig
+from pyproxy.process.service import Service
 
 HOP_BY_HOP = {
     "connection",

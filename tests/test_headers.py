@@ -7,7 +7,7 @@ from ipaddress import ip_network
 
 import pytest
 
-from pyproxy.config import Network
+from pyproxy.config.schema import Network
 from pyproxy.headers import (
     HOP_BY_HOP,
     append_via,

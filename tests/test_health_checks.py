@@ -55,10 +55,10 @@ from test_resilience import (
 from test_shutdown import REPO
 
 from pyproxy import __version__
-from pyproxy.backend import Backend
-from pyproxy.config import BackendConfig, CircuitBreakerConfig, HealthCheckConfig
-from pyproxy.health import HealthStatus
-from pyproxy.healthcheck import HealthChecker, check_backend
+from pyproxy.config.schema import BackendConfig, CircuitBreakerConfig, HealthCheckConfig
+from pyproxy.pool.backend import Backend
+from pyproxy.pool.health import HealthStatus
+from pyproxy.pool.health_checker import HealthChecker, check_backend
 
 # -- the verdict: HealthStatus ---------------------------------------------------------
 
@@ -295,7 +295,7 @@ def test_probe_once_logs_and_reports_only_real_transitions(
         on_transition=lambda b: transitions.append(b.health.state),
         clock=FakeClock(),
     )
-    caplog.set_level(logging.INFO, logger="pyproxy.healthcheck")
+    caplog.set_level(logging.INFO, logger="pyproxy.pool.health_checker")
     try:
         flip.health_status = 500
         assert [checker.probe_once(backend, check) for _ in range(4)] == [False, True, False, False]
@@ -304,9 +304,9 @@ def test_probe_once_logs_and_reports_only_real_transitions(
     finally:
         backend.close()
     assert transitions == ["down", "up"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "pyproxy.healthcheck"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyproxy.pool.health_checker"]
     assert lines == ["backend probed is down (500)", "backend probed is up (200)"]
-    assert [r.levelno for r in caplog.records if r.name == "pyproxy.healthcheck"] == [
+    assert [r.levelno for r in caplog.records if r.name == "pyproxy.pool.health_checker"] == [
         logging.WARNING,
         logging.INFO,
     ]
@@ -345,7 +345,7 @@ def test_a_failing_backend_goes_down_gets_no_traffic_and_comes_back(
         interval=0.1, timeout=0.5, healthy_threshold=2, unhealthy_threshold=3
     )
     proxy = make_proxy([cfg(flip), good], health_check=health)
-    caplog.set_level(logging.INFO, logger="pyproxy.healthcheck")
+    caplog.set_level(logging.INFO, logger="pyproxy.pool.health_checker")
     assert metric(proxy, "proxy_backend_up", backend="flip") == 1
 
     flip.health_status = 500
@@ -369,7 +369,7 @@ def test_a_failing_backend_goes_down_gets_no_traffic_and_comes_back(
     assert metric(proxy, "proxy_backend_up", backend="flip") == 1
     assert {get(proxy).headers["X-Backend"] for _ in range(4)} == {"flip", "good"}
 
-    messages = [r.getMessage() for r in caplog.records if r.name == "pyproxy.healthcheck"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "pyproxy.pool.health_checker"]
     assert [m.split(" (")[0] for m in messages] == ["backend flip is down", "backend flip is up"]
 
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 from conftest import run_to_end
 
-from pyproxy.health import HealthStatus
+from pyproxy.pool.health import HealthStatus
 
 
 def feed(status: HealthStatus, results: str, start: float = 0.0) -> list[bool]:

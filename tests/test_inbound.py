@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from backends import wait_for
 
-from pyproxy.config import LimitsConfig
-from pyproxy.inbound import AbortResponse, EdgeServer
+from pyproxy.config.schema import LimitsConfig
+from pyproxy.edge.server import AbortResponse, EdgeServer
 
 WAIT = 5.0  # generous bound for anything that should happen "at once"
 LIMITS = LimitsConfig(

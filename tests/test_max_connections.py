@@ -17,8 +17,8 @@ from backends import EchoBackend, closed_port, wait_for
 from conftest import ProxyFactory
 from test_resilience import WAIT, get, metric, status_of
 
-from pyproxy.config import BackendConfig, RetryConfig
-from pyproxy.service import Service
+from pyproxy.config.schema import BackendConfig, RetryConfig
+from pyproxy.process.service import Service
 
 
 def capped(backend: EchoBackend, cap: int) -> BackendConfig:

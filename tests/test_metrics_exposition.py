@@ -32,14 +32,14 @@ from conftest import base_config
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from pyproxy.config import (
+from pyproxy.config.schema import (
     BackendConfig,
     CircuitBreakerConfig,
     HealthCheckConfig,
     RetryConfig,
     Timeouts,
 )
-from pyproxy.service import Service
+from pyproxy.process.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 

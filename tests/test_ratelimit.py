@@ -13,8 +13,8 @@ import time
 import pytest
 from conftest import FakeClock, run_to_end
 
-from pyproxy.config import Rate
-from pyproxy.ratelimit import (
+from pyproxy.config.schema import Rate
+from pyproxy.policy.ratelimit import (
     BackendLimiter,
     ClientLimiter,
     Decision,

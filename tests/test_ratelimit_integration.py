@@ -22,11 +22,11 @@ from backends import EchoBackend
 from conftest import FakeClock, ProxyFactory
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyproxy.config import Rate, RateLimitConfig
-from pyproxy.configload import load_config, parse_config
-from pyproxy.ratelimit import BackendLimiter, MemoryClientLimiter
-from pyproxy.runtime import build_runtime
-from pyproxy.service import Service
+from pyproxy.config.load import load_config, parse_config
+from pyproxy.config.schema import Rate, RateLimitConfig
+from pyproxy.policy.ratelimit import BackendLimiter, MemoryClientLimiter
+from pyproxy.process.service import Service
+from pyproxy.runtime.snapshot import build_runtime
 
 WAIT = 5.0
 

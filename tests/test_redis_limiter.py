@@ -29,9 +29,9 @@ import requests
 from backends import EchoBackend, closed_port, free_ports, wait_for
 from conftest import ProxyFactory
 
-from pyproxy.config import Rate, RateLimitConfig
-from pyproxy.ratelimit_store import RETRY_STORE_AFTER, RedisClientLimiter
-from pyproxy.service import Service
+from pyproxy.config.schema import Rate, RateLimitConfig
+from pyproxy.policy.ratelimit_store import RETRY_STORE_AFTER, RedisClientLimiter
+from pyproxy.process.service import Service
 
 WAIT = 5.0
 INSTALL = "apt-get install -y redis-server && pip install 'redis>=4.5'"
@@ -247,7 +247,7 @@ def test_an_unreachable_store_lets_requests_through_and_counts_each_one(
 ) -> None:
     _redis_module()
     dead = f"redis://127.0.0.1:{closed_port()}/0"
-    caplog.set_level(logging.INFO, logger="pyproxy.ratelimit_store")
+    caplog.set_level(logging.INFO, logger="pyproxy.policy.ratelimit_store")
     proxy = make_proxy(
         [echo_backend], rate_limit=RateLimitConfig(per_client=Rate(1, 3600.0), store=dead)
     )
@@ -261,7 +261,7 @@ def test_an_unreachable_store_lets_requests_through_and_counts_each_one(
     errors = [
         r
         for r in caplog.records
-        if r.name == "pyproxy.ratelimit_store" and r.levelno >= logging.ERROR
+        if r.name == "pyproxy.policy.ratelimit_store" and r.levelno >= logging.ERROR
     ]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "unreachable" in errors[0].getMessage()
@@ -291,7 +291,7 @@ def test_the_limit_comes_back_when_the_store_does(
     _redis_module()
     port = closed_port()
     failures: list[int] = []
-    caplog.set_level(logging.INFO, logger="pyproxy.ratelimit_store")
+    caplog.set_level(logging.INFO, logger="pyproxy.policy.ratelimit_store")
     limiter = RedisClientLimiter(
         f"redis://127.0.0.1:{port}/0", Rate(2, 3600.0), None,
         on_store_error=lambda: failures.append(1),
@@ -311,7 +311,8 @@ def test_the_limit_comes_back_when_the_store_does(
         assert came_back - started <= RETRY_STORE_AFTER + 2.0
         assert limiter.check("k").allowed  # the second of the burst of 2 ...
         assert not limiter.check("k").allowed  # ... and then the limit holds again
-        messages = [r.getMessage() for r in caplog.records if r.name == "pyproxy.ratelimit_store"]
+        store_logger = "pyproxy.policy.ratelimit_store"
+        messages = [r.getMessage() for r in caplog.records if r.name == store_logger]
         assert sum("unreachable" in m for m in messages) == 1
         assert any("reachable again" in m for m in messages)
     finally:

@@ -28,10 +28,10 @@ import yaml
 from backends import EchoBackend, closed_port, free_ports, wait_for
 from prometheus_client import CollectorRegistry
 
-from pyproxy import control as control_module
-from pyproxy.config import BackendConfig
-from pyproxy.configload import load_config
-from pyproxy.service import Service
+from pyproxy.config.load import load_config
+from pyproxy.config.schema import BackendConfig
+from pyproxy.process.service import Service
+from pyproxy.runtime import swap as control_module
 
 TOKEN = "reload-test-token"
 REPO = Path(__file__).resolve().parent.parent
@@ -186,7 +186,7 @@ def test_invalid_then_valid(
     service = start_service(path)
     before = backends(http, service)
 
-    with caplog.at_level(logging.ERROR, logger="pyproxy.control"):
+    with caplog.at_level(logging.ERROR, logger="pyproxy.runtime.swap"):
         write_config(path, [cfg(app1, weight=-1), cfg(app2)], strategy="fastest")
         assert wait_for(lambda: reload_metrics(http, service) == (0, 1, 0), timeout=5)
         # logged with the field paths (the lines may follow the count by a moment)
@@ -373,7 +373,7 @@ def test_restart_settings_are_logged_and_ignored(
     proxy_url, admin_url = service.proxy_url, service.admin_url
     new_proxy, new_admin = free_ports(2)
 
-    with caplog.at_level(logging.INFO, logger="pyproxy.control"):
+    with caplog.at_level(logging.INFO, logger="pyproxy.runtime.swap"):
         write_config(
             path,
             [cfg(app1), cfg(app2)],
@@ -776,7 +776,7 @@ def test_limits_need_a_restart_and_the_summary_says_so(
     assert service.watcher is not None
     service.watcher.stop()  # only the route reloads in this test
     new_limits = {"max_request_body": 100, "header_timeout": "5s"}
-    with caplog.at_level(logging.INFO, logger="pyproxy.control"):
+    with caplog.at_level(logging.INFO, logger="pyproxy.runtime.swap"):
         write_config(path, [cfg(echo_backend)], limits=new_limits, strategy="random")
         answer = admin_reload(http, service)
     assert answer.status_code == 200

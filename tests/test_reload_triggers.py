@@ -21,10 +21,10 @@ import yaml
 from backends import EchoBackend, wait_for
 from prometheus_client import CollectorRegistry
 
-from pyproxy import reload as reload_module
-from pyproxy.config import BackendConfig
-from pyproxy.configload import load_config
-from pyproxy.service import Service
+from pyproxy.config.load import load_config
+from pyproxy.config.schema import BackendConfig
+from pyproxy.process.service import Service
+from pyproxy.runtime import watcher as reload_module
 
 TOKEN = "trigger-test-token"
 

@@ -44,7 +44,7 @@ from backends import sleep as sleep_step
 from conftest import ProxyFactory
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyproxy.config import (
+from pyproxy.config.schema import (
     Address,
     AdminConfig,
     BackendConfig,
@@ -54,7 +54,7 @@ from pyproxy.config import (
     StickyConfig,
     Timeouts,
 )
-from pyproxy.service import Service
+from pyproxy.process.service import Service
 
 WAIT = 10.0  # bound on every wait for the system under test
 TOKEN = "resilience-token"
@@ -538,7 +538,7 @@ def test_headers_just_before_the_deadline_never_become_a_cut_short_200(
     """The deadline watchdog may fire between the headers arriving and the worker
     unregistering the socket (a thread can be preempted there). The client must then
     get a clean 504, not a 200 whose body the watchdog cuts off."""
-    from pyproxy import connection
+    from pyproxy.pool import connection
 
     late = scripted(
         "late",
@@ -1001,7 +1001,7 @@ def test_weighted_5_1_1_goes_a_a_b_a_c_a_a_through_the_proxy(
 
 def test_the_rendezvous_example_in_the_docs() -> None:
     """docs/stickiness.md's table: scores, winners, and who moves when app3 goes."""
-    from pyproxy.sticky import rendezvous_score
+    from pyproxy.policy.sticky import rendezvous_score
 
     @dataclass
     class Pool:

@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-from pyproxy.config import RetryConfig
-from pyproxy.errors import Failure, chaos_failure, status_failure
+from pyproxy.config.schema import RetryConfig
 from pyproxy.headers import IDEMPOTENT_METHODS
-from pyproxy.retry import MIN_RETRY_BUDGET, RetryBudget, retry_verdict
+from pyproxy.policy.retry import MIN_RETRY_BUDGET, RetryBudget, retry_verdict
+from pyproxy.pool.errors import Failure, chaos_failure, status_failure
 
 CONNECT_ERROR = Failure("connect_error", "connect_error", 502, "connection refused", False)
 CONNECT_TIMEOUT = Failure("connect_error", "connect_error", 504, "connect timeout", False)

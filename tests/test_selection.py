@@ -1,4 +1,4 @@
-"""Unit tests of pyproxy/selection.py: each policy picks among the candidates it is given."""
+"""Unit tests of pyproxy/policy/selection.py: each policy picks among the candidates it is given."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pyproxy.config import STRATEGIES
-from pyproxy.selection import (
+from pyproxy.config.schema import STRATEGIES
+from pyproxy.policy.selection import (
     SELECTORS,
     LeastConnections,
     Random,

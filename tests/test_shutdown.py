@@ -29,8 +29,8 @@ from backends import EchoBackend, free_ports, wait_for
 from conftest import base_config
 from prometheus_client import CollectorRegistry
 
-from pyproxy.config import ShutdownConfig
-from pyproxy.service import Service
+from pyproxy.config.schema import ShutdownConfig
+from pyproxy.process.service import Service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -345,7 +345,7 @@ def test_idle_keep_alive_connections_are_closed_and_threads_stop(
 
     # Background threads stop cleanly (issue 6): none of this Service's is left running.
     # (`pyproxy-deadline` is the process-wide upstream deadline watchdog of
-    # pyproxy/connection.py, shared by every Service: it ends by itself once nothing is
+    # pyproxy/pool/connection.py, shared by every Service: it ends by itself once nothing is
     # watched, at the latest at the last request's deadline, which may be far off.)
     def ours() -> list[str]:
         return [

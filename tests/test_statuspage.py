@@ -26,7 +26,7 @@ import requests
 from backends import closed_port, wait_for
 from conftest import FakeClock
 
-from pyproxy.config import (
+from pyproxy.config.schema import (
     BackendConfig,
     CircuitBreakerConfig,
     Config,
@@ -35,9 +35,9 @@ from pyproxy.config import (
     RateLimitConfig,
     StickyConfig,
 )
-from pyproxy.runtime import AdminChanges, Runtime, build_runtime
-from pyproxy.service import Service
-from pyproxy.statuspage import CONTENT_TYPE, HEADERS, ago, render_status
+from pyproxy.ops.statuspage import CONTENT_TYPE, HEADERS, ago, render_status
+from pyproxy.process.service import Service
+from pyproxy.runtime.snapshot import AdminChanges, Runtime, build_runtime
 
 HOSTILE = "<script>alert('x')</script>\"&"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from pyproxy.config import StickyConfig
-from pyproxy.sticky import Sticky, backend_token, cookie_value
+from pyproxy.config.schema import StickyConfig
+from pyproxy.policy.sticky import Sticky, backend_token, cookie_value
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyproxy.config import Rate
-from pyproxy.units import parse_duration, parse_rate, parse_size
+from pyproxy.config.schema import Rate
+from pyproxy.config.units import parse_duration, parse_rate, parse_size
 
 
 @pytest.mark.parametrize(

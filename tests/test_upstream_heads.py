@@ -25,10 +25,10 @@ from conftest import ProxyFactory, base_config
 from prometheus_client import CollectorRegistry
 from rawhttp import RawClient, RawResponse, request_bytes
 
-from pyproxy.config import CircuitBreakerConfig, Timeouts
+from pyproxy.config.schema import CircuitBreakerConfig, Timeouts
 from pyproxy.headers import downstream_response_headers
-from pyproxy.service import Service
-from pyproxy.upstream_head import InvalidResponseHead, content_length, field_line_problem
+from pyproxy.pool.response_head import InvalidResponseHead, content_length, field_line_problem
+from pyproxy.process.service import Service
 
 CLIENT_WAIT = 5.0  # seconds; the proxy below waits up to 20 s for a backend read
 SHARED_TIMEOUTS = Timeouts(connect=2.0, read=20.0, total=40.0)
@@ -362,11 +362,11 @@ def test_the_log_names_the_backend_and_the_rule_a_head_broke(
 ) -> None:
     scripted.scripts["/logged"] = [send(head("X-A: 1", "no colon here") + b"ok"), KEEP]
 
-    with caplog.at_level("WARNING", logger="pyproxy.upstream"):
+    with caplog.at_level("WARNING", logger="pyproxy.pool.upstream"):
         answer = ask(shared_proxy, "/logged")
 
     assert is_own_502(answer)
-    messages = [r.getMessage() for r in caplog.records if r.name == "pyproxy.upstream"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "pyproxy.pool.upstream"]
     assert messages == [
         "backend scripted sent an invalid response head: "
         "a header line without a colon b'no colon here\\r\\n'"

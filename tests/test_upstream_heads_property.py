@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from test_upstream_heads import SHARED_TIMEOUTS, ask, is_own_502
 
 from pyproxy.headers import HOP_BY_HOP, WAITRESS_HOP_BY_HOP
-from pyproxy.service import Service
+from pyproxy.process.service import Service
 
 # No 500 or 502: those would be mistaken for the edge's or pyproxy's own answers.
 STATUSES = [200, 201, 204, 206, 299, 301, 304, 404, 418, 501, 503, 599]

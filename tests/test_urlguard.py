@@ -1,4 +1,4 @@
-"""The SSRF guard for admin-added backends (pyproxy/urlguard.py), without HTTP.
+"""The SSRF guard for admin-added backends (pyproxy/pool/urlguard.py), without HTTP.
 
 Every spelling of a forbidden address is checked two ways: what the guard says, and
 what the resolver urllib3 uses (`socket.getaddrinfo`) would actually connect to, so
@@ -14,8 +14,8 @@ import socket
 
 import pytest
 
-from pyproxy.config import BackendConfig
-from pyproxy.urlguard import (
+from pyproxy.config.schema import BackendConfig
+from pyproxy.pool.urlguard import (
     ForbiddenAddress,
     embedded_ipv4,
     keep_allowed,
@@ -142,7 +142,7 @@ def test_connect_time_resolution_refuses_a_name_that_now_points_at_metadata(
     assert resolve_allowed("app.test", 80) == ["127.0.0.1"]
     answers["app.test"] = "0xa9fea9fe"  # DNS changed after the admin check
     with (
-        caplog.at_level(logging.WARNING, logger="pyproxy.urlguard"),
+        caplog.at_level(logging.WARNING, logger="pyproxy.pool.urlguard"),
         pytest.raises(ForbiddenAddress, match="link-local"),
     ):
         resolve_allowed("app.test", 80)
@@ -159,7 +159,7 @@ def test_restored_backends_get_the_admin_rules(caplog: pytest.LogCaptureFixture)
         BackendConfig(url="http://127.0.0.1:8081", name="loop"),
         BackendConfig(url="http://later.invalid:80", name="dns-not-up-yet"),
     ]
-    with caplog.at_level(logging.ERROR, logger="pyproxy.urlguard"):
+    with caplog.at_level(logging.ERROR, logger="pyproxy.pool.urlguard"):
         kept = keep_allowed(backends, [("127.0.0.1", 8081)])
     assert [b.name for b in kept] == ["fine", "dns-not-up-yet"]
     for name in ("metadata", "metadata-decimal", "loop"):

@@ -1,0 +1,3 @@
+"""YAML -> Config: the schema (frozen dataclasses with every default), units, field
+checkers, loading, reports. Imports nothing else of pyproxy.
+"""

@@ -1,0 +1,2 @@
+"""Prometheus metrics and the access log.
+"""

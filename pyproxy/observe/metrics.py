@@ -1,0 +1,160 @@
+"""Metrics: every series pyproxy exposes (docs/metrics.md), on an injected registry.
+
+One registry per process (and one per test): prometheus-client refuses to register
+the same name twice in a registry ("Duplicated timeseries"). Label children are
+cached in plain dicts because `metric.labels(...)` takes a lock and builds a tuple
+on every call, which the hot path would pay per request.
+
+The per-backend gauges are not stored at all: `BackendGauges` reads them from the
+running backends at each scrape. A stored gauge is a copy of a fact, and a copy
+outlives its backend: a rename or removal that forgets to delete it leaves a
+"circuit open" series that never clears. Read at scrape time, a backend that left
+the running set is simply not in the answer. (Prometheus's guidance for values that
+already live elsewhere is a custom collector: prometheus.io/docs/instrumenting/writing_exporters.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pyproxy.pool.backend import Backend
+
+# Upstream latency from ~1 ms to a minute; roughly doubling so quantiles stay honest.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+# RFC 9110 §9 methods (case-sensitive). Any other token a client sends is counted as
+# "other": a label value taken verbatim from a request is unbounded cardinality, a
+# memory and scrape-size attack (the bug of client_golang's promhttp, CVE-2022-21698).
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
+
+
+class Metrics:
+    """The proxy's instruments. `Metrics()` makes its own fresh registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # docs/metrics.md lists the series exactly; *_created gauges would double their number.
+        # (A process-wide switch, read at collection time: one pyproxy per process.)
+        disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "proxy_requests_total",
+            "Requests answered, by backend, method and status code",
+            ["backend", "method", "code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "proxy_request_duration_seconds",
+            "Time from request received to response headers sent, by backend",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            # reason: errors.Failure.reason, or no_backend, rate_limited,
+            # client_disconnected, rate_limit_store (the table in docs/metrics.md)
+            "proxy_errors_total", "Failures, by backend and reason", ["backend", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.retries = Counter(
+            "proxy_retries_total", "Retries, by the backend whose attempt failed", ["backend"],
+            registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("proxy_in_flight_requests", "Requests being served now", registry=r)
+        # proxy_backend_up, proxy_circuit_state, proxy_backend_in_flight
+        self.backend_gauges = BackendGauges()
+        r.register(self.backend_gauges)
+        self.circuit_opens = Counter(
+            "proxy_circuit_opens_total", "Times the circuit opened", ["backend"], registry=r
+        )
+        self.rate_limited = Counter(
+            "proxy_rate_limited_total", "Requests refused by a rate limit", ["scope"], registry=r
+        )
+        self.reloads = Counter(
+            "proxy_config_reloads_total", "Config reloads, by result", ["result"], registry=r
+        )
+        self.last_reload_ok = Gauge(
+            "proxy_config_last_reload_successful", "1 if the last reload succeeded", registry=r
+        )
+        self.last_reload_ok.set(1)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    # -- hot path ------------------------------------------------------------
+
+    def observe_request(self, backend: str, method: str, code: int, seconds: float) -> None:
+        method = method if method in KNOWN_METHODS else "other"
+        self._child(self.requests, backend, method, str(code)).inc()
+        self._child(self.duration, backend).observe(seconds)
+
+    def count_error(self, backend: str, reason: str) -> None:
+        self._child(self.errors, backend, reason).inc()
+
+    def count_retry(self, backend: str) -> None:
+        self._child(self.retries, backend).inc()
+
+    # -- state changes -------------------------------------------------------
+
+    def read_backends_from(self, backends: Callable[[], Iterable[Backend]]) -> None:
+        """Say where the running backends are; their gauges are read there at each scrape."""
+        self.backend_gauges.backends = backends
+
+    def reload_result(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
+        self.last_reload_ok.set(1 if ok else 0)
+
+
+class BackendGauges(Collector):
+    """The per-backend gauges, read from the running backends at scrape time.
+
+    Only the backends `backends()` returns now are exposed: one that was removed or
+    renamed (by a reload or the admin API) leaves the scrape with the snapshot that
+    dropped it, whatever path it left by. The hot path pays nothing: the facts are
+    counters `Backend` keeps anyway.
+    """
+
+    def __init__(self) -> None:
+        self.backends: Callable[[], Iterable[Backend]] = tuple  # none until told where
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # The names only, so the registry can refuse a duplicate at registration.
+        return iter(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up, circuit, in_flight = families = self._families()
+        for backend in self.backends():
+            name = backend.name
+            up.add_metric([name], 1 if backend.health.up else 0)
+            circuit.add_metric([name], backend.breaker.state.gauge_value)
+            in_flight.add_metric([name], backend.in_flight)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "proxy_backend_up", "1 when the backend's health is up", labels=["backend"]
+            ),
+            GaugeMetricFamily(
+                "proxy_circuit_state", "0 closed, 1 half-open, 2 open", labels=["backend"]
+            ),
+            GaugeMetricFamily(
+                "proxy_backend_in_flight", "Requests in flight per backend", labels=["backend"]
+            ),
+        )

@@ -1,0 +1,2 @@
+"""The admin listener: the admin API and the status page.
+"""

@@ -1,0 +1,256 @@
+"""AdminApp: the WSGI app on the admin listener (docs/admin-api.md).
+
+Reading needs no token: probes, metrics, the backend list. Changing anything needs
+`Authorization: Bearer <token>`, compared in constant time. The routes are a table
+at the bottom of the class, so the whole API can be seen in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pyproxy.config.load import ConfigError, parse_backend
+from pyproxy.config.report import redact_secrets
+from pyproxy.headers import via_names
+from pyproxy.observe.metrics import Metrics
+from pyproxy.ops import statuspage
+from pyproxy.ops.statuspage import render_status
+from pyproxy.pool.urlguard import refuse_backend_url
+from pyproxy.runtime.snapshot import RuntimeHolder
+from pyproxy.runtime.swap import Control
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+Reply = tuple[int, str, bytes, list[tuple[str, str]]]
+
+STATUS_LINES = {
+    200: "200 OK",
+    201: "201 Created",
+    400: "400 Bad Request",
+    401: "401 Unauthorized",
+    403: "403 Forbidden",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    409: "409 Conflict",
+    413: "413 Content Too Large",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+    508: "508 Loop Detected",
+}
+
+MAX_ADMIN_BODY = 64 * 1024
+
+
+def _redact(value: str, token: str | None = None) -> str:
+    """`value` with the password of any URL in it shown as `***` (redact_secrets), and
+    the admin token, if it appears, too. Admin answers quote what they were given (a refused URL, a
+    config problem, a reload's changes); a password or the token must never come back
+    in one, nor in the logs that copy them.
+    """
+    value = redact_secrets(value)
+    return value.replace(token, "***") if token else value
+
+
+def text(status: int, body: str, headers: list[tuple[str, str]] | None = None) -> Reply:
+    body = _redact(body)
+    return status, "text/plain; charset=utf-8", (body + "\n").encode(), headers or []
+
+
+def json_reply(status: int, payload: object) -> Reply:
+    return status, "application/json", json.dumps(payload, indent=1).encode(), []
+
+
+class AdminApp:
+    """Routes admin requests. `lifecycle.ready()` says whether /readyz may say yes."""
+
+    def __init__(
+        self,
+        holder: RuntimeHolder,
+        metrics: Metrics,
+        lifecycle: Any,
+        control: Control,
+        own_addresses: Callable[[], list[tuple[str, int]]] = list,
+    ) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.control = control
+        self.own_addresses = own_addresses
+        self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
+            ("GET", "/livez"): self.livez,
+            ("GET", "/readyz"): self.readyz,
+            ("GET", "/metrics"): self.metrics_page,
+            ("GET", "/admin/backends"): self.list_backends,
+            ("GET", "/admin/status"): self.status_page,
+            ("POST", "/admin/add-backend"): self.changes(self.add_backend),
+            ("POST", "/admin/remove-backend"): self.changes(self.remove_backend),
+            ("POST", "/admin/reload"): self.changes(self.reload),
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
+        handler = self.routes.get((method, path))
+        if self.lifecycle.instance_name in via_names(environ.get("HTTP_VIA")):
+            # It came through this pyproxy's own proxy listener: a backend (whose name
+            # now resolves here) must not publish the admin API on the proxy port.
+            reply = text(508, "508 Loop Detected: this request came through this pyproxy")
+        elif handler is None:
+            if any(p == path for _, p in self.routes):
+                reply = text(405, f"405 Method Not Allowed: {method} {path}")
+            else:
+                reply = text(404, f"404 Not Found: {path}")
+        else:
+            try:
+                reply = handler(environ)
+            except Exception:  # a bug here must not take the admin listener down
+                log.exception("admin %s %s failed", method, path)
+                reply = text(500, "500 Internal Server Error: see the pyproxy log")
+        status, content_type, body, extra = reply
+        start_response(
+            STATUS_LINES.get(status, f"{status} Error"),
+            [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(body))),
+                # Answers quote their request (a 404 its path): never sniff them as HTML.
+                ("X-Content-Type-Options", "nosniff"),
+                *extra,
+            ],
+        )
+        return [body] if environ["REQUEST_METHOD"] != "HEAD" else []
+
+    # -- authorisation -----------------------------------------------------------
+
+    def authorize(self, environ: dict[str, Any]) -> Reply | None:
+        """None if the request may change things, else the refusal to send."""
+        token = self.holder.runtime.config.admin.token
+        if not token:
+            return text(403, "403 Forbidden: admin token not configured")
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, credentials = given.partition(" ")
+        # Constant-time comparison: timing must not reveal how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credentials.strip().encode(), token.encode()
+        ):
+            return text(401, "401 Unauthorized: missing or wrong bearer token",
+                        [("WWW-Authenticate", 'Bearer realm="pyproxy-admin"')])  # fmt: skip
+        return None
+
+    # -- read-only routes ----------------------------------------------------------
+
+    def livez(self, environ: dict[str, Any]) -> Reply:
+        return text(200, "ok")
+
+    def readyz(self, environ: dict[str, Any]) -> Reply:
+        if not self.lifecycle.ready():
+            return text(503, "shutting down")
+        if not self.holder.runtime.candidates():
+            return text(503, "no backend available")
+        return text(200, "ready")
+
+    def metrics_page(self, environ: dict[str, Any]) -> Reply:
+        # Gauges of counts pyproxy keeps anyway are read at scrape time, not updated on
+        # every request: the hot path pays nothing for them.
+        # (The per-backend gauges are read from the running backends by the registry.)
+        self.metrics.in_flight.set(self.lifecycle.in_flight())
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
+
+    def list_backends(self, environ: dict[str, Any]) -> Reply:
+        runtime = self.holder.runtime
+        backends = []
+        for backend in runtime.backends:
+            facts = dataclasses.asdict(backend.snapshot())
+            why = runtime.why_unavailable(backend)
+            facts["available"], facts["why_unavailable"] = why is None, why
+            backends.append(facts)
+        return json_reply(200, {"strategy": runtime.config.strategy, "backends": backends})
+
+    def status_page(self, environ: dict[str, Any]) -> Reply:
+        page = render_status(
+            self.holder.runtime,
+            now_monotonic=self.lifecycle.clock(),
+            started_at=self.lifecycle.started_at,
+            last_reload=self.control.last_reload,
+            instance_name=self.lifecycle.instance_name,
+        )
+        return 200, statuspage.CONTENT_TYPE, page, list(statuspage.HEADERS)
+
+    # -- changes (bearer token required) -----------------------------------------
+
+    def changes(self, handler: Callable[[Any], Reply]) -> Callable[[dict[str, Any]], Reply]:
+        """Wrap a change: check the token, then parse the JSON body for the handler."""
+
+        def guarded(environ: dict[str, Any]) -> Reply:
+            refusal = self.authorize(environ)
+            if refusal is not None:
+                log.warning("admin: refused %s %s (%s)", environ["REQUEST_METHOD"],
+                            environ.get("PATH_INFO"), refusal[0])  # fmt: skip
+                return refusal
+            try:
+                payload = read_json(environ)
+            except ValueError as error:
+                return text(400, f"400 Bad Request: {error}")
+            return handler(payload)
+
+        return guarded
+
+    def add_backend(self, payload: Any) -> Reply:
+        if not isinstance(payload, dict) or "url" not in payload:
+            return text(400, '400 Bad Request: expected a JSON object with "url"')
+        try:
+            backend = parse_backend(payload)
+        except ConfigError as error:
+            return text(400, "400 Bad Request: " + "; ".join(error.problems))
+        why = refuse_backend_url(backend.url, self.own_addresses())
+        if why is not None:
+            return text(400, f"400 Bad Request: {why}")
+        try:
+            added = self.control.add_backend(backend)
+        except KeyError as error:
+            return text(409, f"409 Conflict: {error.args[0]}")
+        return json_reply(201, dataclasses.asdict(added.snapshot()))
+
+    def remove_backend(self, payload: Any) -> Reply:
+        if not isinstance(payload, dict) or not ({"name", "url"} & payload.keys()):
+            return text(400, '400 Bad Request: expected a JSON object with "name" or "url"')
+        name, url = payload.get("name"), payload.get("url")
+        if isinstance(url, str):
+            url = url.rstrip("/")
+        removed = self.control.remove_backend(name, url)
+        if removed is None:
+            return text(404, f"404 Not Found: no backend {name or url}")
+        return json_reply(200, {"removed": removed.name, "url": removed.url,
+                                "in_flight": removed.in_flight})  # fmt: skip
+
+    def reload(self, payload: Any) -> Reply:
+        result = self.control.reload("admin API")
+        token = self.holder.runtime.config.admin.token
+        if not result.ok:
+            problems = [_redact(line, token) for line in result.problems]
+            return json_reply(400, {"reloaded": False, "problems": problems})
+        changes = [_redact(line, token) for line in result.changes]
+        return json_reply(200, {"reloaded": True, "changes": changes})
+
+
+def read_json(environ: dict[str, Any]) -> Any:
+    """The request body as JSON; an empty body is an empty object. ValueError says why."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ValueError("invalid Content-Length") from None
+    if length > MAX_ADMIN_BODY:
+        raise ValueError(f"body larger than {MAX_ADMIN_BODY} bytes")
+    raw = environ["wsgi.input"].read(length) if length else b""
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"invalid JSON: {error}") from None

@@ -1,0 +1,3 @@
+"""The decisions made across backends: selection strategies, stickiness, rate limits, the
+retry rules and budget.
+"""

@@ -1,0 +1,117 @@
+"""One attempt: try one admitted backend once, and tell its breaker how it went.
+
+`try_backend()` returns (response, None) for an answer worth relaying, or a Failure
+(with the backend's response when it answered a failure status, so that response
+can still reach the client if no retry follows). The response stays owned by the
+lease until a relay takes it. Chaos injection happens here, in place of the network
+exchange, so an injected failure takes exactly the path of a real one: it is a
+deliberate failure of that backend, judged and counted like one.
+
+The verdict (`lease.judge`) is given only for what the backend did. A request that
+never reached it (the deadline ran out first, or http.client refused to write the
+request) gets none: the lease hands the breaker permit back unjudged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import urllib3
+
+from pyproxy.observe.metrics import Metrics
+from pyproxy.pool import upstream
+from pyproxy.pool.connection import set_attempt
+from pyproxy.pool.errors import Failure, chaos_failure, classify, status_failure
+from pyproxy.proxy.admission import BackendLease
+from pyproxy.proxy.request import Inbound
+from pyproxy.runtime.snapshot import Runtime, attempt_timeout
+
+log = logging.getLogger(__name__)
+
+DEADLINE_EXCEEDED = Failure("deadline_exceeded", "timeout", 504, "total deadline reached")
+# The deadline ran out before anything was sent (an injected latency, a backoff, a
+# connect cut short by the deadline): the deadline's doing, not the backend's.
+DEADLINE_BEFORE_SEND = Failure(
+    "deadline_exceeded", "timeout", 504, "total deadline reached", False, backend_at_fault=False
+)
+
+
+@dataclass(frozen=True)
+class Tools:
+    """What an attempt needs from outside, injectable for tests."""
+
+    metrics: Metrics
+    clock: Callable[[], float]
+    rng: random.Random
+    sleep: Callable[[float], None]
+
+
+def attempt_timeout_for(runtime: Runtime, deadline: float | None, now: float) -> urllib3.Timeout:
+    """The per-attempt timeouts, shrunk so the attempt cannot outlive the deadline."""
+    timeouts = runtime.config.timeouts
+    if deadline is None:
+        return runtime.default_timeout
+    left = deadline - now
+    if timeouts.connect and timeouts.read and left >= max(timeouts.connect, timeouts.read):
+        return runtime.default_timeout  # the common case: one shared object, nothing built
+    return attempt_timeout(min(timeouts.connect or left, left), min(timeouts.read or left, left))
+
+
+def try_backend(
+    tools: Tools,
+    runtime: Runtime,
+    lease: BackendLease,
+    request: Inbound,
+    headers: dict[str, str],
+    deadline: float | None,
+) -> tuple[urllib3.BaseHTTPResponse | None, Failure | None]:
+    config = runtime.config
+    chaos = config.chaos
+    backend = lease.backend
+    if chaos.latency and tools.rng.random() < chaos.latency_rate:
+        left = None if deadline is None else deadline - tools.clock()
+        tools.sleep(chaos.latency if left is None else max(0.0, min(chaos.latency, left)))
+        if deadline is not None and tools.clock() >= deadline:
+            return None, DEADLINE_BEFORE_SEND
+    if chaos.error_rate and tools.rng.random() < chaos.error_rate:
+        # What a backend answering error_status would cause: same breaker, same retries.
+        lease.judge(chaos.error_status in config.circuit_breaker.failure_statuses)
+        return None, chaos_failure(chaos.error_status)
+    now = tools.clock()
+    if deadline is not None and deadline <= now:
+        return None, DEADLINE_BEFORE_SEND
+    timeout = attempt_timeout_for(runtime, deadline, now)
+    if not config.preserve_host:
+        headers["Host"] = backend.netloc
+    set_attempt(request.target, deadline)
+    try:
+        lease.response = upstream.send(
+            backend, request.method, request.target, headers, request.body, timeout
+        )
+    except Exception as exc:
+        failure = classify(exc)
+        if not failure.backend_at_fault:
+            return None, failure  # never reached the backend: no verdict
+        if deadline is not None and tools.clock() >= deadline:
+            if not failure.request_sent:
+                return None, DEADLINE_BEFORE_SEND  # a connect cut short by the deadline
+            failure = DEADLINE_EXCEEDED
+        lease.judge(True)
+        return None, failure
+    finally:
+        set_attempt(None, None)
+    response = lease.response
+    broken = upstream.check(response)
+    if broken is not None:
+        lease.response = None  # check() discarded it
+        lease.judge(True)
+        return None, broken
+    status = response.status
+    failed = status in config.circuit_breaker.failure_statuses
+    lease.judge(failed)
+    if failed or status in config.retries.retry_on:
+        return response, status_failure(status)
+    return response, None

@@ -1,0 +1,171 @@
+"""Runtime: one immutable snapshot of everything a request needs.
+
+A request reads `holder.runtime` once and uses that snapshot to the end, so a reload
+or an admin change never shows it half a configuration. Building a new snapshot
+reuses the previous one's Backend objects (matched by URL): their health, circuit
+and in-flight counts are state that must survive a reload (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import urllib3
+
+from pyproxy.config.schema import BackendConfig, Config, RateLimitConfig
+from pyproxy.policy.ratelimit import BackendLimiter, ClientLimiter
+from pyproxy.policy.ratelimit_store import make_client_limiter
+from pyproxy.policy.selection import Selector, make_selector
+from pyproxy.policy.sticky import Sticky
+from pyproxy.pool.backend import Backend
+from pyproxy.pool.urlguard import url_identity
+
+
+def attempt_timeout(connect: float, read: float) -> urllib3.Timeout:
+    """urllib3 timeouts from config seconds, where 0 means no limit."""
+    return urllib3.Timeout(connect=connect or None, read=read or None)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    config: Config
+    backends: tuple[Backend, ...]
+    selector: Selector
+    sticky: Sticky
+    default_timeout: urllib3.Timeout  # built once: most attempts are not near the deadline
+    client_limiter: ClientLimiter | None = None  # None: no per-client limit
+    backend_limiter: BackendLimiter | None = None  # None: no per-backend limit
+
+    def why_unavailable(self, backend: Backend) -> str | None:
+        """SPEC §5 "available", whole: the backend's own verdict, then a token in its
+        rate bucket (the buckets belong to the runtime). None when available. The
+        admin JSON, the status page and the explain header all say this."""
+        reason = backend.unavailable_reason()
+        limiter = self.backend_limiter
+        if reason is None and limiter is not None and not limiter.has_token(backend.name):
+            return "per-backend rate bucket empty"
+        return reason
+
+    def candidates(self, exclude: Collection[Backend] = ()) -> list[Backend]:
+        """The backends that may take a new request now."""
+        why = self.why_unavailable
+        return [b for b in self.backends if b not in exclude and why(b) is None]
+
+    def find(self, name: str | None = None, url: str | None = None) -> Backend | None:
+        """The backend with this name, or at this URL (http://h and http://h:80 are one)."""
+        identity = url_identity(url) if url else None
+        for backend in self.backends:
+            if backend.name == name or (identity and url_identity(backend.url) == identity):
+                return backend
+        return None
+
+
+@dataclass(frozen=True)
+class AdminChanges:
+    """Backends changed through the admin API; they outlive reloads (SPEC §6)."""
+
+    added: tuple[BackendConfig, ...] = ()
+    removed_urls: frozenset[str] = frozenset()
+
+    def desired(self, config: Config) -> list[tuple[BackendConfig, str]]:
+        """The running set: the file's backends, minus admin-removed, plus admin-added."""
+        added_urls = {b.url for b in self.added}
+        wanted = [
+            (b, "config")
+            for b in config.backends
+            if b.url not in self.removed_urls and b.url not in added_urls
+        ]
+        return wanted + [(b, "admin") for b in self.added]
+
+
+def build_runtime(
+    config: Config,
+    previous: Runtime | None = None,
+    admin: AdminChanges | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    on_store_error: Callable[[], None] = lambda: None,
+) -> tuple[Runtime, list[Backend]]:
+    """A new snapshot for `config`, and the Backends of `previous` that are gone.
+
+    Callers mark the gone ones removed and close them once idle; requests holding
+    the previous snapshot keep using them until they finish.
+    """
+    admin = admin or AdminChanges()
+    old = {b.url: b for b in previous.backends} if previous else {}
+    backends: list[Backend] = []
+    for backend_config, source in admin.desired(config):
+        existing = old.pop(backend_config.url, None)
+        if existing is not None:
+            existing.reconfigure(backend_config, config.health_check, config.circuit_breaker)
+            existing.source = source
+            backends.append(existing)
+        else:
+            backends.append(
+                Backend(
+                    backend_config,
+                    pool_size=config.threads,
+                    health=config.health_check,
+                    breaker=config.circuit_breaker,
+                    source=source,
+                    clock=clock,
+                )
+            )
+    keep_selector = previous is not None and previous.config.strategy == config.strategy
+    selector = previous.selector if previous and keep_selector else make_selector(config.strategy)
+    client_limiter, backend_limiter = _limiters(config.rate_limit, previous, on_store_error, clock)
+    runtime = Runtime(
+        config=config,
+        client_limiter=client_limiter,
+        backend_limiter=backend_limiter,
+        backends=tuple(backends),
+        selector=selector,
+        sticky=Sticky(config.sticky),
+        default_timeout=attempt_timeout(config.timeouts.connect, config.timeouts.read),
+    )
+    return runtime, list(old.values())
+
+
+def _limiters(
+    settings: RateLimitConfig,
+    previous: Runtime | None,
+    on_store_error: Callable[[], None],
+    clock: Callable[[], float],
+) -> tuple[ClientLimiter | None, BackendLimiter | None]:
+    """Rate limiters for `settings`, reusing the previous ones when their settings did
+    not change: a reload must not hand every client a fresh, full bucket."""
+    old = previous.config.rate_limit if previous else None
+    client: ClientLimiter | None = None
+    if settings.per_client is not None:
+        same = old is not None and (
+            (old.per_client, old.burst, old.max_clients, old.store, old.client_key)
+            == (settings.per_client, settings.burst, settings.max_clients, settings.store,
+                settings.client_key)
+        )  # fmt: skip
+        client = previous.client_limiter if same and previous else None
+        client = client or make_client_limiter(settings, on_store_error, clock)
+    backend: BackendLimiter | None = None
+    if settings.per_backend is not None:
+        same = old is not None and old.per_backend == settings.per_backend
+        backend = previous.backend_limiter if same and previous else None
+        backend = backend or BackendLimiter(settings.per_backend, clock=clock)
+    return client, backend
+
+
+class RuntimeHolder:
+    """Holds the current Runtime. Reads are a plain attribute load (atomic in
+    CPython); swaps are serialised so a reload and an admin change cannot
+    interleave and lose one another."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        admin: AdminChanges | None = None,
+        on_store_error: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.runtime = runtime
+        self.admin = admin or AdminChanges()
+        self.on_store_error = on_store_error  # handed to every rebuilt runtime's limiter
+        self.swap_lock = threading.Lock()  # held while building and swapping; no network I/O

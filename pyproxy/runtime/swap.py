@@ -1,0 +1,309 @@
+"""Control: the only code that replaces the running Runtime.
+
+Three things change what pyproxy runs: a config reload, and adding or removing a
+backend through the admin API. All three build a complete new snapshot and swap it
+under one lock, so they cannot interleave and lose each other, and no request ever
+sees half a change.
+
+`Control.reload` is the one way into a reload: the file watcher, SIGHUP and
+`POST /admin/reload` all call it, so each trigger has the same effects. Where the
+new config comes from is the `ConfigSource` it was given: the config file
+(`FileSource`), or a config built in code that a reload re-applies as it is
+(`FixedSource`, for `--demo`). See docs/reload.md.
+
+Backends the admin API added or removed are kept in `AdminChanges`, which every
+rebuild applies on top of the file, and (with `admin.state_file`) on disk, so they
+survive reloads and restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pyproxy.config.load import ConfigError, load_config, parse_backend
+from pyproxy.config.report import describe_changes, keep_running_values
+from pyproxy.config.schema import BackendConfig, Config
+from pyproxy.observe.metrics import Metrics
+from pyproxy.pool.backend import Backend
+from pyproxy.pool.urlguard import url_identity
+from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.watcher import file_digest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    changes: list[str]  # what changed, when ok
+    problems: list[str]  # why nothing changed, when not ok
+
+
+class ConfigSource(Protocol):
+    """Where a reload reads the config to apply."""
+
+    name: str  # for log lines: the file's path, or what the config is
+
+    def read(self) -> Config:
+        """The config to apply now; raises ConfigError if it is unusable."""
+        ...
+
+
+class FileSource:
+    """The config file at `path`. `digest` is the SHA-256 of the bytes the last read
+    saw (valid or not; None if unreadable): the watcher compares the file with it, so
+    bytes a reload already read are not read again, whichever trigger read them."""
+
+    def __init__(self, path: str) -> None:
+        self.path = self.name = path
+        self.digest = file_digest(path)
+
+    def read(self) -> Config:
+        # Hashed before parsing: if a write lands in between, the digest is the older
+        # bytes', and the watcher reloads once more rather than miss the write.
+        self.digest = file_digest(self.path)
+        return load_config(self.path)
+
+
+class FixedSource:
+    """A config built in code (`--demo`): a reload re-applies it, so nothing changes."""
+
+    name = "the built-in config"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def read(self) -> Config:
+        return self.config
+
+
+def keep_restart_settings(old: Config, new: Config) -> Config:
+    """Listeners, the thread count and the edge limits are bound at start: the running
+    values stay (the list is `RESTART_NEEDED` in configreport.py, which the summary
+    uses too, so what is kept and what is reported cannot drift apart)."""
+    return keep_running_values(old, new)
+
+
+class Control:
+    """Swaps runtimes for reloads and admin changes.
+
+    `source`: where reloads read the config; by default the file the running config
+    came from (none: a reload is refused). `on_reload` runs first in every reload,
+    whatever its outcome (the service reopens its access log there). `on_backend_added`
+    lets the health checker probe a new backend at once; `on_settings` sees each new
+    Config a reload applied.
+    """
+
+    def __init__(
+        self,
+        holder: RuntimeHolder,
+        metrics: Metrics,
+        *,
+        source: ConfigSource | None = None,
+        on_reload: Callable[[], None] = lambda: None,
+        on_backend_added: Callable[[], None] = lambda: None,
+        on_settings: Callable[[Config], None] = lambda config: None,
+    ) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        metrics.read_backends_from(lambda: holder.runtime.backends)  # gauges read at scrape
+        path = holder.runtime.config.source_path
+        self.source = source if source is not None else FileSource(path) if path else None
+        self.on_reload = on_reload
+        self.on_backend_added = on_backend_added
+        self.on_settings = on_settings
+        self.last_reload: tuple[bool, float] | None = None  # (succeeded, monotonic time)
+        # Whole reloads run one at a time (read + validate + swap), so the last one to
+        # run read the newest file; admin changes only need swap_lock.
+        self._reload_lock = threading.Lock()
+
+    # -- reload ------------------------------------------------------------------
+
+    def reload(self, trigger: str) -> ReloadResult:
+        """Read the config from the source; apply it only if it is valid in full.
+        `trigger` names the caller in the log: "file change", "SIGHUP", "admin API"."""
+        with self._reload_lock:
+            self.on_reload()
+            return self._reload(trigger)
+
+    def _reload(self, trigger: str) -> ReloadResult:
+        if self.source is None:
+            return ReloadResult(False, [], ["no config file: pyproxy was started without one"])
+        try:
+            new = self.source.read()
+        except ConfigError as error:
+            self.metrics.reload_result(False)
+            self.last_reload = (False, time.monotonic())
+            for problem in error.problems:
+                log.error("reload (%s): %s", trigger, problem)
+            log.error(
+                "reload (%s): %s is invalid; the running config stays", trigger, self.source.name
+            )
+            return ReloadResult(False, [], error.problems)
+        with self.holder.swap_lock:
+            clash = name_clashes(new, self.holder.admin)
+            if clash:
+                self.metrics.reload_result(False)
+                self.last_reload = (False, time.monotonic())
+                for problem in clash:
+                    log.error("reload (%s): %s", trigger, problem)
+                return ReloadResult(False, [], clash)
+            old = self.holder.runtime
+            changes = describe_changes(old.config, new)
+            # Counted just before the swap, so whoever sees the new backends also sees
+            # the reload counted (nothing in the swap can fail on a validated config).
+            self.metrics.reload_result(True)
+            self.last_reload = (True, time.monotonic())
+            self._swap(keep_restart_settings(old.config, new), self.holder.admin)
+        for line in changes:
+            log.info("reload (%s): %s", trigger, line)
+        if not changes:
+            log.info("reload (%s): no changes", trigger)
+        self.on_settings(self.holder.runtime.config)
+        return ReloadResult(True, changes, [])
+
+    # -- admin changes -------------------------------------------------------------
+
+    def add_backend(self, backend: BackendConfig) -> Backend:
+        """Add a backend (already validated); raises KeyError if its name or URL exists."""
+        with self.holder.swap_lock:
+            runtime = self.holder.runtime
+            identity = url_identity(backend.url)
+            for existing in runtime.backends:
+                if existing.name == backend.name or url_identity(existing.url) == identity:
+                    raise KeyError(
+                        f"a backend named {existing.name} with url {existing.url} exists"
+                    )
+            admin = self.holder.admin
+            admin = AdminChanges(
+                added=(*admin.added, backend),
+                removed_urls=admin.removed_urls - {backend.url},
+            )
+            self._swap(runtime.config, admin)
+            added = self.holder.runtime.find(url=backend.url)
+        assert added is not None
+        log.info(
+            "admin: added backend %s (%s), weight %d", backend.name, backend.url, backend.weight
+        )
+        self.on_backend_added()
+        return added
+
+    def remove_backend(self, name: str | None, url: str | None) -> Backend | None:
+        """Take a backend out: no new requests; in-flight ones finish. None if unknown."""
+        with self.holder.swap_lock:
+            runtime = self.holder.runtime
+            target = runtime.find(name=name, url=url)
+            if target is None:
+                return None
+            admin = self.holder.admin
+            admin = AdminChanges(
+                added=tuple(b for b in admin.added if b.url != target.url),
+                removed_urls=admin.removed_urls | {target.url},
+            )
+            self._swap(runtime.config, admin)
+        log.info("admin: removed backend %s (%s)", target.name, target.url)
+        return target
+
+    # -- the swap ------------------------------------------------------------------
+
+    def _swap(self, config: Config, admin: AdminChanges) -> None:
+        """Build and install a new runtime. Caller holds `holder.swap_lock`."""
+        runtime, gone = build_runtime(
+            config,
+            previous=self.holder.runtime,
+            admin=admin,
+            on_store_error=self.holder.on_store_error,
+        )
+        self.holder.runtime = runtime
+        self.holder.admin = admin
+        for backend in gone:
+            backend.retire()
+            if runtime.backend_limiter is not None:
+                runtime.backend_limiter.forget(backend.name)
+        state_file = config.admin.state_file
+        if state_file:
+            save_state(state_file, admin)
+
+
+def _clashes(config: Config, admin: AdminChanges) -> list[tuple[int, BackendConfig, BackendConfig]]:
+    """(index, file backend, admin-added backend) sharing a name but not a URL: names
+    label metrics and address remove-backend, so they must stay unique."""
+    added = {b.name: b for b in admin.added}
+    return [
+        (index, backend, added[backend.name])
+        for index, backend in enumerate(config.backends)
+        if backend.name in added
+        and backend.url != added[backend.name].url
+        and backend.url not in admin.removed_urls
+    ]
+
+
+def name_clashes(config: Config, admin: AdminChanges) -> list[str]:
+    """On reload the running admin changes win: the clashing file is refused."""
+    return [
+        f"backends[{index}].name: {backend.name!r} is already used by the backend "
+        f"{added.url} added through the admin API"
+        for index, backend, added in _clashes(config, admin)
+    ]
+
+
+def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
+    """At start the file wins: clashing admin-added backends are dropped, with a warning."""
+    dropped = set()
+    for _, backend, added in _clashes(config, admin):
+        log.warning(
+            "admin state: dropped added backend %s (%s): the config file now names %s so",
+            added.name, added.url, backend.url,
+        )  # fmt: skip
+        dropped.add(added.url)
+    kept = tuple(b for b in admin.added if b.url not in dropped)
+    return AdminChanges(added=kept, removed_urls=admin.removed_urls)
+
+
+# -- the state file --------------------------------------------------------------------
+
+
+def save_state(path: str, admin: AdminChanges) -> None:
+    """Write the admin changes atomically: a crash mid-write leaves the old file whole."""
+    payload = {
+        "added": [dataclasses.asdict(b) for b in admin.added],
+        "removed_urls": sorted(admin.removed_urls),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix=".pyproxy-state-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)  # atomic on POSIX: readers see the old or the new file
+    except OSError as error:
+        log.error("admin state file %s not written: %s", path, error)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+
+
+def load_state(path: str | None) -> AdminChanges:
+    """Read the admin changes kept by a previous run; a missing file means none."""
+    if not path or not os.path.exists(path):
+        return AdminChanges()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+        added = tuple(parse_backend(entry) for entry in payload.get("added", []))
+        removed = frozenset(str(url) for url in payload.get("removed_urls", []))
+    except (OSError, ValueError, ConfigError, AttributeError, TypeError) as error:
+        log.error("admin state file %s ignored: %s", path, error)
+        return AdminChanges()
+    log.info("admin state: %d added and %d removed backend(s) restored", len(added), len(removed))
+    return AdminChanges(added=added, removed_urls=removed)
