@@ -1,4 +1,4 @@
-"""Sticky sessions: send a client back to the backend it used before (SPEC §5).
+"""Sticky sessions: send a client back to the backend it used before (see docs/stickiness.md).
 
 Two ways to remember "before":
 
