@@ -1,10 +1,12 @@
-"""The access log (SPEC §10): one parseable line per request, in both formats, to a
-stream, to stdout or to a file; and a stuck disk never holds up a request.
+"""The access log (`access_log` in docs/configuration.md): one parseable line per
+request, in both formats, to a stream, to stdout or to a file; and a stuck disk never
+holds up a request.
 
 Lines are read back the way a log shipper would: the text format with a regex for
 Apache combined plus pyproxy's key=value fields, the JSON format with json.loads.
-Every SPEC §10 field is checked against what the client actually saw (status, body
-length, X-Request-ID).
+Every field a line promises (time, client, method, target, status, bytes, duration,
+backend, attempts, request id) is checked against what the client actually saw
+(status, body length, X-Request-ID).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def parse_json(line: str) -> dict[str, Any]:
     fields: dict[str, Any] = json.loads(line)
     assert isinstance(fields, dict)
     missing = JSON_FIELDS - fields.keys()
-    assert not missing, f"SPEC §10 fields missing: {missing} in {line}"
+    assert not missing, f"access-log fields missing: {missing} in {line}"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fields["time"]), fields
     fields["time"] = datetime.fromisoformat(fields["time"].replace("Z", "+00:00")).timestamp()
     for name, kind in (
@@ -210,7 +212,7 @@ def test_client_text_cannot_forge_fields_in_text_lines(
 def test_requests_refused_at_the_edge_are_logged_too(
     make_proxy: Any, echo_backend: EchoBackend, http: requests.Session
 ) -> None:
-    """SPEC §10: one line per request, including those the strict inbound parser
+    """One line per request, including those the strict inbound parser
     refuses (a control character in a header: 400). Probes and smuggling attempts
     are exactly what an operator greps the access log for."""
     service = make_proxy([echo_backend], access_log=AccessLogConfig(format="json"))

@@ -1,4 +1,5 @@
-"""SPEC §5 strategies, end to end: three echo backends behind a real pyproxy.
+"""The balancing strategies (docs/balancing.md), end to end: three echo backends behind
+a real pyproxy.
 
 Which backend served a request is read from the backends' own records (and the
 `X-Backend` header they set), never from what pyproxy says about itself.

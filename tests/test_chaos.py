@@ -1,4 +1,4 @@
-"""Chaos injection end to end (SPEC §3 `chaos`, §5, §9): real sockets, exact randomness.
+"""Chaos injection end to end (`chaos` settings, docs/chaos.md): real sockets, exact randomness.
 
 An injected failure replaces the upstream exchange (the backend is not contacted)
 and then takes the path of a real answer of `error_status`: the same retries, the
@@ -110,8 +110,9 @@ def test_with_retries_every_attempt_is_injected_and_retried_on_another_backend(
 def test_a_post_is_not_retried_after_an_injected_failure_just_as_after_a_real_one(
     make_proxy: ProxyFactory, three_backends: list[EchoBackend], http: requests.Session
 ) -> None:
-    """SPEC §5: exactly like a backend that answered 503, and a 503 to a POST is not
-    retried under `idempotent_only`."""
+    """An injected failure takes the path of a real backend that answered 503, and a
+    503 to a POST is not retried under `idempotent_only` (RFC 9110 §9.2.2: POST is
+    not idempotent)."""
     proxy = make_proxy(three_backends, retries=RETRIES_ON, chaos=ChaosConfig(error_rate=1.0))
     assert http.post(proxy.proxy_url, data=b"x", timeout=WAIT).status_code == 503
     assert total(proxy, "proxy_retries_total") == 0

@@ -1,4 +1,4 @@
-"""SPEC §2, the command line, run as a user runs it: `python -m pyproxy ...` in a
+"""The command line, run as a user runs it: `python -m pyproxy ...` in a
 subprocess, with config files in a temporary directory and ports picked free.
 
 Every process started here is waited for with a timeout and killed by its PID if it

@@ -1,4 +1,4 @@
-"""Control, AdminChanges and the state file, without HTTP (SPEC §6, §7).
+"""Control, AdminChanges and the state file, without HTTP.
 
 `Control` is the only code that replaces the running Runtime. These tests drive it
 directly: the running set must always be the file's backends, minus the ones the

@@ -1,4 +1,4 @@
-"""SPEC §4, when things go wrong: broken backends, timeouts, refusals, pyproxy's own errors.
+"""When things go wrong: broken backends, timeouts, refusals, pyproxy's own errors.
 
 The misbehaving backend is a raw socket whose bytes each test scripts; it counts the
 connections it accepted, which is how a test proves that a broken upstream connection
@@ -36,8 +36,10 @@ from pyproxy.process.service import Service
 
 OK = [send(response(200, b"fine\n")), KEEP]
 
-# Responses that must never be relayed (RFC 9112 §6.3, SPEC §4): each is followed by a
-# request that must get its own, new connection.
+# Responses that must never be relayed: a 101 nobody asked for (RFC 9110 §15.2.2), a status
+# outside 100-599 (RFC 9112 §4, RFC 9110 §15), framing that cannot be trusted (RFC 9112
+# §6.3). After one the connection's state is unknown, so each is followed by a request
+# that must get its own, new connection.
 BROKEN = {
     "/switching-protocols": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"
     + response(200, b"leftover\n"),
@@ -95,7 +97,8 @@ def backend_state(service: Service, name: str) -> tuple[int, int]:
 
 
 def assert_error_body(answer: RawResponse, status: int) -> None:
-    """SPEC §4: text/plain `<code> <reason>: <why>` and an X-Request-ID."""
+    """pyproxy's own error answers: a text/plain `<code> <reason>: <why>` line and an
+    X-Request-ID (pyproxy's own format, written by pyproxy/proxy/answers.py)."""
     assert answer.status == status, (answer.status, answer.body)
     content_type = answer.header("Content-Type") or ""
     assert content_type.split(";")[0].strip() == "text/plain", content_type
@@ -227,7 +230,8 @@ def test_the_total_deadline_cuts_a_wait_shorter_than_the_read_timeout(
 def test_the_total_deadline_holds_against_a_backend_trickling_its_headers(
     make_proxy: ProxyFactory, scripted: ScriptedBackend
 ) -> None:
-    # GUIDE trap: the read timeout is per socket read. One byte every 50 ms never trips
+    # requests' read timeout is per socket read, not a deadline (requests docs, "Timeouts":
+    # the time the client waits between bytes). One byte every 50 ms never trips
     # a 1 s read timeout; only a deadline pyproxy enforces itself stops it. The whole
     # response takes ~2.2 s to trickle out.
     proxy = make_proxy([scripted], timeouts=Timeouts(connect=1.0, read=1.0, total=0.8))
@@ -362,8 +366,10 @@ def test_a_backend_503_reaches_the_client_as_it_is(
 def test_after_retries_the_last_backend_answer_reaches_the_client_as_it_is(
     make_proxy: ProxyFactory, make_echo_backend: Callable[[str], EchoBackend]
 ) -> None:
-    # SPEC §4: "When the last attempt got an HTTP response from a backend (say a 503
-    # after all retries), that response goes to the client as it is."
+    # When the last attempt got an HTTP response (a 503 after all retries), that response
+    # goes to the client as it is, as nginx does once proxy_next_upstream tries run out:
+    # the backend's Retry-After and error page beat one pyproxy would make up
+    # (see docs/retries.md).
     first, second = make_echo_backend("app1"), make_echo_backend("app2")
     proxy = make_proxy([first, second], retries=dataclasses.replace(RetryConfig(), max_retries=2))
 

@@ -1,11 +1,11 @@
 """errors.classify: every way an upstream exchange fails, mapped to what it means.
 
-Each row says: the metric reason (SPEC §9), the retry condition (SPEC §3 `retry_on`),
-the status the client gets if it is the final outcome (SPEC §4), and whether the
-request may have reached the backend (only "certainly not" is safe to retry for a
-POST). The first half constructs the exceptions; the second half makes real sockets
-fail and checks that urllib3 raises what the table expects, so the table cannot
-drift away from the library underneath it.
+Each row says: the `reason` label of proxy_errors_total (docs/metrics.md), the
+`retry_on` condition (docs/retries.md), the status the client gets if it is the final
+outcome, and whether the request may have reached the backend (only "certainly not" is
+safe to retry for a POST: RFC 9110 §9.2.2). The first half constructs the exceptions;
+the second half makes real sockets fail and checks that urllib3 raises what the table
+expects, so the table cannot drift away from the library underneath it.
 """
 
 from __future__ import annotations

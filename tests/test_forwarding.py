@@ -1,4 +1,4 @@
-"""SPEC §4, forwarding: what the backend receives and what the client gets back.
+"""Forwarding: what the backend receives and what the client gets back.
 
 Every test goes through real sockets (fixture backend <- real pyproxy <- real client)
 and asserts on what crossed the wire: the echo backend's record of the bytes it read,
@@ -47,7 +47,9 @@ HOP_BY_HOP = {
     "proxy-authenticate",
     "proxy-authorization",
 }
-# What pyproxy itself adds to a request (SPEC §4); anything else must come from the client.
+# What pyproxy itself adds to a request: Host (RFC 9112 §3.2), X-Forwarded-* (the de-facto
+# headers nginx and HAProxy set), X-Request-ID and Via (RFC 9110 §7.6.3). Anything else
+# must come from the client.
 ADDED_BY_PROXY = {
     "host",
     "x-forwarded-for",
@@ -186,7 +188,9 @@ def test_hop_by_hop_response_headers_are_stripped_including_those_named_in_conne
 def test_no_header_reaches_the_backend_that_the_client_did_not_send(
     proxy: Service, echo_backend: EchoBackend
 ) -> None:
-    # GUIDE trap: requests/urllib3 add User-Agent, Accept-Encoding, Accept, Connection.
+    # requests adds User-Agent, Accept-Encoding, Accept and Connection to every request
+    # (requests.utils.default_headers()), and urllib3 its own User-Agent unless told
+    # urllib3.util.SKIP_HEADER: none of them was sent by the client.
     response = exchange(proxy.proxy_url, request_bytes("GET", "/bare"))
 
     assert response.status == 200
@@ -215,7 +219,7 @@ def test_client_headers_pass_unchanged_and_once(proxy: Service, echo_backend: Ec
 def test_repeated_cookie_lines_reach_the_backend_as_one_cookie_list(
     proxy: Service, echo_backend: EchoBackend
 ) -> None:
-    # GUIDE trap: waitress joins repeated headers with ", ", which is wrong for Cookie
+    # waitress joins repeated headers with ", " (waitress/parser.py), which is wrong for Cookie
     # (RFC 6265 §5.4: "; "), so "a=1, b=2" would read as one cookie a="1, b=2".
     headers = [("Cookie", "a=1"), ("Cookie", "b=2")]
     exchange(proxy.proxy_url, request_bytes("GET", "/c", headers=headers))
@@ -442,7 +446,8 @@ def test_host_is_the_backends_when_not_preserved(
 def test_a_backend_cookie_is_never_replayed_to_another_request(
     proxy: Service, echo_backend: EchoBackend, http: requests.Session
 ) -> None:
-    # GUIDE trap: a requests.Session stores Set-Cookie and replays it to everyone.
+    # A requests.Session stores every Set-Cookie in its jar (Session.send calls
+    # extract_cookies_to_jar) and replays it on later requests, i.e. to other clients.
     for _ in range(3):
         assert exchange(proxy.proxy_url, request_bytes("GET", "/cookies")).status == 200
     assert http.get(proxy.proxy_url + "/cookies", timeout=5).status_code == 200
@@ -510,7 +515,8 @@ def test_a_5mb_upload_arrives_byte_identical_and_comes_back_byte_identical(
     received = only(echo_backend)
     assert len(received.body) == len(body)
     assert hashlib.sha256(received.body).digest() == hashlib.sha256(body).digest()
-    # GUIDE trap: Content-Length copied next to a streamed (chunked) body.
+    # Content-Length copied next to a streamed body makes requests send both it and
+    # Transfer-Encoding: chunked (psf/requests#1648): request smuggling (RFC 9112 §6.1).
     framing = received.header_names() & {"content-length", "transfer-encoding"}
     assert len(framing) == 1, received.headers
     assert hashlib.sha256(response.content).digest() == hashlib.sha256(body).digest()
@@ -580,7 +586,8 @@ def test_a_gzip_body_passes_through_still_compressed(proxy: Service) -> None:
 def test_server_sent_events_arrive_as_they_are_sent(
     proxy: Service, echo_backend: EchoBackend
 ) -> None:
-    # GUIDE trap: iter_content waits for a full buffer, so events stall. The backend
+    # iter_content(n) waits until n bytes arrived (urllib3's read(amt) fills its buffer,
+    # psf/requests#844), so events would stall; pyproxy relays with read1. The backend
     # sends the first event and then waits for this test to see it.
     with RawClient.to(proxy.proxy_url, timeout=3.0) as client:
         client.send(request_bytes("GET", "/sse", headers=[("Accept", "text/event-stream")]))

@@ -1,4 +1,5 @@
-"""Unit tests of pyproxy/headers.py: the header rules as pure functions (SPEC §4)."""
+"""Unit tests of pyproxy/headers.py: the header rules as pure functions (hop-by-hop
+stripping per RFC 9110 §7.6.1, X-Forwarded-*, Via per RFC 9110 §7.6.3)."""
 
 from __future__ import annotations
 

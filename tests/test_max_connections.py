@@ -1,4 +1,5 @@
-"""Per-backend `max_connections` (SPEC §3, §5): a backend at its cap is not available.
+"""Per-backend `max_connections` (nginx `max_conns`, HAProxy `maxconn` on a server line):
+a backend at its cap is not available.
 
 The EchoBackend's /hold path keeps a request in flight until the test releases it,
 so "at the cap" is a state the test controls, not a race it hopes to win. What the

@@ -1,4 +1,5 @@
-"""Rate limits end to end (SPEC §3 `rate_limit`, §4 429 / 503, §5, §9): real sockets.
+"""Rate limits end to end (docs/rate-limiting.md): real sockets. A client over its rate
+gets 429 (RFC 6585 §4); a request no backend has a token for gets 503 (RFC 9110 §15.6.4).
 
 A real pyproxy on 127.0.0.1 port 0 in front of echo backends that record every
 request, so "nothing went upstream" is counted at the backend, not inferred. Where
@@ -375,7 +376,7 @@ def test_admin_backends_says_a_backend_with_an_empty_bucket_is_not_available(
     assert not limiter.has_token(echo_backend.name)
     listed = requests.get(proxy.admin_url + "/admin/backends", timeout=WAIT).json()
     (entry,) = listed["backends"]
-    assert entry["available"] is False  # SPEC §5: available needs a token in its bucket
+    assert entry["available"] is False  # available needs a token in its bucket (docs/balancing.md)
 
 
 def test_a_client_limit_refuses_before_a_backend_token_is_spent(

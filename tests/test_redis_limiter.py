@@ -1,4 +1,5 @@
-"""Per-client buckets in Redis (SPEC §3 `rate_limit.store`, §5): one limit, many instances.
+"""Per-client buckets in Redis (`rate_limit.store`, docs/rate-limiting.md): one limit,
+many instances.
 
 These tests run a real `redis-server` of their own on 127.0.0.1 (a free port, no
 persistence) and stop it by PID. They need the `redis-server` binary and the `redis`

@@ -1,4 +1,4 @@
-"""SPEC §7, config reload: the watcher, SIGHUP and `POST /admin/reload`.
+"""Config reload (docs/reload.md): the watcher, SIGHUP and `POST /admin/reload`.
 
 A real Service is started from a YAML file in tmp_path (listeners on port 0), the
 file is changed the ways editors and Kubernetes change files, and the result is read

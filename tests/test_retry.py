@@ -1,4 +1,4 @@
-"""retry_verdict (SPEC §5's retry rules as one pure function) and RetryBudget.
+"""retry_verdict (the retry rules of docs/retries.md as one pure function) and RetryBudget.
 
 Every row of the decision table is a case here: each names the one input that
 makes the difference, so a change to the table breaks exactly the rows it touches.

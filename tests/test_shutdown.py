@@ -1,4 +1,4 @@
-"""SPEC §8, graceful shutdown: a real `python -m pyproxy` process and real signals.
+"""Graceful shutdown (docs/shutdown.md): a real `python -m pyproxy` process and real signals.
 
 The echo backends run in this test process, so a test decides when a held request
 (`/hold`) may finish. Every process started here is stopped by its PID in a `finally`;
