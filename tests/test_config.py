@@ -1,4 +1,4 @@
-"""YAML -> Config: every check of SPEC §3, the problem paths, env expansion, reload lines."""
+"""YAML -> Config: every check of the file, the problem paths, env expansion, reload lines."""
 
 from __future__ import annotations
 

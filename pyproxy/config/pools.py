@@ -19,7 +19,7 @@ from typing import Any
 
 from pyproxy.config import checks as check
 from pyproxy.config import sections, values
-from pyproxy.config.schema import STRATEGIES, PoolConfig, RouteConfig, RouteMatch
+from pyproxy.config.schema import STRATEGIES, BackendConfig, PoolConfig, RouteConfig, RouteMatch
 
 Problems = list[tuple[str, str]]
 
@@ -79,27 +79,37 @@ def parse_pools(value: Any, top: dict[str, Any]) -> tuple[tuple[PoolConfig, ...]
         return (), [(".pools", "must be a mapping of pool names to pools (pools: {web: ...})")]
     pools: list[PoolConfig] = []
     problems: Problems = []
+    members: dict[str, tuple[BackendConfig, ...]] = {}  # also of pools with other mistakes
     for name, item in value.items():
         try:
             values.pool_name(name)
+            members[name] = _backends_alone(name, item)
             pools.append(_checked_pool(name, item, top))
         except check.Invalid as error:
             problems.extend((f".pools.{name}{sub}", message) for sub, message in error.problems)
         except ValueError as error:
             problems.append((f".pools.{name}", str(error)))
-    problems.extend(_names_across_pools(pools))
+    problems.extend(_names_across_pools(members))
     return tuple(pools), problems
 
 
-def _names_across_pools(pools: list[PoolConfig]) -> Problems:
+def _backends_alone(name: str, item: Any) -> tuple[BackendConfig, ...]:
+    """The pool's backends if they are valid, whatever the rest of the pool holds."""
+    try:
+        return sections.backends(item["backends"], where=f"pools.{name}.backends")
+    except (TypeError, KeyError, ValueError):
+        return ()  # reported with the pool
+
+
+def _names_across_pools(members: dict[str, tuple[BackendConfig, ...]]) -> Problems:
     """Backend names are unique across pools: metrics and the admin API key by name."""
     owner: dict[str, str] = {}
     problems: Problems = []
-    for pool in pools:
-        for index, backend in enumerate(pool.backends):
-            first = owner.setdefault(backend.name, pool.name)
-            if first != pool.name:
-                where = f".pools.{pool.name}.backends[{index}].name"
+    for pool, backends in members.items():
+        for index, backend in enumerate(backends):
+            first = owner.setdefault(backend.name, pool)
+            if first != pool:
+                where = f".pools.{pool}.backends[{index}].name"
                 problems.append((where, f"{backend.name!r} is already used in pools.{first}"))
     return problems
 

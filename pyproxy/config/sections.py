@@ -35,9 +35,9 @@ def _open_at_most_max(cb: CircuitBreakerConfig) -> list[tuple[str, str]]:
     return []
 
 
-Spec = tuple[type, dict[str, check.Checker], tuple[check.Rule, ...]]
+Table = tuple[type, dict[str, check.Checker], tuple[check.Rule, ...]]
 
-SPECS: dict[str, Spec] = {
+TABLES: dict[str, Table] = {
     "timeouts": (
         Timeouts,
         {"connect": check.duration(), "read": check.duration(), "total": check.duration()},
@@ -149,13 +149,13 @@ SPECS: dict[str, Spec] = {
 }
 
 SECTIONS: dict[str, check.Checker] = {
-    name: check.section(cls, table, rules) for name, (cls, table, rules) in SPECS.items()
+    name: check.section(cls, table, rules) for name, (cls, table, rules) in TABLES.items()
 }
 
 
 def overlay(name: str, base: Any) -> check.Checker:
     """A checker for section `name` inside a pool: its keys replace those of `base`."""
-    _, table, rules = SPECS[name]
+    _, table, rules = TABLES[name]
     return check.overlay(base, table, rules)
 
 
