@@ -206,7 +206,7 @@ def test_backends_and_pools_together_is_an_error() -> None:
 
 def test_routes_without_pools_is_an_error() -> None:
     found = problems({"backends": [], "routes": [{"pool": "default"}]})
-    assert found == ["routes: needs pools; top-level backends are one pool routed everything"]
+    assert found == ["routes: needs pools (with top-level backends, every request goes to them)"]
 
 
 def test_several_pools_without_routes_is_an_error_that_says_add_a_route() -> None:
@@ -309,6 +309,14 @@ def test_a_reachable_route_is_not_warned_about(
     data = two_pools()
     data["routes"] = [{"match": earlier, "pool": "web"}, {"match": later, "pool": "api"}]
     assert not any("can never match" in w for w in config_warnings(parse(data)))
+
+
+def test_a_pool_health_check_with_a_long_timeout_is_warned_about_at_its_path() -> None:
+    data = two_pools()
+    data["pools"]["api"]["health_check"] = {"timeout": "10s"}
+    warnings = config_warnings(parse(data))
+    assert any(w.startswith("pools.api.health_check.timeout: not shorter") for w in warnings)
+    assert not any(w.startswith("pools.web.health_check") for w in warnings)
 
 
 def test_workers_with_memory_rate_limits_warn() -> None:

@@ -157,7 +157,7 @@ def _route_problems(route: RouteConfig, where: str, pool_names: list[str]) -> Pr
 def layout_problems(data: dict[str, Any]) -> Problems:
     """Which of the two file forms this is, and whether it is whole."""
     has = {key for key in ("backends", "pools", "routes") if key in data}
-    if has == {"backends", "pools"} or has == {"backends", "pools", "routes"}:
+    if {"backends", "pools"} <= has:
         return [
             (
                 ".backends",
@@ -167,8 +167,9 @@ def layout_problems(data: dict[str, Any]) -> Problems:
         ]
     if not has:
         return [(".backends", "is required (or pools + routes)")]
-    if has == {"backends", "routes"} or has == {"routes"}:
-        return [(".routes", "needs pools; top-level backends are one pool routed everything")]
+    if "routes" in has and "pools" not in has:
+        message = "needs pools (with top-level backends, every request goes to them)"
+        return [(".routes", message)]
     pools = data.get("pools")
     if has == {"pools"} and isinstance(pools, dict) and len(pools) > 1:
         example = next(iter(pools))

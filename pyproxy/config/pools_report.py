@@ -25,6 +25,16 @@ def pool_warnings(config: Config) -> list[str]:
         for pool in config.pools:
             if pool.name not in routed:
                 warnings.append(f"pools.{pool.name}: no route sends requests here")
+            health = pool.health_check
+            if (
+                health != config.health_check
+                and health.enabled
+                and health.timeout >= health.interval
+            ):
+                warnings.append(
+                    f"pools.{pool.name}.health_check.timeout: not shorter than the interval;"
+                    " probes may overlap the next"
+                )
             if not pool.backends:
                 warnings.append(
                     f"pools.{pool.name}.backends: empty list; requests routed here answer 503"
