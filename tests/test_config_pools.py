@@ -293,6 +293,18 @@ def test_a_shadowed_route_is_a_warning(earlier: dict[str, str], later: dict[str,
     assert any(w.startswith("routes[1]: can never match") for w in config_warnings(parse(data)))
 
 
+def test_shadow_warning_names_the_route_that_comes_first() -> None:
+    data = two_pools()
+    data["routes"] = [
+        {"name": "everything", "pool": "web"},
+        {"match": {"path_prefix": "/x"}, "pool": "api"},
+    ]
+    assert (
+        "routes[1]: can never match: routes[0] (everything, a catch-all) comes first"
+        " and takes all its requests"
+    ) in config_warnings(parse(data))
+
+
 @pytest.mark.parametrize(
     ("earlier", "later"),
     [

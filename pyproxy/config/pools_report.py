@@ -50,9 +50,10 @@ def _unreachable(routes: tuple[RouteConfig, ...]) -> Iterator[str]:
         for index, earlier in enumerate(routes[:later_index]):
             if covers(earlier.match, later.match):
                 kind = "a catch-all" if earlier.match == RouteMatch() else "same or broader match"
+                named = "" if earlier.name == f"routes[{index}]" else f"{earlier.name}, "
                 yield (
                     f"routes[{later_index}]: can never match: routes[{index}]"
-                    f" ({earlier.name}, {kind}) comes first and takes all its requests"
+                    f" ({named}{kind}) comes first and takes all its requests"
                 )
                 break
 
