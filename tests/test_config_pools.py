@@ -255,6 +255,11 @@ def test_route_problems(route: dict[str, Any], message: str) -> None:
     assert any(problem.startswith(message) for problem in found), found
 
 
+def test_unreadable_pools_do_not_make_every_route_an_unknown_pool() -> None:
+    found = problems({"pools": ["web"], "routes": [{"pool": "web"}]})
+    assert found == ["pools: must be a mapping of pool names to pools (pools: {web: ...})"]
+
+
 def test_route_names_are_unique() -> None:
     data = two_pools()
     data["routes"][1]["name"] = "api"

@@ -123,8 +123,8 @@ def parse_config(
         declared["declared_pools"] = found
         problems.extend(pool_problems)
         if "routes" in document:
-            given = document["pools"] if isinstance(document["pools"], dict) else {}
-            names = [name for name in given if isinstance(name, str)]
+            given = document["pools"]
+            names = [str(name) for name in given] if isinstance(given, dict) else None
             declared["declared_routes"], route_problems = pools.parse_routes(
                 document["routes"], names
             )

@@ -114,8 +114,14 @@ def _names_across_pools(members: dict[str, tuple[BackendConfig, ...]]) -> Proble
     return problems
 
 
-def parse_routes(value: Any, pool_names: list[str]) -> tuple[tuple[RouteConfig, ...], Problems]:
-    """Every valid route, and the problems of the others (paths start ".routes")."""
+def parse_routes(
+    value: Any, pool_names: list[str] | None
+) -> tuple[tuple[RouteConfig, ...], Problems]:
+    """Every valid route, and the problems of the others (paths start ".routes").
+
+    `pool_names` None: `pools` itself is unreadable (and reported), so routes are not
+    told their pool is unknown on top of it.
+    """
     if isinstance(value, check.Unresolved):
         return (), [(".routes", value.message)]
     if not isinstance(value, list) or not value:
@@ -143,9 +149,9 @@ def parse_routes(value: Any, pool_names: list[str]) -> tuple[tuple[RouteConfig, 
     return tuple(routes), problems
 
 
-def _route_problems(route: RouteConfig, where: str, pool_names: list[str]) -> Problems:
+def _route_problems(route: RouteConfig, where: str, pool_names: list[str] | None) -> Problems:
     problems: Problems = []
-    if route.pool not in pool_names:
+    if pool_names is not None and route.pool not in pool_names:
         close = difflib.get_close_matches(route.pool, pool_names, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         problems.append((f"{where}.pool", f"unknown pool {route.pool!r}{hint}"))
