@@ -4,11 +4,15 @@
     python scripts/bench_scale.py            # every part, a few minutes
     python scripts/bench_scale.py --quick    # smaller sizes, a smoke run
     python scripts/bench_scale.py --parts selection,limiter --json scale.json
+    python scripts/bench_scale.py --parts routes
 
 Parts:
 
   client     CPU per request of each client layer alone (requests' Session, urllib3's
              pool, http.client), one thread against nginx: what the convenience costs.
+  routes     per-request cost of route matching with 2 and 1,000 routes: host routes
+             (indexed, so the cost should not grow) and path-only routes (tried in
+             file order, so it does), each against a linear first-match scan.
   selection  per-pick cost of every strategy with 2, 100 and 1,000 backends: the
              policy alone (`choose`), and the whole per-request path (filter the
              available backends, then choose) on real `Backend` objects.
@@ -142,6 +146,82 @@ def full_path_runtimes() -> Callable[[str, int], Any] | str:
     except Exception as exc:  # the API is young; report rather than crash
         return f"building a Runtime failed: {exc!r}"
     return make
+
+
+# ---------------------------------------------------------------------------
+# Part 1b: route matching with 2 and 1,000 routes.
+# ---------------------------------------------------------------------------
+
+
+def route_lists(n: int) -> dict[str, tuple[list[Any], list[tuple[str, str]]]]:
+    """Route lists of about `n` routes and the requests to time against them."""
+    from pyproxy.config.schema import RouteConfig, RouteMatch
+
+    def route(i: int, host: str | None = None, prefix: str | None = None) -> RouteConfig:
+        return RouteConfig(name=f"r{i}", pool="p", match=RouteMatch(host, prefix))
+
+    hosts = [route(i, host=f"svc{i}.example.com", prefix="/v1") for i in range(n - 2)]
+    hosts += [route(n - 2, host="*.example.com"), route(n - 1)]
+    paths = [route(i, prefix=f"/p{i}") for i in range(n - 1)] + [route(n - 1)]
+    last = max(n - 3, 0)
+    return {
+        "by host": (
+            hosts,
+            [
+                (f"svc{last}.example.com:8080", "/v1/users?x=1"),  # the last exact host
+                ("other.example.com", "/"),  # falls to the wildcard
+                ("elsewhere.org", "/"),  # falls to the catch-all
+            ],
+        ),
+        "by path only": (paths, [("h", f"/p{n - 2}/x"), ("h", "/nothing")]),
+    }
+
+
+def linear_match(routes: list[Any], host: str, path: str) -> Any:
+    """The obvious way: try every route in order (what the index avoids)."""
+    name = host.lower().partition(":")[0]
+    for config in routes:
+        pattern, prefix = config.match.host, config.match.path_prefix
+        if pattern is not None and not (
+            name == pattern or (pattern.startswith("*.") and name.partition(".")[2] == pattern[2:])
+        ):
+            continue
+        if prefix is not None and not (
+            path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] in ("", "/", "?")
+        ):
+            continue
+        return config
+    return None
+
+
+def part_routes(results: dict[str, Any]) -> None:
+    say("\n== routes: cost per match, by number of routes ==")
+    try:
+        from pyproxy.policy.routes import RouteTable
+    except ImportError as exc:
+        say(f"routes: pyproxy.policy.routes not available yet ({exc}); skipped")
+        return
+    say(f"{'routes':>7}  {'kind':<13}{'request':<42}{'table us':>9}{'linear us':>11}")
+    rows = []
+    for n in (2, 1000):
+        for kind, (routes, requests) in route_lists(n).items():
+            table = RouteTable.build(routes)
+            for host, path in requests:
+                table_s = time_per_call(lambda t=table, h=host, p=path: t.match(h, p))
+                linear_s = time_per_call(lambda r=routes, h=host, p=path: linear_match(r, h, p))
+                shown = f"{host} {path}"[:40]
+                say(f"{n:>7}  {kind:<13}{shown:<42}{table_s * 1e6:9.2f}{linear_s * 1e6:11.2f}")
+                rows.append(
+                    {
+                        "routes": n,
+                        "kind": kind,
+                        "host": host,
+                        "path": path,
+                        "table_us": table_s * 1e6,
+                        "linear_us": linear_s * 1e6,
+                    }
+                )
+    results["routes"] = rows
 
 
 # ---------------------------------------------------------------------------
@@ -715,7 +795,7 @@ def thread_count(pid: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="pyproxy at scale (issue 3, item 3)")
-    parser.add_argument("--parts", default="client,selection,limiter,stream,idle")
+    parser.add_argument("--parts", default="client,routes,selection,limiter,stream,idle")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--stream-size", type=int, default=GIB, help="bytes (default 1 GiB)")
     parser.add_argument("--keys", type=int, default=1_000_000, help="limiter client keys")
@@ -747,6 +827,8 @@ def main() -> int:
         with bench.sigterm_as_interrupt():
             if "client" in parts:
                 part_client(results, procs, workdir, cpus, args.requests)
+            if "routes" in parts:
+                part_routes(results)
             if "selection" in parts:
                 part_selection(results)
             if "limiter" in parts:

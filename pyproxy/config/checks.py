@@ -3,19 +3,20 @@
 A checker takes the value as YAML produced it and returns what the `Config`
 dataclass holds, or raises `ValueError("<message for a person>")`; the caller adds
 the field path. Checkers that need an argument (a range, a set of choices) are made
-by a factory: `integer(minimum=1)` returns the checker. `configload.py` lists them in
+by a factory: `integer(minimum=1)` returns the checker. `sections.py` lists them in
 one table per section, so adding a setting is one line there.
 
 Checkers of containers (`each`, `mapping`, `section`) raise `Invalid`, carrying one
 message per bad element with its sub-path, so the user sees every mistake
 (`retries.retry_on[3]: ...`, `timeouts.read: ...`), not just the first.
 
-This module holds the generic checkers; `configvalues.py` the syntaxes particular to
+This module holds the generic checkers; `values.py` the syntaxes particular to
 pyproxy (addresses, backend URLs, status ranges, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Mapping
@@ -263,6 +264,19 @@ def section(cls: type, table: dict[str, Checker], rules: tuple[Rule, ...] = ()) 
 
     def check(value: Any) -> Any:
         result = cls(**mapping(value, table))
+        problems = [problem for rule in rules for problem in rule(result)]
+        if problems:
+            raise Invalid(problems)
+        return result
+
+    return check
+
+
+def overlay(base: Any, table: dict[str, Checker], rules: tuple[Rule, ...] = ()) -> Checker:
+    """Like `section`, but absent keys keep `base`'s values (a pool over the top level)."""
+
+    def check(value: Any) -> Any:
+        result = dataclasses.replace(base, **mapping(value, table))
         problems = [problem for rule in rules for problem in rule(result)]
         if problems:
             raise Invalid(problems)

@@ -14,17 +14,19 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from pyproxy.config.pools_report import pool_changes, pool_warnings
 from pyproxy.config.schema import BackendConfig, Config
 
 # Read once, when the process builds its listeners: the sockets, waitress's worker
 # pool (`threads`), and the edge server's limits and timeouts (`EdgeServer` copies
 # `limits` into waitress's adjustments). A reload keeps the running values and says
 # "needs a restart"; everything else is applied live. A section name covers its fields.
-RESTART_NEEDED = ("listen", "threads", "admin.listen", "limits")
+# `workers` is the number of processes forked at start.
+RESTART_NEEDED = ("listen", "threads", "workers", "admin.listen", "limits")
 # Never written to a log or an HTTP answer, not even redacted.
 SECRETS = frozenset({"admin.token"})
-# Described on their own (backends) or not a setting at all (source_path).
-_NOT_SETTINGS = frozenset({"backends", "source_path"})
+# Described on their own (backends, pools, routes) or not a setting (source_path).
+_NOT_SETTINGS = frozenset({"backends", "declared_pools", "declared_routes", "source_path"})
 
 
 # A URL's scheme and user info: greedy up to the last "@" of a run without spaces,
@@ -54,13 +56,14 @@ def _hide_userinfo(match: re.Match[str]) -> str:
 
 def config_warnings(config: Config) -> list[str]:
     """Non-fatal observations, each `"<field.path>: <what and why>"`."""
-    warnings = []
-    if not config.backends:
+    warnings = pool_warnings(config)
+    v1 = not config.declared_pools  # pool_warnings names each empty pool itself
+    if v1 and not config.backends:
         warnings.append(
             "backends: empty list; the proxy answers 503 until a backend is added"
             " through the admin API"
         )
-    elif all(backend.weight == 0 for backend in config.backends):
+    elif v1 and all(backend.weight == 0 for backend in config.backends):
         warnings.append("backends: every weight is 0 (drain); the proxy answers 503")
     chaos = config.chaos
     if chaos.error_rate or (chaos.latency and chaos.latency_rate):
@@ -117,6 +120,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     other setting is compared field by field, so a new field needs no code here.
     """
     lines = list(_backend_changes(old.backends, new.backends))
+    if old.declared_pools or new.declared_pools:
+        lines.extend(pool_changes(old, new))
     for path, before, after in _differences(old, new, ""):
         if path in SECRETS or _show(before) == _show(after):
             lines.append(f"{path}: changed")  # only a secret differs: nothing to show

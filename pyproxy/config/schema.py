@@ -3,14 +3,20 @@
 This module is the one place defaults live. Each field carries a comment saying what
 it means and what its zero or null value means. Durations are float seconds, sizes
 are int bytes, rates are `Rate`. Turning YAML into these objects (units, validation,
-`${ENV}` expansion, field-path errors) is `configload.py`'s job; this module imports
+`${ENV}` expansion, field-path errors) is `load.py`'s job; this module imports
 nothing from pyproxy, so a reader can start here.
+
+Two file layouts give one shape. A v1 file lists top-level `backends`; a file with
+`pools` + `routes` names several groups of backends and says which requests go to
+which. Either way `Config.pools` and `Config.routes` describe what to run: a v1 file
+is one pool named `default` and one catch-all route.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from functools import cached_property
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -48,6 +54,9 @@ class BackendConfig:
     name: str  # default: host:port; unique across backends
     weight: int = 1  # >= 0; 0 = takes no new requests (drain)
     max_connections: int = 0  # concurrent requests cap; 0 = unlimited
+    # True: gets requests only while no non-backup backend of its pool is available
+    # (nginx and HAProxy `backup`); retries may use it the same way.
+    backup: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,9 @@ class HealthCheckConfig:
     healthy_threshold: int = 2  # consecutive passes to come back up (HAProxy "rise")
     unhealthy_threshold: int = 3  # consecutive failures to go down (HAProxy "fall")
     expected_status: tuple[int, int] = (200, 399)  # inclusive range that passes
+    host: str | None = None  # Host header of probes, sent as given; None = backend's host:port
+    port: int | None = None  # probe the backend's host on this port; None = the backend's port
+    expect_body: str | None = None  # a substring the body must contain; None = any body
 
 
 @dataclass(frozen=True)
@@ -152,11 +164,68 @@ class AccessLogConfig:
 
 
 STRATEGIES = ("round_robin", "random", "least_connections", "weighted")
+DEFAULT_POOL = "default"  # the name of a v1 file's one pool
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A named group of backends with its own balancing.
+
+    Every section here is complete: the file's per-pool settings were merged field by
+    field over the top-level sections when the file was loaded, so a pool that sets
+    only `health_check: {path: /healthz}` has every other top-level health_check value.
+    """
+
+    name: str  # the key under `pools:`; a v1 file's one pool is DEFAULT_POOL
+    backends: tuple[BackendConfig, ...] = ()  # names unique across every pool
+    strategy: str = "round_robin"  # one of STRATEGIES; default: the top-level strategy
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    sticky: StickyConfig = field(default_factory=StickyConfig)
+    # Each backend's request rate cap (`rate_limit.per_backend` in the pool); the other
+    # rate_limit settings are per client, so they stay top-level only. None = off.
+    per_backend_rate: Rate | None = None
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """What a request must look like for a route to take it; both None = every request."""
+
+    # "api.example.com" (exact) or "*.example.com" (exactly one more label), lower
+    # case, no port; None = any host.
+    host: str | None = None
+    # "/v1": the raw path is /v1 or goes on with "/" or "?" (never /v1x); a prefix
+    # ending in "/" takes every path that starts with it. None = any path.
+    path_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """Send the requests `match` takes to `pool`. Routes are tried in file order."""
+
+    name: str  # default "routes[i]" (i from 0, as in field paths); unique
+    pool: str  # the name of a pool in the same file
+    match: RouteMatch = field(default_factory=RouteMatch)
+    strip_prefix: bool = False  # True: /v1/users -> /users upstream, /v1 -> /
+
+
+def catch_all(pool: str) -> RouteConfig:
+    """The route a file gets when it names no routes: everything goes to `pool`."""
+    return RouteConfig(name="routes[0]", pool=pool)
 
 
 @dataclass(frozen=True)
 class Config:
-    """One complete, validated configuration. `Config(backends=())` is the defaults."""
+    """One complete, validated configuration. `Config(backends=())` is the defaults.
+
+    Read `pools` and `routes`: they are always filled. A v1 file (and a Config built
+    in code from `backends`) is one pool named "default", made of `backends` and the
+    top-level sections, and one catch-all route to it. A file with `pools` keeps them
+    in `declared_pools` / `declared_routes`, and `backends` then lists every pool's
+    backends in file order, so code that reads `backends` still sees them all (as one
+    group: it knows nothing of routes).
+    """
 
     backends: tuple[BackendConfig, ...] = ()
     listen: Address = Address("127.0.0.1", 8080)  # proxy listener
@@ -175,4 +244,38 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    # Processes serving the proxy listener; "auto" in the file is the CPU count. Each
+    # worker keeps its own health, breaker and memory rate-limit state.
+    workers: int = 1
+    declared_pools: tuple[PoolConfig, ...] = ()  # the file's `pools`, merged; () = v1 file
+    declared_routes: tuple[RouteConfig, ...] = ()  # the file's `routes`; () = one catch-all
     source_path: str | None = None  # the file this came from; None when built in code
+
+    # cached_property writes into the instance __dict__, which a frozen dataclass
+    # allows; dataclasses.replace() builds a new instance, so nothing goes stale.
+    @cached_property
+    def pools(self) -> tuple[PoolConfig, ...]:
+        """Every pool in file order; a v1 config's one pool is made here."""
+        if self.declared_pools:
+            return self.declared_pools
+        return (
+            PoolConfig(
+                name=DEFAULT_POOL,
+                backends=self.backends,
+                strategy=self.strategy,
+                health_check=self.health_check,
+                circuit_breaker=self.circuit_breaker,
+                retries=self.retries,
+                sticky=self.sticky,
+                per_backend_rate=self.rate_limit.per_backend,
+            ),
+        )
+
+    @cached_property
+    def routes(self) -> tuple[RouteConfig, ...]:
+        """Every route in file order; without `routes`, one catch-all to the only pool."""
+        return self.declared_routes or (catch_all(self.pools[0].name),)
+
+    def pool(self, name: str) -> PoolConfig | None:
+        """The pool called `name`, or None."""
+        return next((pool for pool in self.pools if pool.name == name), None)

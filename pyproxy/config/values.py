@@ -3,7 +3,7 @@
 Addresses (`host:port`), networks (CIDRs), HTTP statuses and status ranges, retry
 conditions, the rate limiter's client key and store, cookie names, backend URLs and
 names. Each takes a YAML value and returns the typed setting or raises `ValueError`
-with a message for a person; see `configcheck.py` for the generic ones and the rules
+with a message for a person; see `checks.py` for the generic ones and the rules
 they all follow.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -190,3 +191,87 @@ def backend_name(value: Any) -> str:
     if not isinstance(value, str) or not _BACKEND_NAME.fullmatch(value):
         raise ValueError("must be 1-100 characters of letters, digits and . _ : - [ ]")
     return str(value)
+
+
+def host_header(value: Any) -> str:
+    """A Host header value for probes: `name`, `name:port`, `[ipv6]` or `[ipv6]:port`."""
+    usage = "must be a host name, optionally with :port (e.g. app.internal:8080)"
+    if not isinstance(value, str):
+        raise ValueError(usage)
+    host, port = value, ""
+    if value.rfind(":") > value.rfind("]"):  # a port after the host (or after "[ipv6]")
+        host, _, port = value.rpartition(":")
+    if port and (not port.isdigit() or int(port) > 65535):
+        raise ValueError(usage)
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host[1:-1]!r} is not an IPv6 address") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(usage)
+    return str(value)
+
+
+def host_pattern(value: Any) -> str:
+    """A route's host: exact (`api.example.com`) or `*.example.com`; returned lower case.
+
+    A wildcard is one whole leading label and stands for exactly one label, as in
+    Caddy; `*` elsewhere (`api.*.com`, `*api.com`) has no agreed meaning, so it is
+    refused. A trailing dot (the fully qualified form) is dropped, as nginx does.
+    """
+    usage = "must be a host name (api.example.com) or *. and a domain (*.example.com)"
+    if not isinstance(value, str) or not value:
+        raise ValueError(usage)
+    host = value.lower().removesuffix(".")
+    if host.startswith("["):
+        address, _, after = host[1:].partition("]")
+        if after:
+            raise ValueError("must not have a port (the port is ignored when matching)")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IPv6 address") from None
+        return host
+    if ":" in host:
+        raise ValueError("must not have a port (the port is ignored when matching)")
+    name = host.removeprefix("*.")
+    if "*" in name:
+        raise ValueError(f"only one leading wildcard label, as in *.example.com (got {value!r})")
+    if not _HOSTNAME.fullmatch(name) or ".." in name:
+        raise ValueError(usage)
+    return host
+
+
+def path_prefix(value: Any) -> str:
+    """A route's path prefix: a raw path starting with "/", without a query."""
+    prefix = url_path(value)
+    if "?" in prefix or "#" in prefix:
+        raise ValueError("must be a path without '?' or '#' (the query is not matched)")
+    return prefix
+
+
+# Pool names become field paths (`pools.web.health_check`) and metric labels: no dots.
+_POOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+def pool_name(value: Any) -> str:
+    if not isinstance(value, str) or not _POOL_NAME.fullmatch(value):
+        raise ValueError("must be 1-100 characters of letters, digits, _ and -")
+    return str(value)
+
+
+def route_name(value: Any) -> str:
+    if not isinstance(value, str) or not _BACKEND_NAME.fullmatch(value):
+        raise ValueError("must be 1-100 characters of letters, digits and . _ : - [ ]")
+    return str(value)
+
+
+def workers(value: Any) -> int:
+    """A number of processes >= 1, or "auto": one per CPU."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        return int(integer(minimum=1)(value))
+    except ValueError:
+        raise ValueError('must be an integer >= 1 or "auto" (one per CPU)') from None
