@@ -5,6 +5,10 @@ Service with a fresh CollectorRegistry and an in-memory access log, and closes i
 when the test ends. The defaults suit forwarding tests: no health checks (fixture
 backends need no /health), no circuit breaker and no retries (so one request is one
 upstream attempt and a failure reaches the client as it is), short timeouts.
+
+What an operator reads is read here once for every test: `metric_value` scrapes
+/metrics the way Prometheus does, `admin_backends` lists /admin/backends by name, and
+`registry_value` reads a sample straight from the service's own registry.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ import io
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
 import pytest
 import requests
-from backends import EchoBackend, ScriptedBackend, Step
+from backends import Blackhole, EchoBackend, ScriptedBackend, Step
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
+from pyproxy.config.load import load_config
 from pyproxy.config.schema import (
     Address,
     AdminConfig,
@@ -99,6 +107,23 @@ def make_proxy() -> Iterator[ProxyFactory]:
 
 
 @pytest.fixture
+def start_service() -> Iterator[Callable[[Config | Path], Service]]:
+    """Start Services from a Config or a YAML file as given (no test defaults added)."""
+    services: list[Service] = []
+
+    def start(source: Config | Path) -> Service:
+        config = source if isinstance(source, Config) else load_config(str(source))
+        service = Service(config, registry=CollectorRegistry())
+        services.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in services:
+        service.close()
+
+
+@pytest.fixture
 def make_echo_backend() -> Iterator[Callable[[str], EchoBackend]]:
     backends: list[EchoBackend] = []
 
@@ -134,6 +159,14 @@ def make_scripted_backend() -> Iterator[Callable[..., ScriptedBackend]]:
     yield start
     for backend in backends:
         backend.close()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[Blackhole]:
+    """An address whose every connect times out, named "unreachable"."""
+    hole = Blackhole("unreachable")
+    yield hole
+    hole.close()
 
 
 @pytest.fixture
@@ -183,3 +216,58 @@ def run_to_end(threads: Sequence[threading.Thread], timeout: float = 30.0) -> No
     for thread in threads:
         thread.join(timeout=timeout)
         assert not thread.is_alive(), f"{thread.name} still running after {timeout}s"
+
+
+# -- what an operator reads: /metrics and /admin/backends --------------------------------
+
+
+class HasAdminUrl(Protocol):
+    @property
+    def admin_url(self) -> str: ...
+
+
+def admin_get(service_or_url: HasAdminUrl | str, path: str) -> requests.Response:
+    """GET a path of the admin listener (a Service, or its base URL as a string)."""
+    base = service_or_url if isinstance(service_or_url, str) else service_or_url.admin_url
+    with requests.Session() as session:
+        session.trust_env = False  # no proxy variables or .netrc between test and pyproxy
+        return session.get(base + path, timeout=5)
+
+
+def metric_samples(service_or_url: HasAdminUrl | str) -> list[Sample]:
+    """Every sample on /metrics, parsed by prometheus_client's own parser."""
+    response = admin_get(service_or_url, "/metrics")
+    assert response.status_code == 200, response.text
+    return [
+        sample
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    ]
+
+
+def metric_value(service_or_url: HasAdminUrl | str, name: str, **labels: str) -> float | None:
+    """The value of the sample `name` whose labels include `labels`; None if there is none.
+
+    Labels left out match anything, so more than one sample may fit: that is a mistake
+    in the test (it would read an arbitrary one), and fails here.
+    """
+    found = [
+        sample
+        for sample in metric_samples(service_or_url)
+        if sample.name == name and sample.labels.items() >= labels.items()
+    ]
+    assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples: {found}"
+    return float(found[0].value) if found else None
+
+
+def registry_value(service: Service, name: str, **labels: str) -> float:
+    """One sample from the service's own registry, without HTTP (0 if never observed)."""
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def admin_backends(service_or_url: HasAdminUrl | str) -> dict[str, dict[str, Any]]:
+    """/admin/backends as {name: entry}, in the order the API lists them."""
+    response = admin_get(service_or_url, "/admin/backends")
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    return {entry["name"]: entry for entry in response.json()["backends"]}

@@ -34,6 +34,7 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, wait_for
+from conftest import admin_backends
 from waitress import wasyncore
 
 from pyproxy.demo import DemoBackends
@@ -126,9 +127,7 @@ def start_demo(tmp_path: Path) -> Iterator[Callable[[], Demo]]:
 
 
 def backends_of(http: requests.Session, demo: Demo) -> list[tuple[str, str]]:
-    response = http.get(demo.admin + "/admin/backends", timeout=5)
-    assert response.status_code == 200, response.text
-    return [(b["name"], b["url"]) for b in response.json()["backends"]]
+    return [(name, entry["url"]) for name, entry in admin_backends(demo.admin).items()]
 
 
 def admin_reload(http: requests.Session, demo: Demo, token: str) -> requests.Response:

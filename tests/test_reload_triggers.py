@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,8 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, wait_for
-from prometheus_client import CollectorRegistry
+from conftest import admin_backends, metric_value
 
-from pyproxy.config.load import load_config
 from pyproxy.config.schema import BackendConfig
 from pyproxy.process.service import Service
 from pyproxy.runtime import watcher as reload_module
@@ -44,31 +43,9 @@ def write_config(path: Path, backends: list[EchoBackend], **extra: Any) -> None:
     os.replace(temp, path)
 
 
-@pytest.fixture
-def start_service() -> Iterator[Callable[[Path], Service]]:
-    services: list[Service] = []
-
-    def start(path: Path) -> Service:
-        service = Service(load_config(str(path)), registry=CollectorRegistry())
-        services.append(service)
-        service.start()
-        return service
-
-    yield start
-    for service in services:
-        service.close()
-
-
-def backend_names(http: requests.Session, service: Service) -> list[str]:
-    response = http.get(service.admin_url + "/admin/backends", timeout=5)
-    return [b["name"] for b in response.json()["backends"]]
-
-
-def successful_reloads(http: requests.Session, service: Service) -> float:
-    for line in http.get(service.admin_url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith('proxy_config_reloads_total{result="success"}'):
-            return float(line.split()[-1])
-    return 0.0  # no reload yet
+def successful_reloads(service: Service) -> float:
+    # no sample before the first reload
+    return metric_value(service, "proxy_config_reloads_total", result="success") or 0.0
 
 
 def admin_reload(http: requests.Session, service: Service) -> requests.Response:
@@ -116,8 +93,8 @@ def test_an_admin_reload_of_a_changed_file_applies_it_once(
     # The watcher handles one change at a time: once it has applied the next write,
     # its pass over the first one is over, and it must not have reloaded that again.
     write_config(path, [app3])
-    assert wait_for(lambda: backend_names(http, service) == ["app3"], timeout=10)
-    assert successful_reloads(http, service) == 2  # the admin's, then the watcher's
+    assert wait_for(lambda: list(admin_backends(service)) == ["app3"], timeout=10)
+    assert successful_reloads(service) == 2  # the admin's, then the watcher's
 
 
 @pytest.mark.parametrize("trigger", ["SIGHUP", "admin API", "file change"])
@@ -144,7 +121,7 @@ def test_every_trigger_reopens_the_access_log(
         assert admin_reload(http, service).status_code == 200
     else:
         write_config(path, [echo_backend], access_log=access, strategy="random")
-        assert wait_for(lambda: successful_reloads(http, service) == 1, timeout=10)
+        assert wait_for(lambda: successful_reloads(service) == 1, timeout=10)
 
     assert http.get(service.proxy_url + "/after", timeout=5).status_code == 200
     assert wait_for(lambda: access_log.exists() and "/after" in access_log.read_text())
