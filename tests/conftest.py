@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +54,19 @@ BackendLike: TypeAlias = BackendConfig | HasUrl
 def as_backend_config(backend: BackendLike) -> BackendConfig:
     if isinstance(backend, BackendConfig):
         return backend
-    return BackendConfig(url=backend.url, name=backend.name)
+    return backend_config(backend)
+
+
+def backend_config(backend: HasUrl, **fields: Any) -> BackendConfig:
+    """The config entry for a fixture backend, with any other fields set."""
+    return BackendConfig(url=backend.url, name=backend.name, **fields)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """What editors do: write a temp file next to it, then rename it over the original."""
+    temp = path.with_name(f".{path.name}.swp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
 
 
 def base_config(backends: Sequence[BackendLike] = (), **overrides: Any) -> Config:
@@ -209,6 +222,19 @@ def busy_switching() -> Iterator[None]:
     sys.setswitchinterval(before)
 
 
+class ChangedOnlyUnderLock:
+    """Mixin for a class with a `_lock`: once `watching` is set, any attribute change
+    made without that lock held fails the test."""
+
+    watching = False
+    _lock: Any
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.watching:
+            assert self._lock.locked(), f"{name} changed without the lock"
+        super().__setattr__(name, value)
+
+
 def run_to_end(threads: Sequence[threading.Thread], timeout: float = 30.0) -> None:
     """Start the threads and wait for every one of them to finish (bounded)."""
     for thread in threads:
@@ -271,3 +297,22 @@ def admin_backends(service_or_url: HasAdminUrl | str) -> dict[str, dict[str, Any
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("application/json")
     return {entry["name"]: entry for entry in response.json()["backends"]}
+
+
+def served_by(http: requests.Session, service: Service, count: int) -> list[str]:
+    """Send `count` sequential GET /who; the X-Backend name that answered each."""
+    names = []
+    for _ in range(count):
+        response = http.get(service.proxy_url + "/who", timeout=5)
+        assert response.status_code == 200, response.text
+        names.append(response.headers["X-Backend"])
+    return names
+
+
+def admin_reload(
+    http: requests.Session, service_or_url: HasAdminUrl | str, token: str
+) -> requests.Response:
+    """POST /admin/reload with the admin token."""
+    base = service_or_url if isinstance(service_or_url, str) else service_or_url.admin_url
+    headers = {"Authorization": f"Bearer {token}"}
+    return http.post(base + "/admin/reload", headers=headers, timeout=10)

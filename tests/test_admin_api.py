@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, closed_port, wait_for
-from conftest import ProxyFactory, admin_backends, metric_samples
+from conftest import ProxyFactory, admin_backends, metric_samples, replace_file, served_by
 from prometheus_client import CollectorRegistry
 
 from pyproxy.config.load import ConfigError, load_config
@@ -67,15 +66,6 @@ def post(
     if data:
         headers["Content-Type"] = "application/json"
     return http.post(service.admin_url + path, data=data, headers=headers, timeout=5)
-
-
-def served_by(http: requests.Session, service: Service, count: int) -> list[str]:
-    names = []
-    for _ in range(count):
-        response = http.get(service.proxy_url + "/who", timeout=5)
-        assert response.status_code == 200
-        names.append(response.headers["X-Backend"])
-    return names
 
 
 # -- tokens ---------------------------------------------------------------------------
@@ -742,9 +732,7 @@ def write_config(path: Path, backends: list[BackendConfig], **extra: Any) -> Non
         "backends": [dataclasses.asdict(b) for b in backends],
     }
     document.update(extra)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(yaml.safe_dump(document), encoding="utf-8")
-    os.replace(temp, path)
+    replace_file(path, yaml.safe_dump(document))
 
 
 def test_admin_changes_survive_a_reload(

@@ -26,7 +26,8 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, closed_port, free_ports, wait_for
-from conftest import admin_backends, metric_value
+from conftest import admin_backends, admin_reload, metric_value, replace_file, served_by
+from conftest import backend_config as cfg
 
 from pyproxy.config.schema import BackendConfig
 from pyproxy.process.service import Service
@@ -54,13 +55,6 @@ def document(backends: list[BackendConfig], **extra: Any) -> dict[str, Any]:
     return doc
 
 
-def replace_file(path: Path, text: str) -> None:
-    """What editors do: write a temp file next to it, then rename it over the original."""
-    temp = path.with_name(f".{path.name}.swp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
-
-
 def write_in_place(path: Path, text: str) -> None:
     """What `echo > file` does: truncate and write into the same inode."""
     with open(path, "w", encoding="utf-8") as handle:
@@ -71,25 +65,12 @@ def write_config(path: Path, backends: list[BackendConfig], **extra: Any) -> Non
     replace_file(path, yaml.safe_dump(document(backends, **extra)))
 
 
-def cfg(backend: EchoBackend, **fields: Any) -> BackendConfig:
-    return BackendConfig(url=backend.url, name=backend.name, **fields)
-
-
 def reload_metrics(service: Service) -> tuple[float, float, float]:
     """(successes, failures, last_reload_successful) as /metrics shows them."""
     successes = metric_value(service, "proxy_config_reloads_total", result="success") or 0.0
     failures = metric_value(service, "proxy_config_reloads_total", result="failure") or 0.0
     gauge = metric_value(service, "proxy_config_last_reload_successful")
     return successes, failures, -1.0 if gauge is None else gauge
-
-
-def served_by(http: requests.Session, service: Service, count: int) -> list[str]:
-    names = []
-    for _ in range(count):
-        response = http.get(service.proxy_url + "/who", timeout=5)
-        assert response.status_code == 200, response.text
-        names.append(response.headers["X-Backend"])
-    return names
 
 
 # -- the watcher ----------------------------------------------------------------------
@@ -375,14 +356,6 @@ def test_restart_settings_are_logged_and_ignored(
 # -- POST /admin/reload -----------------------------------------------------------------
 
 
-def admin_reload(http: requests.Session, service: Service) -> requests.Response:
-    return http.post(
-        service.admin_url + "/admin/reload",
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        timeout=5,
-    )
-
-
 def test_admin_reload_returns_the_summary_or_the_problems(
     tmp_path: Path,
     three_backends: list[EchoBackend],
@@ -397,7 +370,7 @@ def test_admin_reload_returns_the_summary_or_the_problems(
     service.watcher.stop()  # only the route reloads in this test
 
     write_config(path, [cfg(app1, weight=5), cfg(app3)], strategy="least_connections")
-    response = admin_reload(http, service)
+    response = admin_reload(http, service, TOKEN)
     assert response.status_code == 200
     assert response.json() == {
         "reloaded": True,
@@ -411,12 +384,12 @@ def test_admin_reload_returns_the_summary_or_the_problems(
     assert list(admin_backends(service)) == ["app1", "app3"]
     assert reload_metrics(service) == (1, 0, 1)
 
-    response = admin_reload(http, service)  # nothing changed since
+    response = admin_reload(http, service, TOKEN)  # nothing changed since
     assert response.status_code == 200
     assert response.json() == {"reloaded": True, "changes": []}
 
     write_config(path, [cfg(app1, weight="heavy")], timeouts={"connect": "soon"})
-    response = admin_reload(http, service)
+    response = admin_reload(http, service, TOKEN)
     assert response.status_code == 400
     payload = response.json()
     assert payload["reloaded"] is False
@@ -428,7 +401,7 @@ def test_admin_reload_returns_the_summary_or_the_problems(
     assert reload_metrics(service) == (2, 1, 0)
 
     path.unlink()
-    response = admin_reload(http, service)
+    response = admin_reload(http, service, TOKEN)
     assert response.status_code == 400
     assert "cannot read the file" in response.json()["problems"][0]
 
@@ -622,7 +595,7 @@ def test_reload_under_steady_traffic_fails_no_request(
     try:
         for wanted, extra in steps:
             write_config(path, wanted, **extra)
-            assert admin_reload(http, service).status_code == 200
+            assert admin_reload(http, service, TOKEN).status_code == 200
             assert list(admin_backends(service)) == [b.name for b in wanted]
     finally:
         stop.set()
@@ -707,15 +680,15 @@ def test_store_passwords_never_reach_the_reload_log_or_answer(
         # The host and the password change: the host is shown, the password is not.
         store = f"redis://ops:second-Secret@localhost:{port}/1"
         write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
-        answers.append(admin_reload(http, service))
+        answers.append(admin_reload(http, service, TOKEN))
         # Only the password changes: nothing can be shown but that it changed.
         store = f"redis://ops:third-Secret@localhost:{port}/1"
         write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
-        answers.append(admin_reload(http, service))
+        answers.append(admin_reload(http, service, TOKEN))
         # An invalid store: the problem names the field, not the password.
         store = "redis://:fourth-Secret@localhost:99999/0"
         write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
-        answers.append(admin_reload(http, service))
+        answers.append(admin_reload(http, service, TOKEN))
     assert [answer.status_code for answer in answers] == [200, 200, 400]
     assert answers[0].json()["changes"] == [
         f"rate_limit.store: redis://:***@127.0.0.1:{port}/0 -> redis://ops:***@localhost:{port}/1"
@@ -750,7 +723,7 @@ def test_limits_need_a_restart_and_the_summary_says_so(
     new_limits = {"max_request_body": 100, "header_timeout": "5s"}
     with caplog.at_level(logging.INFO, logger="pyproxy.runtime.swap"):
         write_config(path, [cfg(echo_backend)], limits=new_limits, strategy="random")
-        answer = admin_reload(http, service)
+        answer = admin_reload(http, service, TOKEN)
     assert answer.status_code == 200
     assert answer.json()["changes"] == [
         "strategy: round_robin -> random",

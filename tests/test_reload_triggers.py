@@ -9,7 +9,6 @@ reloads are counted where an operator counts them, in
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, wait_for
-from conftest import admin_backends, metric_value
+from conftest import admin_backends, admin_reload, metric_value, replace_file
 
 from pyproxy.config.schema import BackendConfig
 from pyproxy.process.service import Service
@@ -38,22 +37,12 @@ def write_config(path: Path, backends: list[EchoBackend], **extra: Any) -> None:
         "backends": [dataclasses.asdict(BackendConfig(url=b.url, name=b.name)) for b in backends],
     }
     document.update(extra)
-    temp = path.with_name(f".{path.name}.swp")
-    temp.write_text(yaml.safe_dump(document), encoding="utf-8")
-    os.replace(temp, path)
+    replace_file(path, yaml.safe_dump(document))
 
 
 def successful_reloads(service: Service) -> float:
     # no sample before the first reload
     return metric_value(service, "proxy_config_reloads_total", result="success") or 0.0
-
-
-def admin_reload(http: requests.Session, service: Service) -> requests.Response:
-    return http.post(
-        service.admin_url + "/admin/reload",
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        timeout=10,
-    )
 
 
 def test_an_admin_reload_of_a_changed_file_applies_it_once(
@@ -84,7 +73,7 @@ def test_an_admin_reload_of_a_changed_file_applies_it_once(
     write_config(path, [app1, app2])
     try:
         assert watcher_checking.wait(10), "the watcher did not notice the write"
-        response = admin_reload(http, service)
+        response = admin_reload(http, service, TOKEN)
     finally:
         admin_done.set()
     assert response.status_code == 200, response.text
@@ -118,7 +107,7 @@ def test_every_trigger_reopens_the_access_log(
     if trigger == "SIGHUP":
         assert service.reload("SIGHUP").ok  # what the SIGHUP handler calls
     elif trigger == "admin API":
-        assert admin_reload(http, service).status_code == 200
+        assert admin_reload(http, service, TOKEN).status_code == 200
     else:
         write_config(path, [echo_backend], access_log=access, strategy="random")
         assert wait_for(lambda: successful_reloads(service) == 1, timeout=10)

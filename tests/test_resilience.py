@@ -43,6 +43,7 @@ from backends import (
 )
 from backends import sleep as sleep_step
 from conftest import ProxyFactory, admin_backends, metric_value
+from conftest import backend_config as cfg
 
 from pyproxy.config.schema import (
     Address,
@@ -253,10 +254,6 @@ def scripted(
 
 def answer_503(name: str) -> list[Any]:
     return [send(response(503, f"busy from {name}\n".encode(), [("X-Backend", name)])), KEEP]
-
-
-def cfg(backend: Any, **kw: Any) -> BackendConfig:
-    return BackendConfig(url=backend.url, name=backend.name, **kw)
 
 
 def dead(name: str = "dead") -> BackendConfig:
