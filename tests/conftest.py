@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import IO, Any, Protocol, TypeAlias
 
 import pytest
 import requests
@@ -41,6 +42,8 @@ from pyproxy.config.schema import (
     Timeouts,
 )
 from pyproxy.process.service import Service
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class HasUrl(Protocol):
@@ -235,6 +238,19 @@ class ChangedOnlyUnderLock:
         super().__setattr__(name, value)
 
 
+def spawn_pyproxy(config_path: Path, log_file: IO[bytes]) -> subprocess.Popen[bytes]:
+    """`python -m pyproxy -c config_path` as an operator runs it; its log to log_file.
+
+    The caller stops it (SIGTERM, then SIGKILL if it hangs) by its pid.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyproxy", "-c", str(config_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file,
+    )
+
+
 def run_to_end(threads: Sequence[threading.Thread], timeout: float = 30.0) -> None:
     """Start the threads and wait for every one of them to finish (bounded)."""
     for thread in threads:
@@ -284,6 +300,12 @@ def metric_value(service_or_url: HasAdminUrl | str, name: str, **labels: str) ->
     ]
     assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples: {found}"
     return float(found[0].value) if found else None
+
+
+def metric(service_or_url: HasAdminUrl | str, name: str, **labels: str) -> float:
+    """`metric_value`, 0 when the sample is not there yet: a labelled counter or gauge
+    first appears on /metrics when it is first touched."""
+    return metric_value(service_or_url, name, **labels) or 0.0
 
 
 def registry_value(service: Service, name: str, **labels: str) -> float:

@@ -34,12 +34,11 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, wait_for
-from conftest import admin_backends, admin_reload
+from conftest import REPO, admin_backends, admin_reload
 from waitress import wasyncore
 
 from pyproxy.demo import DemoBackends
 
-REPO = Path(__file__).resolve().parent.parent
 # Several times the watcher's debounce (0.25 s): the window in which a watched file's
 # change would have been applied.
 QUIET_WINDOW = 1.5

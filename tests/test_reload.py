@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +24,14 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, closed_port, free_ports, wait_for
-from conftest import admin_backends, admin_reload, metric_value, replace_file, served_by
+from conftest import (
+    admin_backends,
+    admin_reload,
+    metric_value,
+    replace_file,
+    served_by,
+    spawn_pyproxy,
+)
 from conftest import backend_config as cfg
 
 from pyproxy.config.schema import BackendConfig
@@ -34,7 +39,6 @@ from pyproxy.process.service import Service
 from pyproxy.runtime import swap as control_module
 
 TOKEN = "reload-test-token"
-REPO = Path(__file__).resolve().parent.parent
 # Longer than the watcher's debounce (0.25 s) several times over: the window in which
 # a change that must be ignored would have been applied.
 QUIET_WINDOW = 1.0
@@ -635,12 +639,7 @@ def test_sighup_reloads_and_sigterm_exits_0(
             return []
 
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pyproxy", "-c", str(link)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-        )
+        process = spawn_pyproxy(link, log_file)
     try:
         assert wait_for(lambda: names() == ["app1"], timeout=15), log_path.read_text()
         write_in_place(real, yaml.safe_dump(document([cfg(app1), cfg(app2)], **extra)))

@@ -42,7 +42,7 @@ from backends import (
     wait_for,
 )
 from backends import sleep as sleep_step
-from conftest import ProxyFactory, admin_backends, metric_value
+from conftest import ProxyFactory, admin_backends, metric
 from conftest import backend_config as cfg
 
 from pyproxy.config.schema import (
@@ -262,11 +262,6 @@ def dead(name: str = "dead") -> BackendConfig:
 
 
 # -- what an operator sees --------------------------------------------------------------
-
-
-def metric(service: Service, name: str, **labels: str) -> float:
-    """A counter or gauge on /metrics, 0 before its first observation."""
-    return metric_value(service, name, **labels) or 0.0
 
 
 def get(service: Service, path: str = "/", **kw: Any) -> requests.Response:
