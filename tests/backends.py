@@ -499,7 +499,9 @@ class ScriptedBackend:
                 if self._stop.wait(step.seconds):
                     return False
             elif step.kind == "close":
-                conn.shutdown(socket.SHUT_RDWR)
+                # ENOTCONN when the client hung up first: the connection is closed either way.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
                 return False
             elif step.kind == "reset":
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
