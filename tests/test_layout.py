@@ -188,29 +188,37 @@ def direction_violations(imports: list[Import]) -> list[Violation]:
 
 
 def cycle_violations(imports: list[Import]) -> list[Violation]:
-    """One violation per import cycle among module-level imports (as a path a -> b -> a)."""
+    """One violation per group of modules that import each other at module level,
+    shown as the shortest cycle through the group's first module (a -> b -> a)."""
     graph: dict[str, set[str]] = {}
     for item in imports:
         if item.at_load and item.importer != item.imported:
             graph.setdefault(item.importer, set()).add(item.imported)
-    cycles: set[tuple[str, ...]] = set()
 
-    def visit(module: str, path: list[str]) -> None:
-        for imported in sorted(graph.get(module, ())):
-            if imported in path:
-                cycle = path[path.index(imported) :]
-                start = cycle.index(min(cycle))  # one spelling per cycle, whatever entry
-                cycles.add(tuple(cycle[start:] + cycle[:start]))
-            elif len(path) < 50:
-                visit(imported, [*path, imported])
+    def shortest_paths(start: str) -> dict[str, list[str]]:
+        """Breadth first: every module start reaches -> the shortest path to it."""
+        paths: dict[str, list[str]] = {}
+        frontier = [[start]]
+        while frontier:
+            following = []
+            for path in frontier:
+                for imported in sorted(graph.get(path[-1], ())):
+                    if imported not in paths:
+                        paths[imported] = [*path, imported]
+                        following.append(paths[imported])
+            frontier = following
+        return paths
 
-    for module in sorted(graph):
-        visit(module, [module])
+    reach = {module: shortest_paths(module) for module in graph}
     violations = []
-    for cycle in sorted(cycles):
-        chain = " -> ".join((*cycle, cycle[0]))
+    reported: set[str] = set()
+    for module in sorted(graph):
+        if module in reported or module not in reach[module]:
+            continue  # already shown with its group, or on no cycle
+        reported |= {other for other in reach[module] if module in reach.get(other, {})}
+        chain = " -> ".join(reach[module][module])
         violations.append(
-            Violation("cycle", cycle[0], chain, f"import cycle at module level: {chain}")
+            Violation("cycle", module, chain, f"import cycle at module level: {chain}")
         )
     return violations
 
@@ -287,6 +295,11 @@ def test_the_checker_sees_every_kind_of_import(tmp_path: Path) -> None:
         "proxy/__init__.py": "",
         "proxy/app.py": "import pyproxy.edge.server as edge\n",
         "brandnew.py": "from pyproxy.pool.backend import x\n",
+        # Two cycles through the same three modules: one group, reported once.
+        "policy/__init__.py": "",
+        "policy/a.py": "from pyproxy.policy import b\n",
+        "policy/b.py": "from pyproxy.policy import a, c\n",
+        "policy/c.py": "import pyproxy.policy.a\n",
     }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -310,6 +323,7 @@ def test_the_checker_sees_every_kind_of_import(tmp_path: Path) -> None:
             "pyproxy.runtime.snapshot",
             "pyproxy.runtime.snapshot -> pyproxy.runtime.swap -> pyproxy.runtime.snapshot",
         ),
+        ("cycle", "pyproxy.policy.a", "pyproxy.policy.a -> pyproxy.policy.b -> pyproxy.policy.a"),
         ("length", "pyproxy.edge.server", f"over {MAX_MODULE_LINES} lines"),
     }
 
