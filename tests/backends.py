@@ -499,7 +499,9 @@ class ScriptedBackend:
                 if self._stop.wait(step.seconds):
                     return False
             elif step.kind == "close":
-                conn.shutdown(socket.SHUT_RDWR)
+                # ENOTCONN when the client hung up first: the connection is closed either way.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
                 return False
             elif step.kind == "reset":
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -549,6 +551,27 @@ def closed_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class Blackhole:
+    """A listener whose accept queue is full, so every new connect times out.
+
+    listen(0) leaves room for one queued connection; `filler` takes it, and the kernel
+    drops every later SYN, which is what a firewalled or vanished host looks like.
+    """
+
+    def __init__(self, name: str = "blackhole") -> None:
+        self.name = name
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.filler = socket.create_connection(("127.0.0.1", self.port))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.filler.close()
+        self.listener.close()
 
 
 def free_ports(count: int) -> list[int]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,8 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, closed_port, wait_for
-from conftest import ProxyFactory
+from conftest import ProxyFactory, admin_backends, metric_samples, replace_file, served_by
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from pyproxy.config.load import ConfigError, load_config
 from pyproxy.config.schema import (
@@ -70,31 +68,6 @@ def post(
     return http.post(service.admin_url + path, data=data, headers=headers, timeout=5)
 
 
-def listed(http: requests.Session, service: Service) -> dict[str, dict[str, Any]]:
-    response = http.get(service.admin_url + "/admin/backends", timeout=5)
-    assert response.status_code == 200
-    return {b["name"]: b for b in response.json()["backends"]}
-
-
-def metric_samples(http: requests.Session, service: Service) -> dict[tuple[str, str], float]:
-    """{(sample name, sorted label string): value} from /metrics."""
-    text = http.get(service.admin_url + "/metrics", timeout=5).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())))] = s.value
-    return out
-
-
-def served_by(http: requests.Session, service: Service, count: int) -> list[str]:
-    names = []
-    for _ in range(count):
-        response = http.get(service.proxy_url + "/who", timeout=5)
-        assert response.status_code == 200
-        names.append(response.headers["X-Backend"])
-    return names
-
-
 # -- tokens ---------------------------------------------------------------------------
 
 CHANGES = [
@@ -117,7 +90,7 @@ def test_changes_without_a_configured_token_are_forbidden(
         response = post(http, service, path, body, token=token)
         assert response.status_code == 403
         assert "admin token not configured" in response.text
-    assert list(listed(http, service)) == ["echo"]  # nothing changed
+    assert list(admin_backends(service)) == ["echo"]  # nothing changed
 
 
 @pytest.mark.parametrize(("path", "body"), CHANGES, ids=["add", "remove", "reload"])
@@ -139,7 +112,7 @@ def test_wrong_or_missing_token_is_401(
     response = http.post(service.admin_url + path, json=body, headers=headers, timeout=5)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert list(listed(http, service)) == ["echo"]
+    assert list(admin_backends(service)) == ["echo"]
 
 
 def test_reads_need_no_token(
@@ -284,7 +257,7 @@ def test_add_backend_bad_requests_are_400_with_the_reason(
     response = post(http, service, "/admin/add-backend", raw=raw)
     assert response.status_code == 400
     assert why in response.text
-    assert list(listed(http, service)) == ["echo"]
+    assert list(admin_backends(service)) == ["echo"]
 
 
 def test_remove_backend_needs_a_name_or_url(
@@ -325,7 +298,7 @@ def test_add_backend_returns_201_with_the_backend_and_it_takes_traffic(
     assert (added["weight"], added["max_connections"], added["source"]) == (2, 7, "admin")
     assert added["circuit"] == "closed"
     assert added["available"] is True  # health checks off: at once
-    backends = listed(http, service)
+    backends = admin_backends(service)
     assert backends["first"]["source"] == "config"
     assert backends["second"]["source"] == "admin"
     assert set(served_by(http, service, 4)) == {"first", "second"}
@@ -368,7 +341,7 @@ def test_add_duplicate_is_409(
     service = make_proxy([echo_backend], admin=ADMIN)
     response = post(http, service, "/admin/add-backend", clash(echo_backend))
     assert response.status_code == 409, response.text
-    assert list(listed(http, service)) == ["echo"]
+    assert list(admin_backends(service)) == ["echo"]
 
 
 def test_add_same_backend_with_explicit_default_port_is_409(
@@ -415,7 +388,7 @@ def test_refused_urls_are_400_with_the_reason(
         response = post(http, service, "/admin/add-backend", {"url": url})
         assert response.status_code == 400, (url, response.status_code, response.text)
         assert why in response.text, (url, response.text)
-    assert list(listed(http, service)) == ["echo"]
+    assert list(admin_backends(service)) == ["echo"]
     assert echo_backend.requests() == []
 
 
@@ -472,7 +445,7 @@ def test_every_spelling_of_a_forbidden_address_is_400_with_the_reason(
     response = post(http, service, "/admin/add-backend", {"url": url, "name": "sneaky"})
     assert response.status_code == 400, (url, response.status_code, response.text)
     assert why in response.text, response.text
-    assert list(listed(http, service)) == ["echo"]
+    assert list(admin_backends(service)) == ["echo"]
 
 
 @pytest.fixture
@@ -541,7 +514,7 @@ def test_a_name_that_later_resolves_to_the_admin_listener_gets_508(
     assert response.status_code == 508, response.text
     assert "loop.test" not in response.text
     # Asked directly, the admin listener still answers.
-    assert list(listed(http, service)) == ["loop"]
+    assert list(admin_backends(service)) == ["loop"]
 
 
 def test_config_file_backends_are_not_checked_at_connect_time(
@@ -589,7 +562,7 @@ def test_a_tampered_state_file_cannot_add_a_metadata_backend(
     state.write_text(json.dumps({"added": entries, "removed_urls": []}))
     with caplog.at_level(logging.ERROR, logger="pyproxy.pool.urlguard"):
         service = start_service(load_config(str(path)))
-    assert list(listed(http, service)) == ["echo", "fine"]
+    assert list(admin_backends(service)) == ["echo", "fine"]
     for entry in entries[:-1]:
         assert f"skipped backend {entry['name']} " in caplog.text, caplog.text
 
@@ -611,11 +584,11 @@ def test_added_backend_gets_no_traffic_until_its_first_passing_probe(
     assert response.json()["healthy"] is False
     # Its first probe has reached it and hangs there until the test releases it.
     assert new.holding.wait(5)
-    assert listed(http, service)["new"]["available"] is False
+    assert admin_backends(service)["new"]["available"] is False
     assert set(served_by(http, service, 6)) == {"old"}
     assert {r.target for r in new.requests()} == {"/hold"}  # only probes reached it
     new.release.set()  # the probe passes: one pass is enough from "unknown"
-    assert wait_for(lambda: listed(http, service)["new"]["available"], timeout=5)
+    assert wait_for(lambda: admin_backends(service)["new"]["available"], timeout=5)
     assert set(served_by(http, service, 6)) == {"old", "new"}
     assert "/who" in {r.target for r in new.requests()}
 
@@ -654,7 +627,7 @@ def test_remove_stops_new_traffic_and_lets_in_flight_finish(
         response = post(http, service, "/admin/remove-backend", {"name": "leaving"})
         assert response.status_code == 200
         assert response.json() == {"removed": "leaving", "url": leaving.url, "in_flight": 1}
-        assert "leaving" not in listed(http, service)
+        assert "leaving" not in admin_backends(service)
         before = len(leaving.requests())
         assert all(name != "leaving" for name in served_by(http, service, 6))
         assert len(leaving.requests()) == before  # no new request reached it
@@ -690,13 +663,13 @@ def test_removed_backend_gauges_stay_gone_after_its_in_flight_request(
     thread.join(10)
     assert result.get("status") == 200
     assert wait_for(lambda: service.in_flight() == 0, 5)
-    leftovers = {
-        key: value
-        for key, value in metric_samples(http, service).items()
-        if key[0] in ("proxy_backend_in_flight", "proxy_backend_up", "proxy_circuit_state")
-        and key[1] == "backend=leaving"
-    }
-    assert leftovers == {}
+    leftovers = [
+        sample
+        for sample in metric_samples(service)
+        if sample.name in ("proxy_backend_in_flight", "proxy_backend_up", "proxy_circuit_state")
+        and sample.labels == {"backend": "leaving"}
+    ]
+    assert leftovers == []
 
 
 def test_remove_by_url_and_unknown_is_404(
@@ -714,7 +687,7 @@ def test_remove_by_url_and_unknown_is_404(
     response = post(http, service, "/admin/remove-backend", {"url": second.url + "/"})
     assert response.status_code == 200
     assert response.json()["removed"] == "second"
-    assert list(listed(http, service)) == ["first"]
+    assert list(admin_backends(service)) == ["first"]
     assert post(http, service, "/admin/remove-backend", {"name": "second"}).status_code == 404
 
 
@@ -731,7 +704,7 @@ def test_remove_by_url_matches_the_way_add_does(
     assert post(http, service, "/admin/add-backend", {"url": same_as_p80}).status_code == 409
     assert post(http, service, "/admin/remove-backend", {"url": same_as_p80}).status_code == 200
     assert post(http, service, "/admin/remove-backend", {"url": same_as_echo}).status_code == 200
-    assert listed(http, service) == {}
+    assert admin_backends(service) == {}
 
 
 def test_removing_the_last_backend_makes_readyz_503(
@@ -759,24 +732,7 @@ def write_config(path: Path, backends: list[BackendConfig], **extra: Any) -> Non
         "backends": [dataclasses.asdict(b) for b in backends],
     }
     document.update(extra)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(yaml.safe_dump(document), encoding="utf-8")
-    os.replace(temp, path)
-
-
-@pytest.fixture
-def start_service() -> Iterator[Callable[[Config], Service]]:
-    services: list[Service] = []
-
-    def start(config: Config) -> Service:
-        service = Service(config, registry=CollectorRegistry())
-        services.append(service)
-        service.start()
-        return service
-
-    yield start
-    for service in services:
-        service.close()
+    replace_file(path, yaml.safe_dump(document))
 
 
 def test_admin_changes_survive_a_reload(
@@ -800,7 +756,7 @@ def test_admin_changes_survive_a_reload(
     write_config(path, [as_config[0], dataclasses.replace(as_config[1], weight=4), as_config[2]])
     reply = post(http, service, "/admin/reload")  # the watcher may have got there first
     assert reply.status_code == 200
-    backends = listed(http, service)
+    backends = admin_backends(service)
     # file (app1, app2, app3) - removed (app1) + added (extra)
     assert list(backends) == ["app2", "app3", "extra"]
     assert backends["app2"]["weight"] == 4
@@ -830,11 +786,11 @@ def test_state_file_carries_admin_changes_across_a_restart(
     saved = json.loads(state.read_text())
     assert saved["removed_urls"] == [app1.url]
     assert [(b["name"], b["url"], b["weight"]) for b in saved["added"]] == [("extra", extra.url, 3)]
-    before = {n: (b["url"], b["weight"], b["source"]) for n, b in listed(http, first).items()}
+    before = {n: (b["url"], b["weight"], b["source"]) for n, b in admin_backends(first).items()}
     first.close()
 
     second = start_service(load_config(str(path)))
-    after = {n: (b["url"], b["weight"], b["source"]) for n, b in listed(http, second).items()}
+    after = {n: (b["url"], b["weight"], b["source"]) for n, b in admin_backends(second).items()}
     assert after == before
     assert list(after) == ["app2", "extra"]
     assert set(served_by(http, second, 4)) == {"app2", "extra"}

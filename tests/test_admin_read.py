@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import requests
 from backends import RESET, EchoBackend, ScriptedBackend, closed_port, wait_for
-from conftest import ProxyFactory
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import ProxyFactory, admin_backends, metric_value
 
 from pyproxy.config.schema import Address, AdminConfig, BackendConfig
 from pyproxy.process.service import Service
@@ -32,35 +30,6 @@ BACKEND_FIELDS = {
     "requests_total": int,
     "failures_total": int,
 }
-
-
-def samples(
-    service: Service, http: requests.Session, name: str
-) -> list[tuple[dict[str, str], float]]:
-    """The (labels, value) samples of one series on /metrics."""
-    response = http.get(service.admin_url + "/metrics", timeout=5)
-    assert response.status_code == 200
-    found = []
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == name:
-                found.append((dict(sample.labels), sample.value))
-    return found
-
-
-def value(service: Service, http: requests.Session, name: str, **labels: str) -> float | None:
-    for sample_labels, sample_value in samples(service, http, name):
-        if all(sample_labels.get(k) == v for k, v in labels.items()):
-            return sample_value
-    return None
-
-
-def backends_json(service: Service, http: requests.Session) -> dict[str, Any]:
-    response = http.get(service.admin_url + "/admin/backends", timeout=5)
-    assert response.status_code == 200
-    assert response.headers["Content-Type"].startswith("application/json")
-    payload: dict[str, Any] = response.json()
-    return payload
 
 
 # -- probes -------------------------------------------------------------------------------
@@ -133,11 +102,13 @@ def test_metrics_count_requests_by_backend_method_and_code(
 
     response = http.get(proxy.admin_url + "/metrics", timeout=5)
     assert response.headers["Content-Type"].startswith("text/plain")
-    get_200 = value(proxy, http, "proxy_requests_total", backend="echo", method="GET", code="200")
-    post_200 = value(proxy, http, "proxy_requests_total", backend="echo", method="POST", code="200")
-    get_404 = value(proxy, http, "proxy_requests_total", backend="echo", method="GET", code="404")
+    get_200 = metric_value(proxy, "proxy_requests_total", backend="echo", method="GET", code="200")
+    post_200 = metric_value(
+        proxy, "proxy_requests_total", backend="echo", method="POST", code="200"
+    )
+    get_404 = metric_value(proxy, "proxy_requests_total", backend="echo", method="GET", code="404")
     assert (get_200, post_200, get_404) == (3.0, 1.0, 1.0)
-    count = value(proxy, http, "proxy_request_duration_seconds_count", backend="echo")
+    count = metric_value(proxy, "proxy_request_duration_seconds_count", backend="echo")
     assert count == 5.0
 
 
@@ -147,8 +118,8 @@ def test_metrics_name_no_backend_with_an_empty_label(
     proxy = make_proxy([])
     assert http.get(proxy.proxy_url + "/x", timeout=5).status_code == 503
 
-    assert value(proxy, http, "proxy_requests_total", backend="", code="503") == 1.0
-    assert value(proxy, http, "proxy_errors_total", backend="", reason="no_backend") == 1.0
+    assert metric_value(proxy, "proxy_requests_total", backend="", code="503") == 1.0
+    assert metric_value(proxy, "proxy_errors_total", backend="", reason="no_backend") == 1.0
 
 
 def test_metrics_count_a_refused_connection_as_connect_error(
@@ -157,8 +128,8 @@ def test_metrics_count_a_refused_connection_as_connect_error(
     proxy = make_proxy([BackendConfig(url=f"http://127.0.0.1:{closed_port()}", name="gone")])
     assert http.get(proxy.proxy_url + "/x", timeout=5).status_code == 502
 
-    assert value(proxy, http, "proxy_errors_total", backend="gone", reason="connect_error") == 1.0
-    assert value(proxy, http, "proxy_requests_total", backend="gone", code="502") == 1.0
+    assert metric_value(proxy, "proxy_errors_total", backend="gone", reason="connect_error") == 1.0
+    assert metric_value(proxy, "proxy_requests_total", backend="gone", code="502") == 1.0
 
 
 def test_metrics_show_each_backend_up_and_its_circuit_closed(
@@ -167,8 +138,8 @@ def test_metrics_show_each_backend_up_and_its_circuit_closed(
     proxy = make_proxy(three_backends)
 
     for backend in three_backends:
-        assert value(proxy, http, "proxy_backend_up", backend=backend.name) == 1.0
-        assert value(proxy, http, "proxy_circuit_state", backend=backend.name) == 0.0
+        assert metric_value(proxy, "proxy_backend_up", backend=backend.name) == 1.0
+        assert metric_value(proxy, "proxy_circuit_state", backend=backend.name) == 0.0
 
 
 # -- /admin/backends -----------------------------------------------------------------------
@@ -187,7 +158,10 @@ def test_admin_backends_lists_every_backend_with_the_spec_fields(
     for _ in range(4):
         assert http.get(proxy.proxy_url + "/x", timeout=5).status_code == 200
 
-    payload = backends_json(proxy, http)
+    response = http.get(proxy.admin_url + "/admin/backends", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    payload = response.json()
 
     assert payload["strategy"] == "weighted"
     listed = {b["name"]: b for b in payload["backends"]}
@@ -220,13 +194,13 @@ def test_admin_backends_shows_a_request_in_flight(
     pinned.start()
     try:
         assert echo_backend.holding.wait(5)
-        entry = backends_json(proxy, http)["backends"][0]
+        entry = admin_backends(proxy)["echo"]
         assert entry["in_flight"] == 1
-        assert value(proxy, http, "proxy_backend_in_flight", backend="echo") == 1.0
+        assert metric_value(proxy, "proxy_backend_in_flight", backend="echo") == 1.0
     finally:
         echo_backend.release.set()
         pinned.join(timeout=10)
-    assert wait_for(lambda: backends_json(proxy, http)["backends"][0]["in_flight"] == 0)
+    assert wait_for(lambda: admin_backends(proxy)["echo"]["in_flight"] == 0)
 
 
 def test_admin_backends_counts_a_failed_request(
@@ -238,10 +212,10 @@ def test_admin_backends_counts_a_failed_request(
     proxy = make_proxy([scripted])
     assert http.get(proxy.proxy_url + "/reset", timeout=5).status_code == 502
 
-    entry = backends_json(proxy, http)["backends"][0]
+    entry = admin_backends(proxy)["scripted"]
 
     assert (entry["requests_total"], entry["failures_total"]) == (1, 1)
-    assert value(proxy, http, "proxy_errors_total", backend="scripted", reason="reset") == 1.0
+    assert metric_value(proxy, "proxy_errors_total", backend="scripted", reason="reset") == 1.0
 
 
 @pytest.mark.parametrize("path", ["/nope", "/admin", "/admin/backends/app1"])

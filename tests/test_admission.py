@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import requests
 from backends import EchoBackend, ScriptedBackend, send, wait_for
-from conftest import FakeClock, ProxyFactory, base_config
+from conftest import FakeClock, ProxyFactory, admin_backends, base_config, metric
 from prometheus_client import CollectorRegistry
-from test_resilience import WAIT, metric, status_of
+from test_resilience import WAIT
 
 from pyproxy.config.schema import (
     BackendConfig,
@@ -88,7 +88,7 @@ def assert_all_given_back(service: Service) -> None:
         "trials": {b.name: b.breaker.trials_in_flight for b in backends},
     }
     assert metric(service, "proxy_in_flight_requests") == 0
-    for facts in status_of(service).values():
+    for facts in admin_backends(service).values():
         assert facts["in_flight"] == 0
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import FakeClock
+from conftest import ChangedOnlyUnderLock, FakeClock
 
 from pyproxy.config.schema import CircuitBreakerConfig
 from pyproxy.pool.breaker import CircuitBreaker, CircuitState, Permit
@@ -300,15 +300,8 @@ def test_the_clock_is_never_called_under_the_lock() -> None:
     assert breaker.state is CircuitState.OPEN
 
 
-class WatchedBreaker(CircuitBreaker):
+class WatchedBreaker(ChangedOnlyUnderLock, CircuitBreaker):
     """A CircuitBreaker that fails any field change made without its lock held."""
-
-    watching = False
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if self.watching:
-            assert self._lock.locked(), f"{name} changed without the lock"
-        super().__setattr__(name, value)
 
 
 def test_every_change_happens_under_the_lock() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import requests
 from backends import EchoBackend
-from conftest import ProxyFactory
+from conftest import ProxyFactory, admin_backends, registry_value
 
 from pyproxy.config.schema import ChaosConfig, CircuitBreakerConfig, RetryConfig, Timeouts
 from pyproxy.process.service import Service
@@ -29,10 +29,6 @@ from pyproxy.runtime.snapshot import build_runtime
 
 WAIT = 5.0
 RETRIES_ON = RetryConfig(max_retries=2, backoff=0.0)
-
-
-def sample(service: Service, name: str, **labels: str) -> float:
-    return service.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def total(service: Service, name: str, **labels: str) -> float:
@@ -70,8 +66,10 @@ def test_error_rate_one_answers_error_status_and_never_contacts_the_backend(
         assert answer.text == "503 Service Unavailable: chaos injected 503\n"
         assert answer.headers["X-Request-ID"] == f"chaos-{i}"
     assert echo_backend.requests() == []
-    assert sample(proxy, "proxy_errors_total", backend="echo", reason="chaos") == 5
-    assert sample(proxy, "proxy_errors_total", backend="echo", reason="upstream_status") == 0
+    assert registry_value(proxy, "proxy_errors_total", backend="echo", reason="chaos") == 5
+    assert (
+        registry_value(proxy, "proxy_errors_total", backend="echo", reason="upstream_status") == 0
+    )
     assert total(proxy, "proxy_retries_total") == 0
 
 
@@ -104,7 +102,9 @@ def test_with_retries_every_attempt_is_injected_and_retried_on_another_backend(
     assert received(three_backends) == 0
     assert total(proxy, "proxy_retries_total") == 4 * 2  # 3 attempts per request
     for backend in three_backends:  # each attempt of a request went to a backend not yet tried
-        assert sample(proxy, "proxy_errors_total", backend=backend.name, reason="chaos") == 4
+        assert (
+            registry_value(proxy, "proxy_errors_total", backend=backend.name, reason="chaos") == 4
+        )
 
 
 def test_a_post_is_not_retried_after_an_injected_failure_just_as_after_a_real_one(
@@ -175,7 +175,7 @@ def test_the_injected_rate_is_within_binomial_bounds(
     assert mean - 4.5 * sigma <= failures <= mean + 4.5 * sigma, failures
     assert failures + codes.count(200) == n
     assert len(echo_backend.requests()) == n - failures
-    assert sample(proxy, "proxy_errors_total", backend="echo", reason="chaos") == failures
+    assert registry_value(proxy, "proxy_errors_total", backend="echo", reason="chaos") == failures
     assert elapsed < 30
 
 
@@ -201,20 +201,19 @@ def test_injected_failures_open_the_circuit_when_the_status_counts_as_a_failure(
         circuit_breaker=CircuitBreakerConfig(failure_threshold=3, open_duration=60.0),
         chaos=ChaosConfig(error_rate=1.0, error_status=503),
     )
-    assert sample(proxy, "proxy_circuit_state", backend="echo") == 0
+    assert registry_value(proxy, "proxy_circuit_state", backend="echo") == 0
     assert [http.get(proxy.proxy_url, timeout=WAIT).status_code for _ in range(3)] == [503] * 3
 
-    assert sample(proxy, "proxy_circuit_state", backend="echo") == 2
-    assert sample(proxy, "proxy_circuit_opens_total", backend="echo") == 1
-    listed = requests.get(proxy.admin_url + "/admin/backends", timeout=WAIT).json()
-    assert listed["backends"][0]["circuit"] == "open"
+    assert registry_value(proxy, "proxy_circuit_state", backend="echo") == 2
+    assert registry_value(proxy, "proxy_circuit_opens_total", backend="echo") == 1
+    assert admin_backends(proxy)["echo"]["circuit"] == "open"
 
     refused = http.get(proxy.proxy_url, timeout=WAIT)  # now nothing is available
     assert refused.status_code == 503
     assert refused.text == "503 Service Unavailable: no backend available\n"
     assert "Retry-After" in refused.headers
-    assert sample(proxy, "proxy_errors_total", backend="", reason="no_backend") == 1
-    assert sample(proxy, "proxy_errors_total", backend="echo", reason="chaos") == 3
+    assert registry_value(proxy, "proxy_errors_total", backend="", reason="no_backend") == 1
+    assert registry_value(proxy, "proxy_errors_total", backend="echo", reason="chaos") == 3
     assert echo_backend.requests() == []
 
 
@@ -229,8 +228,8 @@ def test_injected_statuses_the_breaker_does_not_count_leave_it_closed(
         chaos=ChaosConfig(error_rate=1.0, error_status=503),
     )
     assert [http.get(proxy.proxy_url, timeout=WAIT).status_code for _ in range(5)] == [503] * 5
-    assert sample(proxy, "proxy_circuit_state", backend="echo") == 0
-    assert sample(proxy, "proxy_circuit_opens_total", backend="echo") == 0
+    assert registry_value(proxy, "proxy_circuit_state", backend="echo") == 0
+    assert registry_value(proxy, "proxy_circuit_opens_total", backend="echo") == 0
 
 
 def test_retries_and_the_breaker_together_move_traffic_off_a_chaotic_backend(
@@ -250,12 +249,12 @@ def test_retries_and_the_breaker_together_move_traffic_off_a_chaotic_backend(
     )
     codes = [http.get(proxy.proxy_url, timeout=WAIT).status_code for _ in range(3)]
     assert codes == [503] * 3
-    states = [sample(proxy, "proxy_circuit_state", backend=b.name) for b in backends]
+    states = [registry_value(proxy, "proxy_circuit_state", backend=b.name) for b in backends]
     assert states == [2, 2, 2]
     last = http.get(proxy.proxy_url, timeout=WAIT)
     assert last.text == "503 Service Unavailable: no backend available\n"
     assert total(proxy, "proxy_errors_total", reason="chaos") == 2 * 3
-    assert sample(proxy, "proxy_errors_total", backend="", reason="no_backend") == 2
+    assert registry_value(proxy, "proxy_errors_total", backend="", reason="no_backend") == 2
     assert total(proxy, "proxy_retries_total") == 2 * 2
     assert received(backends) == 0
 
@@ -299,7 +298,9 @@ def test_latency_counts_against_the_total_deadline(
     assert answer.text.startswith("504 Gateway Timeout: ")
     assert 0.35 <= elapsed < 4.0, elapsed  # the deadline, not the 30 s of latency
     assert echo_backend.requests() == []  # no time was left for a real attempt
-    assert sample(proxy, "proxy_errors_total", backend="echo", reason="deadline_exceeded") == 1
+    assert (
+        registry_value(proxy, "proxy_errors_total", backend="echo", reason="deadline_exceeded") == 1
+    )
 
 
 def test_latency_that_uses_up_the_deadline_is_a_504_even_when_a_failure_is_injected_too(
@@ -312,7 +313,9 @@ def test_latency_that_uses_up_the_deadline_is_a_504_even_when_a_failure_is_injec
     )
     answer = http.get(proxy.proxy_url, timeout=WAIT)
     assert answer.status_code == 504  # the deadline passed before any attempt could start
-    assert sample(proxy, "proxy_errors_total", backend="echo", reason="deadline_exceeded") == 1
+    assert (
+        registry_value(proxy, "proxy_errors_total", backend="echo", reason="deadline_exceeded") == 1
+    )
 
 
 # -- chaos follows the running config --------------------------------------------------------

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import pytest
 import requests
 from backends import EchoBackend, wait_for
-from conftest import ProxyFactory, base_config
+from conftest import ProxyFactory, admin_backends, base_config, metric
 from rawhttp import exchange
-from test_resilience import WAIT, dead, metric, status_of
+from test_resilience import WAIT, dead
 
 from pyproxy.config.schema import (
     ChaosConfig,
@@ -45,7 +45,7 @@ TOUCHY = CircuitBreakerConfig(failure_threshold=1)  # one failure opens a circui
 def assert_uncharged(service: Service, backends: list[EchoBackend]) -> None:
     """Nothing reached the backends, and nothing was held against them."""
     assert all(backend.requests() == [] for backend in backends)
-    for name, facts in status_of(service).items():
+    for name, facts in admin_backends(service).items():
         assert (facts["circuit"], facts["failures_total"], facts["in_flight"]) == (
             "closed", 0, 0,
         ), name  # fmt: skip
@@ -286,4 +286,4 @@ def test_killing_one_of_three_backends_under_get_load_costs_no_request(
         assert not thread.is_alive()
     assert done[0] == 900
     assert failures == []
-    assert status_of(service)["app2"]["failures_total"] >= 1  # it was seen to die
+    assert admin_backends(service)["app2"]["failures_total"] >= 1  # it was seen to die

@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 from backends import EchoBackend, free_ports
+from conftest import REPO
 
 import pyproxy
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import REPO
 
 from pyproxy.config.load import (
     ConfigError,
@@ -23,7 +24,6 @@ from pyproxy.config.load import (
 )
 from pyproxy.config.schema import STRATEGIES, Address, BackendConfig, Config, Rate, Timeouts
 
-REPO = Path(__file__).resolve().parent.parent
 EMPTY_BACKENDS_WARNING = (
     "backends: empty list; the proxy answers 503 until a backend is added through the admin API"
 )

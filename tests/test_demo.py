@@ -34,11 +34,11 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, wait_for
+from conftest import REPO, admin_backends, admin_reload
 from waitress import wasyncore
 
 from pyproxy.demo import DemoBackends
 
-REPO = Path(__file__).resolve().parent.parent
 # Several times the watcher's debounce (0.25 s): the window in which a watched file's
 # change would have been applied.
 QUIET_WINDOW = 1.5
@@ -126,14 +126,7 @@ def start_demo(tmp_path: Path) -> Iterator[Callable[[], Demo]]:
 
 
 def backends_of(http: requests.Session, demo: Demo) -> list[tuple[str, str]]:
-    response = http.get(demo.admin + "/admin/backends", timeout=5)
-    assert response.status_code == 200, response.text
-    return [(b["name"], b["url"]) for b in response.json()["backends"]]
-
-
-def admin_reload(http: requests.Session, demo: Demo, token: str) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"}
-    return http.post(demo.admin + "/admin/reload", headers=headers, timeout=10)
+    return [(name, entry["url"]) for name, entry in admin_backends(demo.admin).items()]
 
 
 def assert_clean_exit(demo: Demo, code: int, expected: int = 0) -> None:
@@ -159,7 +152,7 @@ def test_demo_serves_three_backends_in_turn_as_its_banner_says(
     assert seen[:3] * 2 == seen  # round robin, as the banner's first line to try says
     names = ["app1", "app2", "app3"]
     assert backends_of(http, demo) == list(zip(names, demo.backends, strict=True))
-    assert admin_reload(http, demo, demo.token).status_code == 200  # the token works
+    assert admin_reload(http, demo.admin, demo.token).status_code == 200  # the token works
     toggled = http.get(demo.backends[0] + "/toggle-health", timeout=5)
     assert toggled.text == "app1 healthy=False\n"
     stdout, _ = demo.output()
@@ -190,7 +183,7 @@ def test_a_reload_in_demo_mode_keeps_its_backends_and_token(
         demo.send(signal.SIGHUP)
         demo.wait_in_log("reload (SIGHUP)")
     elif trigger == "admin API":
-        response = admin_reload(http, demo, demo.token)
+        response = admin_reload(http, demo.admin, demo.token)
         assert response.status_code == 200, response.text
         assert response.json() == {"reloaded": True, "changes": []}
     else:
@@ -198,7 +191,7 @@ def test_a_reload_in_demo_mode_keeps_its_backends_and_token(
         time.sleep(QUIET_WINDOW)  # nothing may happen: nobody watches the file
 
     assert backends_of(http, demo) == demo_backends
-    assert admin_reload(http, demo, demo.token).status_code == 200  # the token still works
+    assert admin_reload(http, demo.admin, demo.token).status_code == 200  # the token still works
     assert echo_backend.requests() == []  # the stranger's backend saw nothing
     _, stderr = demo.output()
     assert "config.yaml" not in stderr

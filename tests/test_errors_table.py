@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from backends import CLOSE, HANG, RESET, ScriptedBackend, closed_port, send, sleep
+from backends import CLOSE, HANG, RESET, Blackhole, ScriptedBackend, closed_port, send, sleep
 from urllib3 import exceptions as u3
 
 from pyproxy.config.schema import BackendConfig, CircuitBreakerConfig, HealthCheckConfig
@@ -142,29 +142,6 @@ def test_error_body_is_short_plain_text() -> None:
 
 
 # -- what urllib3 really raises --------------------------------------------------------
-
-
-class Blackhole:
-    """A listener whose accept queue is full: every new connect times out (SYNs dropped)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(0)
-        self.port = self.listener.getsockname()[1]
-        self.filler = socket.create_connection(("127.0.0.1", self.port))
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.filler.close()
-        self.listener.close()
-
-
-@pytest.fixture
-def blackhole() -> Iterator[Blackhole]:
-    hole = Blackhole()
-    yield hole
-    hole.close()
 
 
 SCRIPTS = {

@@ -18,8 +18,6 @@ import logging
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,19 +38,16 @@ from backends import (
     send,
     wait_for,
 )
-from conftest import ProxyFactory
+from conftest import ProxyFactory, admin_backends, metric, spawn_pyproxy
+from conftest import backend_config as cfg
 from test_resilience import (
     ADMIN,
     TOKEN,
     WAIT,
     ControlledBackend,
-    cfg,
     controlled_backends,
     get,
-    metric,
-    status_of,
 )
-from test_shutdown import REPO
 
 from pyproxy import __version__
 from pyproxy.config.schema import BackendConfig, CircuitBreakerConfig, HealthCheckConfig
@@ -350,10 +345,10 @@ def test_a_failing_backend_goes_down_gets_no_traffic_and_comes_back(
 
     flip.health_status = 500
     switched = time.monotonic()
-    assert wait_for(lambda: status_of(proxy)["flip"]["healthy"] is False, WAIT, 0.02)
+    assert wait_for(lambda: admin_backends(proxy)["flip"]["healthy"] is False, WAIT, 0.02)
     failed_probes = [p for p in flip.probes() if p.at >= switched]
     assert len(failed_probes) >= 3  # not before unhealthy_threshold failures
-    facts = status_of(proxy)["flip"]
+    facts = admin_backends(proxy)["flip"]
     assert (facts["available"], facts["circuit"]) == (False, "closed")
     assert "health" in facts["why_unavailable"]
     assert metric(proxy, "proxy_backend_up", backend="flip") == 0
@@ -364,7 +359,7 @@ def test_a_failing_backend_goes_down_gets_no_traffic_and_comes_back(
 
     flip.health_status = 200
     recovered = time.monotonic()
-    assert wait_for(lambda: status_of(proxy)["flip"]["healthy"] is True, WAIT, 0.02)
+    assert wait_for(lambda: admin_backends(proxy)["flip"]["healthy"] is True, WAIT, 0.02)
     assert len([p for p in flip.probes() if p.at >= recovered]) >= 2
     assert metric(proxy, "proxy_backend_up", backend="flip") == 1
     assert {get(proxy).headers["X-Backend"] for _ in range(4)} == {"flip", "good"}
@@ -379,7 +374,7 @@ def test_the_first_probe_runs_at_start(
     flip.health_status = 503
     health = HealthCheckConfig(interval=30.0, timeout=0.5, unhealthy_threshold=1)
     proxy = make_proxy([cfg(flip), echo_backend], health_check=health)
-    assert wait_for(lambda: status_of(proxy)["flip"]["healthy"] is False, 3.0, 0.02)
+    assert wait_for(lambda: admin_backends(proxy)["flip"]["healthy"] is False, 3.0, 0.02)
 
 
 def add_backend(proxy_admin: str, backend: ControlledBackend) -> requests.Response:
@@ -404,7 +399,7 @@ def test_an_added_backend_takes_traffic_only_after_its_first_passing_probe(
     assert added.status_code == 201
     assert (added.json()["health"], added.json()["available"]) == ("unknown", False)
     assert wait_for(lambda: len(new.probes()) == 1, WAIT)  # probed at once, not after a wait
-    facts = status_of(proxy)["new"]
+    facts = admin_backends(proxy)["new"]
     assert (facts["source"], facts["health"], facts["healthy"], facts["available"]) == (
         "admin", "unknown", False, False,
     )  # fmt: skip
@@ -413,7 +408,7 @@ def test_an_added_backend_takes_traffic_only_after_its_first_passing_probe(
     assert new.traffic() == []
     assert metric(proxy, "proxy_backend_up", backend="new") == 0
     new.health_gate.set()
-    assert wait_for(lambda: status_of(proxy)["new"]["available"] is True, WAIT, 0.02)
+    assert wait_for(lambda: admin_backends(proxy)["new"]["available"] is True, WAIT, 0.02)
     assert metric(proxy, "proxy_backend_up", backend="new") == 1
     assert "new" in {get(proxy).headers["X-Backend"] for _ in range(4)}
 
@@ -708,7 +703,7 @@ def test_a_slow_backend_never_delays_another_backends_probes(
     assert slow.asked.wait(WAIT)  # the slow probe is under way
     killed.close()
     # Expected within 2 x 0.1 + 1.0 s; the bound is generous for a loaded machine.
-    assert wait_for(lambda: status_of(proxy)["killed"]["healthy"] is False, WAIT, 0.05)
+    assert wait_for(lambda: admin_backends(proxy)["killed"]["healthy"] is False, WAIT, 0.05)
 
 
 def test_a_hung_backend_holds_one_worker_and_is_not_probed_again_meanwhile(
@@ -821,12 +816,7 @@ def test_sigterm_exits_promptly_while_a_probe_is_stuck(
     log_path = tmp_path / "logs" / "pyproxy.log"
     log_path.parent.mkdir()
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pyproxy", "-c", str(path)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-        )
+        process = spawn_pyproxy(path, log_file)
     try:
         assert slow.asked.wait(20), log_path.read_text()
         process.send_signal(signal.SIGTERM)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import run_to_end
+from conftest import ChangedOnlyUnderLock, run_to_end
 
 from pyproxy.pool.health import HealthStatus
 
@@ -118,15 +118,8 @@ def test_concurrent_passes_report_the_transition_exactly_once() -> None:
     assert status.up and status.pass_streak == 16000
 
 
-class WatchedStatus(HealthStatus):
+class WatchedStatus(ChangedOnlyUnderLock, HealthStatus):
     """A HealthStatus that fails any field change made without its lock held."""
-
-    watching = False
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if self.watching:
-            assert self._lock.locked(), f"{name} changed without the lock"
-        super().__setattr__(name, value)
 
 
 def test_every_change_happens_under_the_lock() -> None:

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from backends import EchoBackend, closed_port, wait_for
-from conftest import ProxyFactory
-from test_resilience import WAIT, get, metric, status_of
+from conftest import ProxyFactory, admin_backends, metric
+from test_resilience import WAIT, get
 
 from pyproxy.config.schema import BackendConfig, RetryConfig
 from pyproxy.process.service import Service
@@ -46,7 +46,7 @@ def test_a_backend_at_its_cap_is_skipped(
     proxy = make_proxy([capped(full, 1), other])
     held = pool.submit(hold, proxy)  # round robin's first pick: the capped backend
     assert full.holding.wait(WAIT)
-    facts = status_of(proxy)["full"]
+    facts = admin_backends(proxy)["full"]
     assert (facts["in_flight"], facts["max_connections"], facts["available"]) == (1, 1, False)
     assert facts["why_unavailable"] == "at max_connections (1)"
     for _ in range(5):
@@ -54,7 +54,7 @@ def test_a_backend_at_its_cap_is_skipped(
     assert len(full.requests()) == 1 and full.connections == 1
     full.release.set()
     assert held.result(timeout=WAIT).status_code == 200
-    assert wait_for(lambda: status_of(proxy)["full"]["in_flight"] == 0)
+    assert wait_for(lambda: admin_backends(proxy)["full"]["in_flight"] == 0)
     assert "full" in {get(proxy).headers["X-Backend"] for _ in range(4)}  # back in rotation
 
 
@@ -99,9 +99,9 @@ def test_a_client_that_leaves_mid_response_gives_its_slot_back(
     with requests.get(proxy.proxy_url + "/large?size=50000000", stream=True, timeout=WAIT) as r:
         assert r.status_code == 200
         next(r.iter_content(65536))
-        assert status_of(proxy)[echo_backend.name]["in_flight"] == 1
+        assert admin_backends(proxy)[echo_backend.name]["in_flight"] == 1
     # The client hung up without reading the rest; the slot must come back.
-    assert wait_for(lambda: status_of(proxy)[echo_backend.name]["in_flight"] == 0, WAIT)
+    assert wait_for(lambda: admin_backends(proxy)[echo_backend.name]["in_flight"] == 0, WAIT)
     assert get(proxy).status_code == 200
 
 
@@ -110,7 +110,7 @@ def test_a_failed_attempt_gives_its_slot_back(make_proxy: ProxyFactory) -> None:
     proxy = make_proxy([dead], retries=RetryConfig(max_retries=0))
     for _ in range(3):
         assert get(proxy).status_code == 502  # refused each time, never "full" (503)
-    assert status_of(proxy)["dead"]["in_flight"] == 0
+    assert admin_backends(proxy)["dead"]["in_flight"] == 0
 
 
 def test_a_failure_status_relayed_gives_its_slot_back(
@@ -119,4 +119,4 @@ def test_a_failure_status_relayed_gives_its_slot_back(
     proxy = make_proxy([capped(echo_backend, 1)])
     for _ in range(3):
         assert get(proxy, "/status/503").text.startswith("status 503 from")
-    assert wait_for(lambda: status_of(proxy)[echo_backend.name]["in_flight"] == 0, WAIT)
+    assert wait_for(lambda: admin_backends(proxy)[echo_backend.name]["in_flight"] == 0, WAIT)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import requests
 from backends import EchoBackend
-from conftest import FakeClock, ProxyFactory
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import FakeClock, ProxyFactory, admin_backends, metric_value, registry_value
 
 from pyproxy.config.load import load_config, parse_config
 from pyproxy.config.schema import Rate, RateLimitConfig
@@ -30,21 +29,6 @@ from pyproxy.process.service import Service
 from pyproxy.runtime.snapshot import build_runtime
 
 WAIT = 5.0
-
-
-def sample(service: Service, name: str, **labels: str) -> float:
-    """One sample from the service's own registry (0 if never observed)."""
-    return service.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-def scrape(service: Service) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """/metrics over the admin listener, as Prometheus reads it."""
-    text = requests.get(service.admin_url + "/metrics", timeout=WAIT).text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def use_limiters(
@@ -151,13 +135,12 @@ def test_rate_limited_requests_are_counted(
     clock = FakeClock()
     proxy = limited_proxy(make_proxy, [echo_backend], clock, per_client=Rate(2, 1.0))
     assert statuses(http, proxy.proxy_url, 5) == [200, 200, 429, 429, 429]
-    assert sample(proxy, "proxy_rate_limited_total", scope="client") == 3
-    assert sample(proxy, "proxy_errors_total", backend="", reason="rate_limited") == 3
-    assert sample(proxy, "proxy_rate_limited_total", scope="backend") == 0
-    scraped = scrape(proxy)  # and over the wire, as Prometheus sees it
-    assert scraped[("proxy_rate_limited_total", frozenset({("scope", "client")}))] == 3
-    key = ("proxy_requests_total", frozenset({("backend", ""), ("method", "GET"), ("code", "429")}))
-    assert scraped[key] == 3
+    assert registry_value(proxy, "proxy_rate_limited_total", scope="client") == 3
+    assert registry_value(proxy, "proxy_errors_total", backend="", reason="rate_limited") == 3
+    assert registry_value(proxy, "proxy_rate_limited_total", scope="backend") == 0
+    # and over the wire, as Prometheus sees it
+    assert metric_value(proxy, "proxy_rate_limited_total", scope="client") == 3
+    assert metric_value(proxy, "proxy_requests_total", backend="", method="GET", code="429") == 3
 
 
 # -- per client: the key -----------------------------------------------------------------
@@ -314,7 +297,7 @@ def test_traffic_moves_off_a_backend_whose_bucket_is_empty(
 
     assert statuses(http, proxy.proxy_url, 2) == [200, 200]
     assert (len(first.requests()), len(second.requests())) == (0, 2)
-    assert sample(proxy, "proxy_rate_limited_total", scope="backend") == 0
+    assert registry_value(proxy, "proxy_rate_limited_total", scope="backend") == 0
 
 
 def test_per_backend_buckets_spread_then_refuse_with_503_and_retry_after(
@@ -335,8 +318,8 @@ def test_per_backend_buckets_spread_then_refuse_with_503_and_retry_after(
     assert refused.headers["Retry-After"].isdigit()
     assert int(refused.headers["Retry-After"]) >= 1
     assert len(first.requests()) + len(second.requests()) == 4  # no upstream attempt
-    assert sample(proxy, "proxy_rate_limited_total", scope="backend") == 1
-    assert sample(proxy, "proxy_errors_total", backend="", reason="no_backend") == 1
+    assert registry_value(proxy, "proxy_rate_limited_total", scope="backend") == 1
+    assert registry_value(proxy, "proxy_errors_total", backend="", reason="no_backend") == 1
 
     clock.advance(0.5)  # one token each at 2/second
     assert statuses(http, proxy.proxy_url, 3) == [200, 200, 503]
@@ -365,7 +348,7 @@ def test_backend_buckets_on_the_real_clock(
     proxy = make_proxy([first, second], rate_limit=RateLimitConfig(per_backend=Rate(2, 3600.0)))
     assert statuses(http, proxy.proxy_url, 5) == [200, 200, 200, 200, 503]
     assert (len(first.requests()), len(second.requests())) == (2, 2)
-    assert sample(proxy, "proxy_rate_limited_total", scope="backend") == 1
+    assert registry_value(proxy, "proxy_rate_limited_total", scope="backend") == 1
 
 
 def test_admin_backends_says_a_backend_with_an_empty_bucket_is_not_available(
@@ -374,8 +357,7 @@ def test_admin_backends_says_a_backend_with_an_empty_bucket_is_not_available(
     proxy, limiter, _ = backend_limited_proxy(make_proxy, [echo_backend], Rate(1, 60.0))
     assert statuses(http, proxy.proxy_url, 2) == [200, 503]
     assert not limiter.has_token(echo_backend.name)
-    listed = requests.get(proxy.admin_url + "/admin/backends", timeout=WAIT).json()
-    (entry,) = listed["backends"]
+    (entry,) = admin_backends(proxy).values()
     assert entry["available"] is False  # available needs a token in its bucket (docs/balancing.md)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import requests
 from backends import EchoBackend, closed_port, free_ports, wait_for
-from conftest import ProxyFactory
+from conftest import ProxyFactory, registry_value
 
 from pyproxy.config.schema import Rate, RateLimitConfig
 from pyproxy.policy.ratelimit_store import RETRY_STORE_AFTER, RedisClientLimiter
@@ -119,10 +119,6 @@ def get(service: Service, **kw: Any) -> requests.Response:
     return requests.get(service.proxy_url, timeout=WAIT, **kw)
 
 
-def sample(service: Service, name: str, **labels: str) -> float:
-    return service.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
 # -- one limit across instances --------------------------------------------------------
 
 
@@ -141,9 +137,9 @@ def test_two_instances_share_one_limit(
         assert refused.headers["RateLimit-Policy"] == '"default";q=4;w=60'
         assert refused.headers["RateLimit"].startswith('"default";r=0;')
     assert len(echo_backend.requests()) == 4
-    assert sample(first, "proxy_rate_limited_total", scope="client") == 1
-    assert sample(second, "proxy_rate_limited_total", scope="client") == 1
-    assert sample(first, "proxy_errors_total", backend="", reason="rate_limit_store") == 0
+    assert registry_value(first, "proxy_rate_limited_total", scope="client") == 1
+    assert registry_value(second, "proxy_rate_limited_total", scope="client") == 1
+    assert registry_value(first, "proxy_errors_total", backend="", reason="rate_limit_store") == 0
 
 
 def test_separate_keys_stay_separate_in_the_shared_store(
@@ -257,8 +253,8 @@ def test_an_unreachable_store_lets_requests_through_and_counts_each_one(
     assert codes == [200] * 8  # fail open: a broken limiter is not an outage
     assert time.monotonic() - started < 4.0  # and not a slow one either
     assert len(echo_backend.requests()) == 8
-    assert sample(proxy, "proxy_errors_total", backend="", reason="rate_limit_store") == 8
-    assert sample(proxy, "proxy_rate_limited_total", scope="client") == 0
+    assert registry_value(proxy, "proxy_errors_total", backend="", reason="rate_limit_store") == 8
+    assert registry_value(proxy, "proxy_rate_limited_total", scope="client") == 0
     errors = [
         r
         for r in caplog.records
@@ -283,7 +279,7 @@ def test_a_tls_store_is_a_shared_redis_limiter_not_a_memory_one(
     pool = limiter._script.registered_client.connection_pool
     assert pool.connection_class.__name__ == "SSLConnection"  # TLS, as rediss:// asks
     assert [get(proxy).status_code for _ in range(3)] == [200, 200, 200]  # fail open
-    assert sample(proxy, "proxy_errors_total", backend="", reason="rate_limit_store") == 3
+    assert registry_value(proxy, "proxy_errors_total", backend="", reason="rate_limit_store") == 3
 
 
 def test_the_limit_comes_back_when_the_store_does(

@@ -14,11 +14,9 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +24,21 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, closed_port, free_ports, wait_for
-from prometheus_client import CollectorRegistry
+from conftest import (
+    admin_backends,
+    admin_reload,
+    metric_value,
+    replace_file,
+    served_by,
+    spawn_pyproxy,
+)
+from conftest import backend_config as cfg
 
-from pyproxy.config.load import load_config
 from pyproxy.config.schema import BackendConfig
 from pyproxy.process.service import Service
 from pyproxy.runtime import swap as control_module
 
 TOKEN = "reload-test-token"
-REPO = Path(__file__).resolve().parent.parent
 # Longer than the watcher's debounce (0.25 s) several times over: the window in which
 # a change that must be ignored would have been applied.
 QUIET_WINDOW = 1.0
@@ -55,13 +59,6 @@ def document(backends: list[BackendConfig], **extra: Any) -> dict[str, Any]:
     return doc
 
 
-def replace_file(path: Path, text: str) -> None:
-    """What editors do: write a temp file next to it, then rename it over the original."""
-    temp = path.with_name(f".{path.name}.swp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
-
-
 def write_in_place(path: Path, text: str) -> None:
     """What `echo > file` does: truncate and write into the same inode."""
     with open(path, "w", encoding="utf-8") as handle:
@@ -72,51 +69,12 @@ def write_config(path: Path, backends: list[BackendConfig], **extra: Any) -> Non
     replace_file(path, yaml.safe_dump(document(backends, **extra)))
 
 
-def cfg(backend: EchoBackend, **fields: Any) -> BackendConfig:
-    return BackendConfig(url=backend.url, name=backend.name, **fields)
-
-
-@pytest.fixture
-def start_service() -> Iterator[Callable[[Path], Service]]:
-    services: list[Service] = []
-
-    def start(path: Path) -> Service:
-        service = Service(load_config(str(path)), registry=CollectorRegistry())
-        services.append(service)
-        service.start()
-        return service
-
-    yield start
-    for service in services:
-        service.close()
-
-
-def backends(http: requests.Session, service: Service) -> dict[str, dict[str, Any]]:
-    response = http.get(service.admin_url + "/admin/backends", timeout=5)
-    assert response.status_code == 200
-    return {b["name"]: b for b in response.json()["backends"]}
-
-
-def reload_metrics(http: requests.Session, service: Service) -> tuple[float, float, float]:
+def reload_metrics(service: Service) -> tuple[float, float, float]:
     """(successes, failures, last_reload_successful) as /metrics shows them."""
-    values = {"success": 0.0, "failure": 0.0, "gauge": -1.0}
-    for line in http.get(service.admin_url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith('proxy_config_reloads_total{result="success"}'):
-            values["success"] = float(line.split()[-1])
-        elif line.startswith('proxy_config_reloads_total{result="failure"}'):
-            values["failure"] = float(line.split()[-1])
-        elif line.startswith("proxy_config_last_reload_successful "):
-            values["gauge"] = float(line.split()[-1])
-    return values["success"], values["failure"], values["gauge"]
-
-
-def served_by(http: requests.Session, service: Service, count: int) -> list[str]:
-    names = []
-    for _ in range(count):
-        response = http.get(service.proxy_url + "/who", timeout=5)
-        assert response.status_code == 200, response.text
-        names.append(response.headers["X-Backend"])
-    return names
+    successes = metric_value(service, "proxy_config_reloads_total", result="success") or 0.0
+    failures = metric_value(service, "proxy_config_reloads_total", result="failure") or 0.0
+    gauge = metric_value(service, "proxy_config_last_reload_successful")
+    return successes, failures, -1.0 if gauge is None else gauge
 
 
 # -- the watcher ----------------------------------------------------------------------
@@ -134,18 +92,18 @@ def test_a_file_change_reloads(
     path = tmp_path / "pyproxy.yaml"
     write_config(path, [cfg(app1), cfg(app2)])
     service = start_service(path)
-    assert reload_metrics(http, service) == (0, 0, 1)
+    assert reload_metrics(service) == (0, 0, 1)
 
     write(path, yaml.safe_dump(document([cfg(app1, weight=3), cfg(app3)])))
-    assert wait_for(lambda: list(backends(http, service)) == ["app1", "app3"], timeout=5)
-    assert backends(http, service)["app1"]["weight"] == 3
-    assert wait_for(lambda: reload_metrics(http, service) == (1, 0, 1), timeout=5)
+    assert wait_for(lambda: list(admin_backends(service)) == ["app1", "app3"], timeout=5)
+    assert admin_backends(service)["app1"]["weight"] == 3
+    assert wait_for(lambda: reload_metrics(service) == (1, 0, 1), timeout=5)
     assert set(served_by(http, service, 4)) == {"app1", "app3"}
 
     # The watcher keeps working after the first change (a rename does not deafen it).
     write(path, yaml.safe_dump(document([cfg(app2)])))
-    assert wait_for(lambda: list(backends(http, service)) == ["app2"], timeout=5)
-    assert wait_for(lambda: reload_metrics(http, service) == (2, 0, 1), timeout=5)
+    assert wait_for(lambda: list(admin_backends(service)) == ["app2"], timeout=5)
+    assert wait_for(lambda: reload_metrics(service) == (2, 0, 1), timeout=5)
 
 
 def test_a_kubernetes_style_symlink_swap_reloads(
@@ -163,14 +121,14 @@ def test_a_kubernetes_style_symlink_swap_reloads(
     (volume / "..data").symlink_to("..v1")
     (volume / "config.yaml").symlink_to("..data/config.yaml")
     service = start_service(volume / "config.yaml")
-    assert list(backends(http, service)) == ["app1"]
+    assert list(admin_backends(service)) == ["app1"]
 
     (volume / "..v2").mkdir()
     (volume / "..v2" / "config.yaml").write_text(yaml.safe_dump(document([cfg(app2)])))
     (volume / "..data_tmp").symlink_to("..v2")
     os.replace(volume / "..data_tmp", volume / "..data")
-    assert wait_for(lambda: list(backends(http, service)) == ["app2"], timeout=5)
-    assert reload_metrics(http, service) == (1, 0, 1)
+    assert wait_for(lambda: list(admin_backends(service)) == ["app2"], timeout=5)
+    assert reload_metrics(service) == (1, 0, 1)
 
 
 def test_invalid_then_valid(
@@ -184,21 +142,21 @@ def test_invalid_then_valid(
     path = tmp_path / "pyproxy.yaml"
     write_config(path, [cfg(app1)])
     service = start_service(path)
-    before = backends(http, service)
+    before = admin_backends(service)
 
     with caplog.at_level(logging.ERROR, logger="pyproxy.runtime.swap"):
         write_config(path, [cfg(app1, weight=-1), cfg(app2)], strategy="fastest")
-        assert wait_for(lambda: reload_metrics(http, service) == (0, 1, 0), timeout=5)
+        assert wait_for(lambda: reload_metrics(service) == (0, 1, 0), timeout=5)
         # logged with the field paths (the lines may follow the count by a moment)
         assert wait_for(lambda: "is invalid; the running config stays" in caplog.text, 5)
     assert "backends[0].weight" in caplog.text
     assert "strategy" in caplog.text
-    assert backends(http, service) == before  # nothing changed
+    assert admin_backends(service) == before  # nothing changed
     assert served_by(http, service, 2) == ["app1", "app1"]
 
     write_config(path, [cfg(app1), cfg(app2)])
-    assert wait_for(lambda: list(backends(http, service)) == ["app1", "app2"], timeout=5)
-    assert wait_for(lambda: reload_metrics(http, service) == (1, 1, 1), timeout=5)
+    assert wait_for(lambda: list(admin_backends(service)) == ["app1", "app2"], timeout=5)
+    assert wait_for(lambda: reload_metrics(service) == (1, 1, 1), timeout=5)
 
 
 def delete(path: Path) -> None:
@@ -241,16 +199,16 @@ def test_a_broken_file_changes_nothing(
     path = tmp_path / "pyproxy.yaml"
     write_config(path, [cfg(app1), cfg(app2)])
     service = start_service(path)
-    before = backends(http, service)
+    before = admin_backends(service)
 
     damage(path)
-    assert wait_for(lambda: reload_metrics(http, service) == (0, 1, 0), timeout=5)
-    assert backends(http, service) == before
+    assert wait_for(lambda: reload_metrics(service) == (0, 1, 0), timeout=5)
+    assert admin_backends(service) == before
     assert sorted(set(served_by(http, service, 4))) == ["app1", "app2"]
 
     write_config(path, [cfg(app3)])  # a good file afterwards is applied
-    assert wait_for(lambda: list(backends(http, service)) == ["app3"], timeout=5)
-    assert wait_for(lambda: reload_metrics(http, service) == (1, 1, 1), timeout=5)
+    assert wait_for(lambda: list(admin_backends(service)) == ["app3"], timeout=5)
+    assert wait_for(lambda: reload_metrics(service) == (1, 1, 1), timeout=5)
 
 
 def test_unchanged_content_does_not_reload(
@@ -271,12 +229,12 @@ def test_unchanged_content_does_not_reload(
     (tmp_path / "neighbour.txt").write_text("another file in the directory")
     deadline = time.monotonic() + QUIET_WINDOW
     while time.monotonic() < deadline:
-        assert reload_metrics(http, service) == (0, 0, 1)
+        assert reload_metrics(service) == (0, 0, 1)
         time.sleep(0.05)
 
     # The watcher is alive: a real change now counts exactly one reload.
     write_config(path, [cfg(app1), cfg(app2)])
-    assert wait_for(lambda: reload_metrics(http, service) == (1, 0, 1), timeout=5)
+    assert wait_for(lambda: reload_metrics(service) == (1, 0, 1), timeout=5)
 
 
 def test_backends_that_stay_keep_their_state(
@@ -297,7 +255,7 @@ def test_backends_that_stay_keep_their_state(
     # Open dead's circuit: round robin sends one of two requests there (502).
     statuses = sorted(http.get(service.proxy_url + "/", timeout=5).status_code for _ in "ab")
     assert statuses == [200, 502]
-    assert backends(http, service)["dead"]["circuit"] == "open"
+    assert admin_backends(service)["dead"]["circuit"] == "open"
     # Keep a request in flight on app1.
     held: dict[str, Any] = {}
     thread = threading.Thread(
@@ -307,8 +265,8 @@ def test_backends_that_stay_keep_their_state(
     try:
         assert app1.holding.wait(5)
         write_config(path, [cfg(app1, weight=2), dead, cfg(app3)], circuit_breaker=breaker)
-        assert wait_for(lambda: "app3" in backends(http, service), timeout=5)
-        state = backends(http, service)
+        assert wait_for(lambda: "app3" in admin_backends(service), timeout=5)
+        state = admin_backends(service)
         assert state["app1"]["weight"] == 2
         assert state["app1"]["in_flight"] == 1
         assert state["app1"]["requests_total"] == 2
@@ -322,7 +280,7 @@ def test_backends_that_stay_keep_their_state(
     assert held["r"].status_code == 200
     # The slot is given back in the body iterable's close(), which waitress may call a
     # moment after the client has read the last byte.
-    assert wait_for(lambda: backends(http, service)["app1"]["in_flight"] == 0, 5)
+    assert wait_for(lambda: admin_backends(service)["app1"]["in_flight"] == 0, 5)
 
 
 def test_a_removed_backend_finishes_its_in_flight_request(
@@ -345,7 +303,7 @@ def test_a_removed_backend_finishes_its_in_flight_request(
     try:
         assert app1.holding.wait(5)
         write_config(path, [cfg(app2)])
-        assert wait_for(lambda: list(backends(http, service)) == ["app2"], timeout=5)
+        assert wait_for(lambda: list(admin_backends(service)) == ["app2"], timeout=5)
         before = len(app1.requests())
         assert served_by(http, service, 3) == ["app2"] * 3
         assert len(app1.requests()) == before
@@ -381,7 +339,7 @@ def test_restart_settings_are_logged_and_ignored(
             listen=f"127.0.0.1:{new_proxy}",
             admin={"listen": f"127.0.0.1:{new_admin}", "token": TOKEN},
         )
-        assert wait_for(lambda: "app2" in backends(http, service), timeout=5)
+        assert wait_for(lambda: "app2" in admin_backends(service), timeout=5)
         lines = (
             f"listen: 127.0.0.1:0 -> 127.0.0.1:{new_proxy} (needs a restart)",
             "threads: 4 -> 12 (needs a restart)",
@@ -390,7 +348,7 @@ def test_restart_settings_are_logged_and_ignored(
         # The summary is logged just after the swap: wait for it, not for the swap.
         assert wait_for(lambda: all(line in caplog.text for line in lines), timeout=5), caplog.text
     # The rest of the file was applied; the listeners stayed where they were.
-    assert reload_metrics(http, service) == (1, 0, 1)
+    assert reload_metrics(service) == (1, 0, 1)
     assert (service.proxy_url, service.admin_url) == (proxy_url, admin_url)
     assert service.holder.runtime.config.threads == 4
     assert http.get(proxy_url + "/", timeout=5).status_code == 200
@@ -400,14 +358,6 @@ def test_restart_settings_are_logged_and_ignored(
 
 
 # -- POST /admin/reload -----------------------------------------------------------------
-
-
-def admin_reload(http: requests.Session, service: Service) -> requests.Response:
-    return http.post(
-        service.admin_url + "/admin/reload",
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        timeout=5,
-    )
 
 
 def test_admin_reload_returns_the_summary_or_the_problems(
@@ -424,7 +374,7 @@ def test_admin_reload_returns_the_summary_or_the_problems(
     service.watcher.stop()  # only the route reloads in this test
 
     write_config(path, [cfg(app1, weight=5), cfg(app3)], strategy="least_connections")
-    response = admin_reload(http, service)
+    response = admin_reload(http, service, TOKEN)
     assert response.status_code == 200
     assert response.json() == {
         "reloaded": True,
@@ -435,27 +385,27 @@ def test_admin_reload_returns_the_summary_or_the_problems(
             "strategy: round_robin -> least_connections",
         ],
     }
-    assert list(backends(http, service)) == ["app1", "app3"]
-    assert reload_metrics(http, service) == (1, 0, 1)
+    assert list(admin_backends(service)) == ["app1", "app3"]
+    assert reload_metrics(service) == (1, 0, 1)
 
-    response = admin_reload(http, service)  # nothing changed since
+    response = admin_reload(http, service, TOKEN)  # nothing changed since
     assert response.status_code == 200
     assert response.json() == {"reloaded": True, "changes": []}
 
     write_config(path, [cfg(app1, weight="heavy")], timeouts={"connect": "soon"})
-    response = admin_reload(http, service)
+    response = admin_reload(http, service, TOKEN)
     assert response.status_code == 400
     payload = response.json()
     assert payload["reloaded"] is False
     problems = payload["problems"]
     assert any(p.startswith("backends[0].weight:") for p in problems), problems
     assert any(p.startswith("timeouts.connect:") for p in problems), problems
-    assert list(backends(http, service)) == ["app1", "app3"]
-    assert backends(http, service)["app1"]["weight"] == 5
-    assert reload_metrics(http, service) == (2, 1, 0)
+    assert list(admin_backends(service)) == ["app1", "app3"]
+    assert admin_backends(service)["app1"]["weight"] == 5
+    assert reload_metrics(service) == (2, 1, 0)
 
     path.unlink()
-    response = admin_reload(http, service)
+    response = admin_reload(http, service, TOKEN)
     assert response.status_code == 400
     assert "cannot read the file" in response.json()["problems"][0]
 
@@ -483,8 +433,8 @@ def test_a_write_landing_as_a_reload_finishes_is_applied(
     service.control.reload = reload_then_write  # type: ignore[method-assign]
     write_config(path, [cfg(app2)])
     assert wait_for(landed.is_set, timeout=5)
-    assert wait_for(lambda: list(backends(http, service)) == ["app3"], timeout=3), list(
-        backends(http, service)
+    assert wait_for(lambda: list(admin_backends(service)) == ["app3"], timeout=3), list(
+        admin_backends(service)
     )
 
 
@@ -527,7 +477,7 @@ def test_overlapping_reloads_end_with_the_newest_file(
         go.set()
     first.join(10)
     second.join(10)
-    assert list(backends(http, service)) == ["app3"]
+    assert list(admin_backends(service)) == ["app3"]
 
 
 # -- races between a request and a swap --------------------------------------------------
@@ -649,8 +599,8 @@ def test_reload_under_steady_traffic_fails_no_request(
     try:
         for wanted, extra in steps:
             write_config(path, wanted, **extra)
-            assert admin_reload(http, service).status_code == 200
-            assert list(backends(http, service)) == [b.name for b in wanted]
+            assert admin_reload(http, service, TOKEN).status_code == 200
+            assert list(admin_backends(service)) == [b.name for b in wanted]
     finally:
         stop.set()
         for thread in threads:
@@ -658,7 +608,7 @@ def test_reload_under_steady_traffic_fails_no_request(
     failures = [o for o in outcomes if o != "ok"]
     assert failures == []
     assert len(outcomes) >= 30  # the traffic really overlapped the reloads
-    assert reload_metrics(http, service) == (len(steps), 0, 1)
+    assert reload_metrics(service) == (len(steps), 0, 1)
 
 
 # -- SIGHUP -----------------------------------------------------------------------------
@@ -684,18 +634,12 @@ def test_sighup_reloads_and_sigterm_exits_0(
 
     def names() -> list[str]:
         try:
-            response = http.get(admin_url + "/admin/backends", timeout=2)
+            return list(admin_backends(admin_url))
         except requests.ConnectionError:
             return []
-        return [b["name"] for b in response.json()["backends"]]
 
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pyproxy", "-c", str(link)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-        )
+        process = spawn_pyproxy(link, log_file)
     try:
         assert wait_for(lambda: names() == ["app1"], timeout=15), log_path.read_text()
         write_in_place(real, yaml.safe_dump(document([cfg(app1), cfg(app2)], **extra)))
@@ -735,15 +679,15 @@ def test_store_passwords_never_reach_the_reload_log_or_answer(
         # The host and the password change: the host is shown, the password is not.
         store = f"redis://ops:second-Secret@localhost:{port}/1"
         write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
-        answers.append(admin_reload(http, service))
+        answers.append(admin_reload(http, service, TOKEN))
         # Only the password changes: nothing can be shown but that it changed.
         store = f"redis://ops:third-Secret@localhost:{port}/1"
         write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
-        answers.append(admin_reload(http, service))
+        answers.append(admin_reload(http, service, TOKEN))
         # An invalid store: the problem names the field, not the password.
         store = "redis://:fourth-Secret@localhost:99999/0"
         write_config(path, [cfg(echo_backend)], rate_limit={**limit, "store": store})
-        answers.append(admin_reload(http, service))
+        answers.append(admin_reload(http, service, TOKEN))
     assert [answer.status_code for answer in answers] == [200, 200, 400]
     assert answers[0].json()["changes"] == [
         f"rate_limit.store: redis://:***@127.0.0.1:{port}/0 -> redis://ops:***@localhost:{port}/1"
@@ -778,7 +722,7 @@ def test_limits_need_a_restart_and_the_summary_says_so(
     new_limits = {"max_request_body": 100, "header_timeout": "5s"}
     with caplog.at_level(logging.INFO, logger="pyproxy.runtime.swap"):
         write_config(path, [cfg(echo_backend)], limits=new_limits, strategy="random")
-        answer = admin_reload(http, service)
+        answer = admin_reload(http, service, TOKEN)
     assert answer.status_code == 200
     assert answer.json()["changes"] == [
         "strategy: round_robin -> random",

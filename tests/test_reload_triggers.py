@@ -9,9 +9,8 @@ reloads are counted where an operator counts them, in
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,8 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, wait_for
-from prometheus_client import CollectorRegistry
+from conftest import admin_backends, admin_reload, metric_value, replace_file
 
-from pyproxy.config.load import load_config
 from pyproxy.config.schema import BackendConfig
 from pyproxy.process.service import Service
 from pyproxy.runtime import watcher as reload_module
@@ -39,44 +37,12 @@ def write_config(path: Path, backends: list[EchoBackend], **extra: Any) -> None:
         "backends": [dataclasses.asdict(BackendConfig(url=b.url, name=b.name)) for b in backends],
     }
     document.update(extra)
-    temp = path.with_name(f".{path.name}.swp")
-    temp.write_text(yaml.safe_dump(document), encoding="utf-8")
-    os.replace(temp, path)
+    replace_file(path, yaml.safe_dump(document))
 
 
-@pytest.fixture
-def start_service() -> Iterator[Callable[[Path], Service]]:
-    services: list[Service] = []
-
-    def start(path: Path) -> Service:
-        service = Service(load_config(str(path)), registry=CollectorRegistry())
-        services.append(service)
-        service.start()
-        return service
-
-    yield start
-    for service in services:
-        service.close()
-
-
-def backend_names(http: requests.Session, service: Service) -> list[str]:
-    response = http.get(service.admin_url + "/admin/backends", timeout=5)
-    return [b["name"] for b in response.json()["backends"]]
-
-
-def successful_reloads(http: requests.Session, service: Service) -> float:
-    for line in http.get(service.admin_url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith('proxy_config_reloads_total{result="success"}'):
-            return float(line.split()[-1])
-    return 0.0  # no reload yet
-
-
-def admin_reload(http: requests.Session, service: Service) -> requests.Response:
-    return http.post(
-        service.admin_url + "/admin/reload",
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        timeout=10,
-    )
+def successful_reloads(service: Service) -> float:
+    # no sample before the first reload
+    return metric_value(service, "proxy_config_reloads_total", result="success") or 0.0
 
 
 def test_an_admin_reload_of_a_changed_file_applies_it_once(
@@ -107,7 +73,7 @@ def test_an_admin_reload_of_a_changed_file_applies_it_once(
     write_config(path, [app1, app2])
     try:
         assert watcher_checking.wait(10), "the watcher did not notice the write"
-        response = admin_reload(http, service)
+        response = admin_reload(http, service, TOKEN)
     finally:
         admin_done.set()
     assert response.status_code == 200, response.text
@@ -116,8 +82,8 @@ def test_an_admin_reload_of_a_changed_file_applies_it_once(
     # The watcher handles one change at a time: once it has applied the next write,
     # its pass over the first one is over, and it must not have reloaded that again.
     write_config(path, [app3])
-    assert wait_for(lambda: backend_names(http, service) == ["app3"], timeout=10)
-    assert successful_reloads(http, service) == 2  # the admin's, then the watcher's
+    assert wait_for(lambda: list(admin_backends(service)) == ["app3"], timeout=10)
+    assert successful_reloads(service) == 2  # the admin's, then the watcher's
 
 
 @pytest.mark.parametrize("trigger", ["SIGHUP", "admin API", "file change"])
@@ -141,10 +107,10 @@ def test_every_trigger_reopens_the_access_log(
     if trigger == "SIGHUP":
         assert service.reload("SIGHUP").ok  # what the SIGHUP handler calls
     elif trigger == "admin API":
-        assert admin_reload(http, service).status_code == 200
+        assert admin_reload(http, service, TOKEN).status_code == 200
     else:
         write_config(path, [echo_backend], access_log=access, strategy="random")
-        assert wait_for(lambda: successful_reloads(http, service) == 1, timeout=10)
+        assert wait_for(lambda: successful_reloads(service) == 1, timeout=10)
 
     assert http.get(service.proxy_url + "/after", timeout=5).status_code == 200
     assert wait_for(lambda: access_log.exists() and "/after" in access_log.read_text())

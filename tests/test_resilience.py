@@ -32,6 +32,7 @@ from backends import (
     HANG,
     KEEP,
     RESET,
+    Blackhole,
     EchoBackend,
     ScriptedBackend,
     closed_port,
@@ -41,8 +42,8 @@ from backends import (
     wait_for,
 )
 from backends import sleep as sleep_step
-from conftest import ProxyFactory
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import ProxyFactory, admin_backends, metric
+from conftest import backend_config as cfg
 
 from pyproxy.config.schema import (
     Address,
@@ -255,35 +256,12 @@ def answer_503(name: str) -> list[Any]:
     return [send(response(503, f"busy from {name}\n".encode(), [("X-Backend", name)])), KEEP]
 
 
-def cfg(backend: Any, **kw: Any) -> BackendConfig:
-    return BackendConfig(url=backend.url, name=backend.name, **kw)
-
-
 def dead(name: str = "dead") -> BackendConfig:
     """A backend nothing listens on: every connect is refused."""
     return BackendConfig(url=f"http://127.0.0.1:{closed_port()}", name=name)
 
 
 # -- what an operator sees --------------------------------------------------------------
-
-
-def scrape(service: Service) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = requests.get(service.admin_url + "/metrics", timeout=WAIT).text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def metric(service: Service, name: str, **labels: str) -> float:
-    return scrape(service).get((name, frozenset(labels.items())), 0.0)
-
-
-def status_of(service: Service) -> dict[str, dict[str, Any]]:
-    """/admin/backends, keyed by backend name."""
-    payload = requests.get(service.admin_url + "/admin/backends", timeout=WAIT).json()
-    return {b["name"]: b for b in payload["backends"]}
 
 
 def get(service: Service, path: str = "/", **kw: Any) -> requests.Response:
@@ -404,32 +382,6 @@ def test_idempotent_only_false_lets_a_post_be_retried(
     assert reply.status_code == 200
     assert len(bad.requests()) == 1
     assert [r.body for r in good.requests()] == [b"order=42"]
-
-
-class Blackhole:
-    """A listener whose accept queue is full, so every new connect times out."""
-
-    def __init__(self, name: str) -> None:
-        import socket
-
-        self.name = name
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(0)
-        self.port = self.listener.getsockname()[1]
-        self.filler = socket.create_connection(("127.0.0.1", self.port))
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.filler.close()
-        self.listener.close()
-
-
-@pytest.fixture
-def blackhole() -> Iterator[Blackhole]:
-    hole = Blackhole("unreachable")
-    yield hole
-    hole.close()
 
 
 @pytest.mark.parametrize("kind", ["refused", "connect-timeout"])
@@ -602,9 +554,9 @@ def test_the_circuit_opens_after_failure_threshold_failures_and_stops_traffic(
     send_until(proxy, lambda: len(flaky.traffic()) == 3)
     assert metric(proxy, "proxy_circuit_state", backend="flaky") == 2
     assert metric(proxy, "proxy_circuit_opens_total", backend="flaky") == 1
-    facts = status_of(proxy)["flaky"]
+    facts = admin_backends(proxy)["flaky"]
     assert (facts["circuit"], facts["available"], facts["healthy"]) == ("open", False, True)
-    assert status_of(proxy)["good"]["available"] is True
+    assert admin_backends(proxy)["good"]["available"] is True
     before = len(good.requests())
     for _ in range(8):
         assert get(proxy).headers["X-Backend"] == "good"
@@ -622,13 +574,13 @@ def test_connect_errors_open_the_circuit_too(
     for _ in range(12):
         assert get(proxy).status_code == 200
     assert metric(proxy, "proxy_errors_total", backend="dead", reason="connect_error") == 3
-    assert status_of(proxy)["dead"]["circuit"] == "open"
+    assert admin_backends(proxy)["dead"]["circuit"] == "open"
 
 
 def open_then_wait_half_open(proxy: Service, flaky: ControlledBackend, threshold: int) -> None:
-    send_until(proxy, lambda: status_of(proxy)["flaky"]["circuit"] == "open")
+    send_until(proxy, lambda: admin_backends(proxy)["flaky"]["circuit"] == "open")
     assert len(flaky.traffic()) == threshold
-    assert wait_for(lambda: status_of(proxy)["flaky"]["circuit"] == "half_open", WAIT, 0.05)
+    assert wait_for(lambda: admin_backends(proxy)["flaky"]["circuit"] == "half_open", WAIT, 0.05)
     assert metric(proxy, "proxy_circuit_state", backend="flaky") == 1
 
 
@@ -644,7 +596,7 @@ def test_after_the_open_period_one_trial_goes_through_and_its_success_closes(
     open_then_wait_half_open(proxy, flaky, 2)
     flaky.status = 200
     send_until(proxy, lambda: len(flaky.traffic()) == 3)  # the trial
-    facts = status_of(proxy)["flaky"]
+    facts = admin_backends(proxy)["flaky"]
     assert (facts["circuit"], facts["available"]) == ("closed", True)
     assert metric(proxy, "proxy_circuit_state", backend="flaky") == 0
     assert metric(proxy, "proxy_circuit_opens_total", backend="flaky") == 1
@@ -666,9 +618,9 @@ def test_a_failed_trial_reopens_for_twice_as_long(
     open_then_wait_half_open(proxy, flaky, 2)
     send_until(proxy, lambda: len(flaky.traffic()) == 3)  # the trial fails
     reopened_at = time.monotonic()
-    assert status_of(proxy)["flaky"]["circuit"] == "open"
+    assert admin_backends(proxy)["flaky"]["circuit"] == "open"
     assert metric(proxy, "proxy_circuit_opens_total", backend="flaky") == 2
-    assert wait_for(lambda: status_of(proxy)["flaky"]["circuit"] == "half_open", WAIT, 0.02)
+    assert wait_for(lambda: admin_backends(proxy)["flaky"]["circuit"] == "half_open", WAIT, 0.02)
     assert time.monotonic() - reopened_at >= 0.55  # 0.6 s, not 0.3 s
 
 
@@ -690,7 +642,7 @@ def test_half_open_lets_through_only_half_open_requests_trials(
         flaky.gate.allow(math.inf)
         backends = sorted(r.result(timeout=WAIT).headers["X-Backend"] for r in replies)
     assert backends == ["flaky"] * 2 + ["good"] * 6
-    assert status_of(proxy)["flaky"]["circuit"] == "closed"
+    assert admin_backends(proxy)["flaky"]["circuit"] == "closed"
 
 
 def test_with_every_circuit_open_the_client_gets_503_without_an_attempt(
@@ -698,7 +650,7 @@ def test_with_every_circuit_open_the_client_gets_503_without_an_attempt(
 ) -> None:
     flaky = controlled("flaky", status=503)
     proxy = make_proxy([cfg(flaky)], circuit_breaker=breaker_config(failure_threshold=2))
-    send_until(proxy, lambda: status_of(proxy)["flaky"]["circuit"] == "open")
+    send_until(proxy, lambda: admin_backends(proxy)["flaky"]["circuit"] == "open")
     connections = flaky.connections
     reply = get(proxy)
     assert reply.status_code == 503
@@ -875,7 +827,7 @@ def test_a_client_is_re_pinned_when_its_backend_is_down(
     token, pinned = sticky_token(first), first.headers["X-Backend"]
     by_name = {b.name: b for b in backends}
     by_name[pinned].health_status = 500
-    assert wait_for(lambda: status_of(proxy)[pinned]["healthy"] is False, WAIT, 0.05)
+    assert wait_for(lambda: admin_backends(proxy)[pinned]["healthy"] is False, WAIT, 0.05)
     assert metric(proxy, "proxy_backend_up", backend=pinned) == 0
     moved = get(proxy, headers={"Cookie": f"pyproxy_backend={token}"})
     assert moved.headers["X-Backend"] != pinned

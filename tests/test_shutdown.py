@@ -14,7 +14,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,13 +25,11 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, free_ports, wait_for
-from conftest import base_config
+from conftest import base_config, spawn_pyproxy
 from prometheus_client import CollectorRegistry
 
 from pyproxy.config.schema import ShutdownConfig
 from pyproxy.process.service import Service
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -84,12 +81,7 @@ def run_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         log_path = tmp_path / "logs" / f"pyproxy-{len(started)}.log"
         log_path.parent.mkdir(exist_ok=True)
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pyproxy", "-c", str(path)],
-                cwd=REPO,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )
+            process = spawn_pyproxy(path, log_file)
         started.append(process)
         proxy = Proxy(
             process, f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}", log_path

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from backends import HANG, KEEP, ScriptedBackend, response, send, sleep, wait_for
-from conftest import ProxyFactory, base_config
+from conftest import ProxyFactory, base_config, registry_value
 from prometheus_client import CollectorRegistry
 from rawhttp import RawClient, RawResponse, request_bytes
 
@@ -204,8 +204,7 @@ def connection_of(backend: ScriptedBackend, path: str) -> int:
 
 
 def errors(service: Service, reason: str, backend: str = "scripted") -> float:
-    labels = {"backend": backend, "reason": reason}
-    return service.metrics.registry.get_sample_value("proxy_errors_total", labels) or 0.0
+    return registry_value(service, "proxy_errors_total", backend=backend, reason=reason)
 
 
 # -- refused heads ------------------------------------------------------------------------
