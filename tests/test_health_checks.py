@@ -753,8 +753,11 @@ def test_many_hung_backends_use_a_bounded_number_of_workers_and_delay_no_one(
         checker.stop()
         for backend in (*hung, good):
             backend.close()
+    # The prober's own side is the invariant: at most 4 probe threads, each holding one
+    # connection. The backend's count of open connections is not: it sees a closed probe
+    # connection only when its serving thread next runs, which on a loaded machine can be
+    # after the next probe connected (a 5th "open" connection that is already closed).
     assert most_threads <= 4
-    assert silent.most_open <= 4
 
 
 def test_backends_removed_at_runtime_are_no_longer_probed(
