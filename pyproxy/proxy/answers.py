@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from types import TracebackType
-from typing import Any
 
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.ratelimit import rate_limit_headers
 from pyproxy.pool.errors import Failure, error_body, reason_phrase
 from pyproxy.proxy.request import Inbound
 from pyproxy.runtime.snapshot import Runtime
+from pyproxy.wsgi import ExcInfo, StartResponse
 
-StartResponse = Callable[..., Any]
 Headers = list[tuple[str, str]]
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
 class Answers:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pyproxy.edge.server import EdgeRefusal
 from pyproxy.headers import downstream_response_headers, upstream_request_headers
 from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
@@ -32,10 +31,10 @@ from pyproxy.proxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.proxy.request import ALLOWED_METHODS, Inbound
 from pyproxy.proxy.stream import ResponseStream
 from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
+from pyproxy.wsgi import EdgeRefusal, StartResponse
 
 log = logging.getLogger(__name__)
 
-StartResponse = Callable[..., Any]
 HEAD_REFUSED = Failure("bad_response", "reset", 502, "invalid response head from backend")
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from pyproxy.headers import sane_request_id, via_names, wsgi_request_headers
+from pyproxy.wsgi import EdgeRefusal
 
 if TYPE_CHECKING:
-    from pyproxy.edge.server import EdgeRefusal
     from pyproxy.proxy.explain import Explanation
 
 # A reverse proxy never tunnels (CONNECT) and never reflects a request

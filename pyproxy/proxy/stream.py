@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from pyproxy.edge.server import AbortResponse
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.upstream import BodyRelay
 from pyproxy.proxy.admission import Admission, BackendLease
 from pyproxy.proxy.request import Inbound
+from pyproxy.wsgi import AbortResponse
 
 log = logging.getLogger(__name__)
 
