@@ -70,7 +70,7 @@ class BackendLease:
             return False
         return limiter is None or limiter.take(backend.name)
 
-    def judge(self, failed: bool) -> None:
+    def judge(self, *, failed: bool) -> None:
         """Tell the breaker how the attempt went; log and count only a real transition.
 
         Called once the backend's answer is known, and again (without the permit,

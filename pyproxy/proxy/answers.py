@@ -1,4 +1,4 @@
-"""Answers: the responses pyproxy makes itself, in one place.
+"""OwnAnswers: the responses pyproxy makes itself, in one place.
 
 Each is a short `text/plain` body `<code> <reason>: <why>` with the X-Request-ID, and
 for the statuses that invite a retry (429, 503) a `Retry-After` (RFC 9110 §10.2.3).
@@ -14,14 +14,14 @@ from collections.abc import Callable, Iterable
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.ratelimit import rate_limit_headers
 from pyproxy.pool.errors import Failure, error_body, reason_phrase
-from pyproxy.proxy.request import Inbound
+from pyproxy.proxy.request import Request
 from pyproxy.runtime.snapshot import Runtime
 from pyproxy.wsgi import ExcInfo, StartResponse
 
 Headers = list[tuple[str, str]]
 
 
-class Answers:
+class OwnAnswers:
     """Writes pyproxy's own responses and counts them; `clock` times them."""
 
     def __init__(self, metrics: Metrics, clock: Callable[[], float]) -> None:
@@ -30,7 +30,7 @@ class Answers:
 
     def answer(
         self,
-        request: Inbound,
+        request: Request,
         start_response: StartResponse,
         status: int,
         why: str,
@@ -61,7 +61,7 @@ class Answers:
 
     def failed(
         self,
-        request: Inbound,
+        request: Request,
         start_response: StartResponse,
         failure: Failure,
         exc_info: ExcInfo | tuple[None, None, None] | None = None,
@@ -71,7 +71,7 @@ class Answers:
         return self.answer(request, start_response, failure.status, why, extra, exc_info)
 
     def no_backend(
-        self, runtime: Runtime, request: Inbound, start_response: StartResponse
+        self, runtime: Runtime, request: Request, start_response: StartResponse
     ) -> Iterable[bytes]:
         """503 + Retry-After when nothing is available, with no upstream attempt."""
         wait = 1.0
@@ -86,7 +86,7 @@ class Answers:
         return self.answer(request, start_response, 503, "no backend available", retry_after)
 
     def over_client_limit(
-        self, runtime: Runtime, request: Inbound, start_response: StartResponse
+        self, runtime: Runtime, request: Request, start_response: StartResponse
     ) -> Iterable[bytes] | None:
         """429 when this client's bucket is empty; None to go on."""
         settings = runtime.config.rate_limit

@@ -25,10 +25,10 @@ from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.errors import Failure
 from pyproxy.proxy.admission import Admission, BackendLease
-from pyproxy.proxy.answers import Answers
-from pyproxy.proxy.attempt import Tools, try_backend
+from pyproxy.proxy.answers import OwnAnswers
+from pyproxy.proxy.attempt import AttemptContext, try_backend
 from pyproxy.proxy.explain import REQUEST_HEADER, Explanation, wants_explanation
-from pyproxy.proxy.request import ALLOWED_METHODS, Inbound
+from pyproxy.proxy.request import ALLOWED_METHODS, Request
 from pyproxy.proxy.stream import ResponseStream
 from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
 from pyproxy.wsgi import EdgeRefusal, StartResponse
@@ -57,19 +57,20 @@ class ProxyApp:
         self.instance_name = instance_name
         self.access_log = access_log
         self.clock = clock
-        self.tools = Tools(metrics, clock, rng or random.Random(), sleep)
+        self.context = AttemptContext(metrics, clock, rng or random.Random(), sleep)
         self.budget = RetryBudget()
-        self.answers = Answers(metrics, clock)
-        self.retry_selector = RandomSelector(self.tools.rng)
+        self.own_answers = OwnAnswers(metrics, clock)
+        self.retry_selector = RandomSelector(self.context.rng)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         runtime = self.holder.runtime  # read once: a reload must not change it mid-request
         config = runtime.config
-        request = Inbound.from_environ(environ, config.retries.max_body, self.clock())
+        request = Request.from_environ(environ, config.retries.max_body, self.clock())
         refusal = request.refusal(self.instance_name)
         if refusal is not None:
             extra = [("Allow", ALLOWED_METHODS)] if refusal[0] == 405 else []
-            return self._log(request, self.answers.answer(request, start_response, *refusal, extra))
+            answer = self.own_answers.answer(request, start_response, *refusal, extra)
+            return self._log(request, answer)
         headers, request.client = upstream_request_headers(
             request.headers,
             peer=request.peer,
@@ -84,7 +85,7 @@ class ProxyApp:
             request.explanation = Explanation(runtime)
         headers.pop("X-Pyproxy-Explain", None)  # a question for pyproxy, not the backend
         if runtime.client_limiter is not None:
-            limited = self.answers.over_client_limit(runtime, request, start_response)
+            limited = self.own_answers.over_client_limit(runtime, request, start_response)
             if limited is not None:
                 return self._log(request, limited)
         if request.body_length is not None:
@@ -110,9 +111,9 @@ class ProxyApp:
         now = self.clock()
         self.metrics.observe_request("", refusal.method, refusal.status, 0.0)
         if self.access_log is not None:
-            self.access_log.write(Inbound.refused(refusal, now), now)
+            self.access_log.write(Request.refused(refusal, now), now)
 
-    def _log(self, request: Inbound, result: Iterable[bytes] | None) -> Iterable[bytes]:
+    def _log(self, request: Request, result: Iterable[bytes] | None) -> Iterable[bytes]:
         if self.access_log is not None:
             self.access_log.write(request, self.clock())
         return result or ()
@@ -122,7 +123,7 @@ class ProxyApp:
     def _attempts(
         self,
         runtime: Runtime,
-        request: Inbound,
+        request: Request,
         headers: dict[str, str],
         start_response: StartResponse,
         admission: Admission,
@@ -140,13 +141,14 @@ class ProxyApp:
             if lease is None:
                 if request.explanation is not None:
                     request.explanation.none_available(runtime, tried, self.clock())
-                return self.answers.no_backend(runtime, request, start_response)
+                return self.own_answers.no_backend(runtime, request, start_response)
             backend = lease.backend
             tried.append(backend)
             request.attempts += 1
             request.backend_name = backend.name
             attempt_started = self.clock()
-            response, failure = try_backend(self.tools, runtime, lease, request, headers, deadline)
+            context = self.context
+            response, failure = try_backend(context, runtime, lease, request, headers, deadline)
             request.upstream_seconds = self.clock() - attempt_started
             if failure is None:
                 return self._relay(request, start_response, admission)
@@ -163,19 +165,19 @@ class ProxyApp:
                 if response is not None:  # a backend's own answer beats one pyproxy makes up
                     return self._relay(request, start_response, admission)
                 admission.end_attempt()
-                answer = self.answers.failed(request, start_response, failure)
+                answer = self.own_answers.failed(request, start_response, failure)
                 request.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
                 return answer
             self.metrics.count_retry(backend.name)
             admission.end_attempt()  # discards the failed response, if any
             if config.retries.backoff:
-                pause = config.retries.backoff * self.tools.rng.uniform(0.5, 1.5)
+                pause = config.retries.backoff * self.context.rng.uniform(0.5, 1.5)
                 left = math.inf if deadline is None else deadline - self.clock()
-                self.tools.sleep(max(0.0, min(pause, left)))
+                self.context.sleep(max(0.0, min(pause, left)))
 
     def _not_sent(
         self,
-        request: Inbound,
+        request: Request,
         start_response: StartResponse,
         failure: Failure,
     ) -> Iterable[bytes]:
@@ -188,12 +190,12 @@ class ProxyApp:
             request.backend_name = ""  # no backend saw it
             if failure.status >= 500:  # pyproxy could not build its own request: a bug
                 log.error("request %s not forwarded: %s", request.request_id, failure.detail)
-        return self.answers.failed(request, start_response, failure)
+        return self.own_answers.failed(request, start_response, failure)
 
     def _why_not_retry(
         self,
         runtime: Runtime,
-        request: Inbound,
+        request: Request,
         failure: Failure,
         deadline: float | None,
         admission: Admission,
@@ -217,7 +219,7 @@ class ProxyApp:
         return why_not
 
     def _choose(
-        self, runtime: Runtime, request: Inbound, tried: list[Backend], admission: Admission
+        self, runtime: Runtime, request: Request, tried: list[Backend], admission: Admission
     ) -> BackendLease | None:
         """A lease on an available backend, one not yet tried when there is one; the
         sticky rule first, the strategy otherwise; admitted by cap, breaker, bucket."""
@@ -255,7 +257,7 @@ class ProxyApp:
     # -- answers ---------------------------------------------------------------
 
     def _relay(
-        self, request: Inbound, start_response: StartResponse, admission: Admission
+        self, request: Request, start_response: StartResponse, admission: Admission
     ) -> Iterable[bytes]:
         """The current attempt's response goes to the client, its body as it arrives."""
         lease = admission.lease
@@ -285,10 +287,10 @@ class ProxyApp:
                 "backend %s: response head refused (%s); answering 502", lease.backend.name, exc
             )
             self.metrics.count_error(lease.backend.name, "bad_response")
-            lease.judge(True)
+            lease.judge(failed=True)
             admission.end_attempt()  # discards the upstream connection
             # PEP 3333: a second start_response before any output must carry exc_info.
-            return self.answers.failed(request, start_response, HEAD_REFUSED, sys.exc_info())
+            return self.own_answers.failed(request, start_response, HEAD_REFUSED, sys.exc_info())
         if "content-length" not in response.headers:
             # A body of unknown length (server-sent events, a long poll) may not send a
             # byte for a while, and waitress holds the head until the first one: send it

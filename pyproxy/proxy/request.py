@@ -1,6 +1,6 @@
 """What pyproxy makes of an incoming request before choosing a backend.
 
-`Inbound.from_environ()` reads the WSGI environ once: the raw target (never the
+`Request.from_environ()` reads the WSGI environ once: the raw target (never the
 decoded PATH_INFO), the Host, the client headers, the body and whether it can be
 replayed. `refusal()` says whether pyproxy must answer itself (CONNECT, TRACE, loops).
 """
@@ -48,7 +48,7 @@ def _server_authority(environ: dict[str, Any]) -> str:
 
 
 @dataclass
-class Inbound:
+class Request:
     """One client request, as read from the environ. Mutable only in its bookkeeping
     fields (the ones the access log and metrics read at the end)."""
 
@@ -79,7 +79,7 @@ class Inbound:
     explanation: Explanation | None = None  # set when a trusted client asked (explain.py)
 
     @classmethod
-    def from_environ(cls, environ: dict[str, Any], max_replay_body: int, started: float) -> Inbound:
+    def from_environ(cls, environ: dict[str, Any], max_replay_body: int, started: float) -> Request:
         target = environ.get("REQUEST_URI") or environ.get("PATH_INFO") or "/"
         host = environ.get("HTTP_HOST") or _server_authority(environ)
         # A target starting with "/" is origin-form, whatever follows (`//x/a://b` is a
@@ -122,7 +122,7 @@ class Inbound:
         )
 
     @classmethod
-    def refused(cls, refusal: EdgeRefusal, now: float) -> Inbound:
+    def refused(cls, refusal: EdgeRefusal, now: float) -> Request:
         """A record of a request the edge refused before it was read in full."""
         return cls(
             method=refusal.method,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.upstream import BodyRelay
 from pyproxy.proxy.admission import Admission, BackendLease
-from pyproxy.proxy.request import Inbound
+from pyproxy.proxy.request import Request
 from pyproxy.wsgi import AbortResponse
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,11 @@ class ResponseStream:
     def __init__(
         self,
         admission: Admission,
-        request: Inbound,
+        request: Request,
         relay: BodyRelay,
         *,
         metrics: Metrics,
-        on_close: Callable[[Inbound], object],
+        on_close: Callable[[Request], object],
         send_head: Callable[[bytes], object],
     ) -> None:
         assert admission.lease is not None
@@ -54,7 +54,7 @@ class ResponseStream:
                 backend.name, failure.detail,
             )  # fmt: skip
             self.metrics.count_error(backend.name, failure.reason)
-            self.lease.judge(True)
+            self.lease.judge(failed=True)
             if not self.relay.bytes_sent:
                 # The head waits for the first body byte; without it the client would
                 # see no answer at all. It gets the head, then the cut.
