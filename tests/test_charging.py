@@ -95,10 +95,11 @@ def lone(echo_backend: EchoBackend) -> Iterator[Lone]:
             backend.close()
 
 
-def inbound(target: str) -> Request:
+def request_for(target: str) -> Request:
     return Request(
-        method="GET", target=target, host="x", peer="127.0.0.1", scheme="http",
-        headers=[], body=None, body_length=None, replayable=True, request_id="r", via=None,
+        method="GET", target=target, host="x", peer="127.0.0.1", client="127.0.0.1",
+        scheme="http", headers=[], body=None, body_length=None, replayable=True,
+        request_id="r", via=None, started=0.0,
     )  # fmt: skip
 
 
@@ -130,7 +131,7 @@ def test_a_request_the_connection_cannot_build_is_not_the_backends_failure(
     headers: dict[str, str] = {"Host": "x"}
     if header is not None:
         headers[header[0]] = header[1]  # type: ignore[assignment]
-    response, failure = try_backend(context, runtime, lease, inbound(target), headers, None)
+    response, failure = try_backend(context, runtime, lease, request_for(target), headers, None)
     assert response is None and failure is not None
     assert (failure.status, failure.backend_at_fault, failure.request_sent) == (
         status,
@@ -144,7 +145,8 @@ def test_a_request_the_connection_cannot_build_is_not_the_backends_failure(
     # The half-built connection was thrown away, not left in the pool for the next one.
     lease = admission.admit(backend, None)
     assert lease is not None
-    response, failure = try_backend(context, runtime, lease, inbound("/ok"), {"Host": "x"}, None)
+    ok = request_for("/ok")
+    response, failure = try_backend(context, runtime, lease, ok, {"Host": "x"}, None)
     assert failure is None and response is not None and response.status == 200
     admission.close()
     assert [r.target for r in echo_backend.requests()] == ["/ok"]

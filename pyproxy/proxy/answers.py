@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.ratelimit import rate_limit_headers
 from pyproxy.pool.errors import Failure, error_body, reason_phrase
-from pyproxy.proxy.request import Request
+from pyproxy.proxy.request import Outcome, Request
 from pyproxy.runtime.snapshot import Runtime
 from pyproxy.wsgi import ExcInfo, StartResponse
 
@@ -31,6 +31,7 @@ class OwnAnswers:
     def answer(
         self,
         request: Request,
+        outcome: Outcome,
         start_response: StartResponse,
         status: int,
         why: str,
@@ -42,7 +43,7 @@ class OwnAnswers:
         `exc_info` replaces a head the server refused (PEP 3333 allows a second
         start_response call only with it, and only before any output)."""
         body = error_body(status, why)
-        request.status, request.bytes_sent, request.detail = status, len(body), why
+        outcome.status, outcome.bytes_sent, outcome.detail = status, len(body), why
         start_response(
             f"{status} {reason_phrase(status)}",
             [
@@ -50,28 +51,33 @@ class OwnAnswers:
                 ("Content-Length", str(len(body))),
                 ("X-Request-ID", request.request_id),
                 *(extra or []),
-                *([request.explanation.header()] if request.explanation else []),
+                *([outcome.explanation.header()] if outcome.explanation else []),
             ],
             *([exc_info] if exc_info else []),
         )
         self.metrics.observe_request(
-            request.backend_name, request.method, status, self.clock() - request.started
+            outcome.backend_name, request.method, status, self.clock() - request.started
         )
         return [body]
 
     def failed(
         self,
         request: Request,
+        outcome: Outcome,
         start_response: StartResponse,
         failure: Failure,
         exc_info: ExcInfo | tuple[None, None, None] | None = None,
     ) -> Iterable[bytes]:
         extra = [("Retry-After", "1")] if failure.status == 503 else []
         why = failure.detail
-        return self.answer(request, start_response, failure.status, why, extra, exc_info)
+        return self.answer(request, outcome, start_response, failure.status, why, extra, exc_info)
 
     def no_backend(
-        self, runtime: Runtime, request: Request, start_response: StartResponse
+        self,
+        runtime: Runtime,
+        request: Request,
+        outcome: Outcome,
+        start_response: StartResponse,
     ) -> Iterable[bytes]:
         """503 + Retry-After when nothing is available, with no upstream attempt."""
         wait = 1.0
@@ -83,10 +89,15 @@ class OwnAnswers:
                 wait = max(wait, limiter.seconds_until_token(b.name for b in ready))
         self.metrics.count_error("", "no_backend")
         retry_after = [("Retry-After", str(math.ceil(min(wait, 3600.0))))]
-        return self.answer(request, start_response, 503, "no backend available", retry_after)
+        why = "no backend available"
+        return self.answer(request, outcome, start_response, 503, why, retry_after)
 
     def over_client_limit(
-        self, runtime: Runtime, request: Request, start_response: StartResponse
+        self,
+        runtime: Runtime,
+        request: Request,
+        outcome: Outcome,
+        start_response: StartResponse,
     ) -> Iterable[bytes] | None:
         """429 when this client's bucket is empty; None to go on."""
         settings = runtime.config.rate_limit
@@ -98,4 +109,4 @@ class OwnAnswers:
         self.metrics.count_error("", "rate_limited")
         burst = settings.burst or settings.per_client.count
         extra = rate_limit_headers(decision, settings.per_client, burst)
-        return self.answer(request, start_response, 429, "rate limit exceeded", extra)
+        return self.answer(request, outcome, start_response, 429, "rate limit exceeded", extra)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pyproxy.headers import downstream_response_headers, upstream_request_headers
+from pyproxy.headers import downstream_response_headers
 from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.retry import RetryBudget, retry_verdict
@@ -28,7 +28,7 @@ from pyproxy.proxy.admission import Admission, BackendLease
 from pyproxy.proxy.answers import OwnAnswers
 from pyproxy.proxy.attempt import AttemptContext, try_backend
 from pyproxy.proxy.explain import REQUEST_HEADER, Explanation, wants_explanation
-from pyproxy.proxy.request import ALLOWED_METHODS, Request
+from pyproxy.proxy.request import ALLOWED_METHODS, Outcome, Request, edge_refusal_record
 from pyproxy.proxy.stream import ResponseStream
 from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
 from pyproxy.wsgi import EdgeRefusal, StartResponse
@@ -65,31 +65,26 @@ class ProxyApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         runtime = self.holder.runtime  # read once: a reload must not change it mid-request
         config = runtime.config
-        request = Request.from_environ(environ, config.retries.max_body, self.clock())
+        request, headers = Request.from_environ(
+            environ,
+            max_replay_body=config.retries.max_body,
+            started=self.clock(),
+            trusted=config.trusted_proxies,
+            instance_name=self.instance_name,
+        )
+        outcome = Outcome()
         refusal = request.refusal(self.instance_name)
         if refusal is not None:
             extra = [("Allow", ALLOWED_METHODS)] if refusal[0] == 405 else []
-            answer = self.own_answers.answer(request, start_response, *refusal, extra)
-            return self._log(request, answer)
-        headers, request.client = upstream_request_headers(
-            request.headers,
-            peer=request.peer,
-            scheme=request.scheme,
-            host=request.host,
-            upstream_host=request.host,
-            trusted=config.trusted_proxies,
-            request_id=request.request_id,
-            instance_name=self.instance_name,
-        )
+            answer = self.own_answers.answer(request, outcome, start_response, *refusal, extra)
+            return self._log(request, outcome, answer)
         if wants_explanation(environ.get(REQUEST_HEADER), request.client, config.trusted_proxies):
-            request.explanation = Explanation(runtime)
+            outcome.explanation = Explanation(runtime)
         headers.pop("X-Pyproxy-Explain", None)  # a question for pyproxy, not the backend
         if runtime.client_limiter is not None:
-            limited = self.own_answers.over_client_limit(runtime, request, start_response)
+            limited = self.own_answers.over_client_limit(runtime, request, outcome, start_response)
             if limited is not None:
-                return self._log(request, limited)
-        if request.body_length is not None:
-            headers["Content-Length"] = str(request.body_length)
+                return self._log(request, outcome, limited)
         # From here the request holds things (its place in flight, a backend's slot,
         # a breaker permit, a retry token), all owned by `admission`. Its close() gives
         # them back: here when pyproxy answers itself or something raised, else in
@@ -97,13 +92,13 @@ class ProxyApp:
         admission = Admission(self.budget, self.metrics)
         handed_over = False
         try:
-            result = self._attempts(runtime, request, headers, start_response, admission)
+            result = self._attempts(runtime, request, outcome, headers, start_response, admission)
             handed_over = isinstance(result, ResponseStream)
             return result
         finally:
             if not handed_over:
                 admission.close()
-                self._log(request, None)
+                self._log(request, outcome)
 
     def record_refusal(self, refusal: EdgeRefusal) -> None:
         """A request the edge parser refused (400, 413, 431, ...): counted and logged
@@ -111,11 +106,13 @@ class ProxyApp:
         now = self.clock()
         self.metrics.observe_request("", refusal.method, refusal.status, 0.0)
         if self.access_log is not None:
-            self.access_log.write(Request.refused(refusal, now), now)
+            self.access_log.write(*edge_refusal_record(refusal, now), now)
 
-    def _log(self, request: Request, result: Iterable[bytes] | None) -> Iterable[bytes]:
+    def _log(
+        self, request: Request, outcome: Outcome, result: Iterable[bytes] | None = None
+    ) -> Iterable[bytes]:
         if self.access_log is not None:
-            self.access_log.write(request, self.clock())
+            self.access_log.write(request, outcome, self.clock())
         return result or ()
 
     # -- the attempt loop ------------------------------------------------------
@@ -124,6 +121,7 @@ class ProxyApp:
         self,
         runtime: Runtime,
         request: Request,
+        outcome: Outcome,
         headers: dict[str, str],
         start_response: StartResponse,
         admission: Admission,
@@ -132,41 +130,42 @@ class ProxyApp:
         deadline = request.started + config.timeouts.total if config.timeouts.total else None
         tried: list[Backend] = []
         while True:
-            lease = self._choose(runtime, request, tried, admission)
+            lease = self._choose(runtime, request, outcome, tried, admission)
             if lease is None and self.holder.runtime is not runtime:
                 # A reload or an admin change replaced this snapshot's backends while the
                 # request waited: the new snapshot's backends are the ones to try.
                 runtime = self.holder.runtime
-                lease = self._choose(runtime, request, tried, admission)
+                lease = self._choose(runtime, request, outcome, tried, admission)
             if lease is None:
-                if request.explanation is not None:
-                    request.explanation.none_available(runtime, tried, self.clock())
-                return self.own_answers.no_backend(runtime, request, start_response)
+                if outcome.explanation is not None:
+                    outcome.explanation.none_available(runtime, tried, self.clock())
+                return self.own_answers.no_backend(runtime, request, outcome, start_response)
             backend = lease.backend
             tried.append(backend)
-            request.attempts += 1
-            request.backend_name = backend.name
+            outcome.attempts += 1
+            outcome.backend_name = backend.name
             attempt_started = self.clock()
-            context = self.context
-            response, failure = try_backend(context, runtime, lease, request, headers, deadline)
-            request.upstream_seconds = self.clock() - attempt_started
+            response, failure = try_backend(
+                self.context, runtime, lease, request, headers, deadline
+            )
+            outcome.upstream_seconds = self.clock() - attempt_started
             if failure is None:
-                return self._relay(request, start_response, admission)
+                return self._relay(request, outcome, start_response, admission)
             if not failure.backend_at_fault:
                 admission.end_attempt()
-                return self._not_sent(request, start_response, failure)
+                return self._not_sent(request, outcome, start_response, failure)
             self.metrics.count_error(backend.name, failure.reason)
-            why_not = self._why_not_retry(runtime, request, failure, deadline, admission)
-            if request.explanation is not None:
+            why_not = self._why_not_retry(runtime, request, outcome, failure, deadline, admission)
+            if outcome.explanation is not None:
                 verdict = "retry" if why_not is None else f"no retry: {why_not}"
-                request.explanation.outcome(f"{failure.status} {failure.detail}, {verdict}")
+                outcome.explanation.outcome(f"{failure.status} {failure.detail}, {verdict}")
             if why_not is not None:
-                request.detail = why_not
+                outcome.detail = why_not
                 if response is not None:  # a backend's own answer beats one pyproxy makes up
-                    return self._relay(request, start_response, admission)
+                    return self._relay(request, outcome, start_response, admission)
                 admission.end_attempt()
-                answer = self.own_answers.failed(request, start_response, failure)
-                request.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
+                answer = self.own_answers.failed(request, outcome, start_response, failure)
+                outcome.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
                 return answer
             self.metrics.count_retry(backend.name)
             admission.end_attempt()  # discards the failed response, if any
@@ -178,6 +177,7 @@ class ProxyApp:
     def _not_sent(
         self,
         request: Request,
+        outcome: Outcome,
         start_response: StartResponse,
         failure: Failure,
     ) -> Iterable[bytes]:
@@ -185,17 +185,18 @@ class ProxyApp:
         request cannot be written as HTTP/1.1, or the deadline ran out first): no
         verdict, no count against it, no retry (another backend would fare no better)."""
         if failure.reason == "deadline_exceeded":  # the error is still the attempt's
-            self.metrics.count_error(request.backend_name, failure.reason)
+            self.metrics.count_error(outcome.backend_name, failure.reason)
         else:
-            request.backend_name = ""  # no backend saw it
+            outcome.backend_name = ""  # no backend saw it
             if failure.status >= 500:  # pyproxy could not build its own request: a bug
                 log.error("request %s not forwarded: %s", request.request_id, failure.detail)
-        return self.own_answers.failed(request, start_response, failure)
+        return self.own_answers.failed(request, outcome, start_response, failure)
 
     def _why_not_retry(
         self,
         runtime: Runtime,
         request: Request,
+        outcome: Outcome,
         failure: Failure,
         deadline: float | None,
         admission: Admission,
@@ -204,7 +205,7 @@ class ProxyApp:
         why_not = retry_verdict(
             failure,
             method=request.method,
-            retries_done=request.attempts - 1,
+            retries_done=outcome.attempts - 1,
             settings=runtime.config.retries,
             body_replayable=request.replayable,
             seconds_left=None if deadline is None else deadline - self.clock(),
@@ -219,7 +220,12 @@ class ProxyApp:
         return why_not
 
     def _choose(
-        self, runtime: Runtime, request: Request, tried: list[Backend], admission: Admission
+        self,
+        runtime: Runtime,
+        request: Request,
+        outcome: Outcome,
+        tried: list[Backend],
+        admission: Admission,
     ) -> BackendLease | None:
         """A lease on an available backend, one not yet tried when there is one; the
         sticky rule first, the strategy otherwise; admitted by cap, breaker, bucket."""
@@ -239,41 +245,45 @@ class ProxyApp:
                 if backend is None:
                     return None
                 if sticky.mode == "cookie":
-                    request.set_cookie = sticky.set_cookie(backend)
+                    outcome.set_cookie = sticky.set_cookie(backend)
             elif sticky.mode == "cookie":
-                request.set_cookie = None  # the client's cookie already names this one
+                outcome.set_cookie = None  # the client's cookie already names this one
             lease = admission.admit(backend, runtime.backend_limiter)
             if lease is None:
                 continue
-            if request.explanation is not None:
+            if outcome.explanation is not None:
                 if pinned:
                     rule = f"sticky {sticky.mode}"
                 else:
                     rule = "retry (random among untried)" if tried else runtime.config.strategy
-                request.explanation.chose(runtime, backend, rule, tried, self.clock())
+                outcome.explanation.chose(runtime, backend, rule, tried, self.clock())
             return lease
         return None
 
     # -- answers ---------------------------------------------------------------
 
     def _relay(
-        self, request: Request, start_response: StartResponse, admission: Admission
+        self,
+        request: Request,
+        outcome: Outcome,
+        start_response: StartResponse,
+        admission: Admission,
     ) -> Iterable[bytes]:
         """The current attempt's response goes to the client, its body as it arrives."""
         lease = admission.lease
         assert lease is not None and lease.response is not None
         response = lease.response
-        request.status = response.status
+        outcome.status = response.status
         headers = downstream_response_headers(
             response.headers.items(),
             request_id=request.request_id,
             instance_name=self.instance_name,
         )
-        if request.set_cookie:
-            headers.append(("Set-Cookie", request.set_cookie))
-        if request.explanation is not None:
-            request.explanation.outcome(str(response.status))
-            headers.append(request.explanation.header())
+        if outcome.set_cookie:
+            headers.append(("Set-Cookie", outcome.set_cookie))
+        if outcome.explanation is not None:
+            outcome.explanation.outcome(str(response.status))
+            headers.append(outcome.explanation.header())
         admission.end_retries()  # the budget caps attempts, not streams
         # RFC 9112 §4: the space after the status code stays even when the reason is empty.
         status = f"{response.status} {response.reason or ''}"
@@ -290,7 +300,8 @@ class ProxyApp:
             lease.judge(failed=True)
             admission.end_attempt()  # discards the upstream connection
             # PEP 3333: a second start_response before any output must carry exc_info.
-            return self.own_answers.failed(request, start_response, HEAD_REFUSED, sys.exc_info())
+            exc_info = sys.exc_info()
+            return self.own_answers.failed(request, outcome, start_response, HEAD_REFUSED, exc_info)
         if "content-length" not in response.headers:
             # A body of unknown length (server-sent events, a long poll) may not send a
             # byte for a while, and waitress holds the head until the first one: send it
@@ -303,8 +314,9 @@ class ProxyApp:
         return ResponseStream(
             admission,
             request,
+            outcome,
             upstream.BodyRelay(lease.take_response()),
             metrics=self.metrics,
-            on_close=lambda done: self._log(done, None),
+            on_close=self._log,
             send_head=write,
         )
