@@ -85,7 +85,7 @@ class Lone:
 def lone(echo_backend: EchoBackend) -> Iterator[Lone]:
     runtime, _ = build_runtime(base_config([echo_backend], circuit_breaker=TOUCHY))
     budget, metrics = RetryBudget(), Metrics()
-    context = AttemptContext(metrics, clock=lambda: 0.0, rng=random.Random(1), sleep=lambda _: None)
+    context = AttemptContext(clock=lambda: 0.0, rng=random.Random(1), sleep=lambda _: None)
     setup = Lone(runtime, budget, context, Admission(budget, metrics))
     try:
         yield setup

@@ -20,13 +20,13 @@ from pyproxy.headers import downstream_response_headers
 from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.retry import RetryBudget, retry_verdict
-from pyproxy.policy.selection import Random as RandomSelector
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.errors import Failure
-from pyproxy.proxy.admission import Admission, BackendLease
+from pyproxy.proxy.admission import Admission
 from pyproxy.proxy.answers import OwnAnswers
-from pyproxy.proxy.attempt import AttemptContext, try_backend
+from pyproxy.proxy.attempt import AttemptContext, UpstreamSend, try_backend
+from pyproxy.proxy.choice import BackendChoice
 from pyproxy.proxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.proxy.request import ALLOWED_METHODS, Outcome, Request, edge_refusal_record
 from pyproxy.proxy.stream import ResponseStream
@@ -39,7 +39,11 @@ HEAD_REFUSED = Failure("bad_response", "reset", 502, "invalid response head from
 
 
 class ProxyApp:
-    """The proxy's WSGI application. `instance_name` goes into Via (loop detection)."""
+    """The proxy's WSGI application. `instance_name` goes into Via (loop detection).
+
+    `clock`, `rng`, `sleep` and `send` (one exchange with a backend) are the world
+    outside the request; tests inject their own to run the sequence without waiting
+    or a network."""
 
     def __init__(
         self,
@@ -51,16 +55,17 @@ class ProxyApp:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        send: UpstreamSend = upstream.send,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
         self.instance_name = instance_name
         self.access_log = access_log
         self.clock = clock
-        self.context = AttemptContext(metrics, clock, rng or random.Random(), sleep)
+        self.context = AttemptContext(clock, rng or random.Random(), sleep, send)
         self.budget = RetryBudget()
         self.own_answers = OwnAnswers(metrics, clock)
-        self.retry_selector = RandomSelector(self.context.rng)
+        self.choice = BackendChoice(self.context.rng, clock)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         runtime = self.holder.runtime  # read once: a reload must not change it mid-request
@@ -130,12 +135,12 @@ class ProxyApp:
         deadline = request.started + config.timeouts.total if config.timeouts.total else None
         tried: list[Backend] = []
         while True:
-            lease = self._choose(runtime, request, outcome, tried, admission)
+            lease = self.choice.lease(runtime, request, outcome, tried, admission)
             if lease is None and self.holder.runtime is not runtime:
                 # A reload or an admin change replaced this snapshot's backends while the
                 # request waited: the new snapshot's backends are the ones to try.
                 runtime = self.holder.runtime
-                lease = self._choose(runtime, request, outcome, tried, admission)
+                lease = self.choice.lease(runtime, request, outcome, tried, admission)
             if lease is None:
                 if outcome.explanation is not None:
                     outcome.explanation.none_available(runtime, tried, self.clock())
@@ -218,47 +223,6 @@ class ProxyApp:
         if why_not is None and failure.request_sent and not admission.take_retry_token(percent):
             why_not = "retry budget spent"
         return why_not
-
-    def _choose(
-        self,
-        runtime: Runtime,
-        request: Request,
-        outcome: Outcome,
-        tried: list[Backend],
-        admission: Admission,
-    ) -> BackendLease | None:
-        """A lease on an available backend, one not yet tried when there is one; the
-        sticky rule first, the strategy otherwise; admitted by cap, breaker, bucket."""
-        sticky = runtime.sticky
-        for _ in range(3):  # another thread may take the last slot between look and admit
-            candidates = runtime.candidates(exclude=tried)
-            if not candidates and tried:  # every backend was tried: one may take a retry
-                candidates = runtime.candidates()
-            backend = sticky.pinned(candidates, request.cookie, request.client)
-            pinned = backend is not None
-            if backend is None:
-                # A retry picks at random among the rest: running it through the strategy
-                # would advance a shared rotation, and with [dead, good] every request
-                # would then start on the dead one.
-                selector = runtime.selector if not tried else self.retry_selector
-                backend = selector.choose(candidates)
-                if backend is None:
-                    return None
-                if sticky.mode == "cookie":
-                    outcome.set_cookie = sticky.set_cookie(backend)
-            elif sticky.mode == "cookie":
-                outcome.set_cookie = None  # the client's cookie already names this one
-            lease = admission.admit(backend, runtime.backend_limiter)
-            if lease is None:
-                continue
-            if outcome.explanation is not None:
-                if pinned:
-                    rule = f"sticky {sticky.mode}"
-                else:
-                    rule = "retry (random among untried)" if tried else runtime.config.strategy
-                outcome.explanation.chose(runtime, backend, rule, tried, self.clock())
-            return lease
-        return None
 
     # -- answers ---------------------------------------------------------------
 

@@ -18,11 +18,12 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
 import urllib3
 
-from pyproxy.observe.metrics import Metrics
 from pyproxy.pool import upstream
+from pyproxy.pool.backend import Backend
 from pyproxy.pool.connection import set_attempt
 from pyproxy.pool.errors import Failure, chaos_failure, classify, status_failure
 from pyproxy.proxy.admission import BackendLease
@@ -30,6 +31,12 @@ from pyproxy.proxy.request import Request
 from pyproxy.runtime.snapshot import Runtime, attempt_timeout
 
 log = logging.getLogger(__name__)
+
+# upstream.send's shape: (backend, method, target, headers, body, timeout) -> response.
+UpstreamSend = Callable[
+    [Backend, str, str, dict[str, str], bytes | IO[bytes] | None, urllib3.Timeout],
+    urllib3.BaseHTTPResponse,
+]
 
 DEADLINE_EXCEEDED = Failure("deadline_exceeded", "timeout", 504, "total deadline reached")
 # The deadline ran out before anything was sent (an injected latency, a backoff, a
@@ -46,14 +53,15 @@ DEADLINE_BEFORE_SEND = Failure(
 
 @dataclass(frozen=True)
 class AttemptContext:
-    """What an attempt takes from the world outside the request: the metrics, the
-    clock, the randomness (chaos, backoff jitter) and the way to wait. Injected, so a
-    test can run the sequence on its own clock and dice."""
+    """What an attempt takes from the world outside the request: the clock, the
+    randomness (chaos, backoff jitter), the way to wait, and the exchange with a
+    backend. Injected, so a test can run the sequence on its own clock and dice, and
+    against backends of its own making."""
 
-    metrics: Metrics
     clock: Callable[[], float]
     rng: random.Random
     sleep: Callable[[float], None]
+    send: UpstreamSend = upstream.send
 
 
 def attempt_timeout_for(runtime: Runtime, deadline: float | None, now: float) -> urllib3.Timeout:
@@ -95,7 +103,7 @@ def try_backend(
         headers["Host"] = backend.netloc
     set_attempt(request.target, deadline)
     try:
-        lease.response = upstream.send(
+        lease.response = context.send(
             backend, request.method, request.target, headers, request.body, timeout
         )
     except Exception as exc:
