@@ -105,6 +105,14 @@ class ProxyApp:
                 admission.close()
                 self._log(request, outcome)
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests in this app: admitted and not yet closed, a response body still
+        being relayed included. Not `Backend.in_flight` (requests holding one
+        backend's slot), nor the edge's busy connections (which also count responses
+        the app is done with but the client has not read yet)."""
+        return self.budget.requests_in_flight
+
     def record_refusal(self, refusal: EdgeRefusal) -> None:
         """A request the edge parser refused (400, 413, 431, ...): counted and logged
         like any other, though no app code ran for it."""
