@@ -2,8 +2,10 @@
 
 Each request reads the runtime snapshot once, then tries backends until one gives
 an answer worth relaying or the retry rules say stop. The judgement lives in small
-modules (request, headers, selection, attempt, errors, retry, upstream, stream);
-this file is the sequence, so it reads top to bottom as "what happens to a request".
+modules (request, headers, choice, attempt, errors, retry, upstream, stream); this
+file is the sequence, so it reads top to bottom as "what happens to a request".
+What the client sent is a frozen `Request`; what becomes of it is written into its
+`Outcome`, which the access log reads at the end.
 """
 
 from __future__ import annotations
