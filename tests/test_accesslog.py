@@ -33,6 +33,7 @@ from pyproxy.config.schema import AccessLogConfig, BackendConfig, RetryConfig
 from pyproxy.observe import accesslog
 from pyproxy.observe.accesslog import AccessLog
 from pyproxy.process.service import Service
+from pyproxy.proxy.request import Outcome, Request
 
 TEXT_LINE = re.compile(
     r"(?P<client>\S+) - - \[(?P<time>\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} \+0000)\] "
@@ -324,12 +325,12 @@ def test_a_stuck_log_is_bounded_and_close_does_not_hang(
     monkeypatch.setattr(accesslog, "MAX_QUEUE", 10)
     stream = StuckStream()
     log = AccessLog(AccessLogConfig(), stream=stream)
-    request = FakeRequest()
+    request, outcome = logged()
     try:
-        log.write(request, time.monotonic())
+        log.write(request, outcome, time.monotonic())
         assert stream.entered.wait(5)
         for _ in range(50):
-            log.write(request, time.monotonic())
+            log.write(request, outcome, time.monotonic())
         assert log.dropped == 40  # 10 wait in the queue; the rest are counted, not kept
         started = time.monotonic()
         log.close(timeout=0.5)
@@ -339,22 +340,15 @@ def test_a_stuck_log_is_bounded_and_close_does_not_hang(
     assert wait_for(lambda: stream.getvalue().count("\n") == 11)
 
 
-class FakeRequest:
-    method = "GET"
-    target = "/x"
-    client = "192.0.2.1"
-    peer = "127.0.0.1"
-    status = 200
-    bytes_sent = 3
-    started = 0.0
-    backend_name = "a"
-    attempts = 1
-    request_id = "r1"
-    referer = ""
-    user_agent = ""
-    detail = ""
-    protocol = "HTTP/1.1"
-    upstream_seconds = 0.5
+def logged() -> tuple[Request, Outcome]:
+    """One request and its outcome, as the access log receives them."""
+    request = Request(
+        method="GET", target="/x", host="x", peer="127.0.0.1", client="192.0.2.1",
+        scheme="http", headers=(), body=None, body_length=None, replayable=True,
+        request_id="r1", via=None, started=0.0,
+    )  # fmt: skip
+    return request, Outcome(backend_name="a", attempts=1, status=200, bytes_sent=3,
+                            upstream_seconds=0.5)  # fmt: skip
 
 
 def test_reopen_follows_logrotate(tmp_path: Path) -> None:
@@ -362,12 +356,12 @@ def test_reopen_follows_logrotate(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     log = AccessLog(AccessLogConfig(format="json", path=str(path)))
     try:
-        log.write(FakeRequest(), 1.0)
+        log.write(*logged(), 1.0)
         assert wait_for(lambda: path.exists() and path.read_text().count("\n") == 1)
         rotated = tmp_path / "access.log.1"
         path.rename(rotated)
         log.reopen()
-        log.write(FakeRequest(), 2.0)
+        log.write(*logged(), 2.0)
         assert wait_for(lambda: path.exists() and path.read_text().count("\n") == 1)
         assert rotated.read_text().count("\n") == 1  # nothing more went to the old file
     finally:

@@ -310,7 +310,7 @@ def test_backends_listing_has_every_spec_field(
     service = make_proxy([echo_backend], admin=ADMIN, strategy="least_connections")
     http.get(service.proxy_url + "/", timeout=5)
     # The slot is released in the body's close(), a moment after the client's last byte.
-    assert wait_for(lambda: service.in_flight() == 0, 5)
+    assert wait_for(lambda: service.requests_in_flight() == 0, 5)
     payload = http.get(service.admin_url + "/admin/backends", timeout=5).json()
     assert payload["strategy"] == "least_connections"
     (entry,) = payload["backends"]
@@ -662,7 +662,7 @@ def test_removed_backend_gauges_stay_gone_after_its_in_flight_request(
         staying.release.set()
     thread.join(10)
     assert result.get("status") == 200
-    assert wait_for(lambda: service.in_flight() == 0, 5)
+    assert wait_for(lambda: service.requests_in_flight() == 0, 5)
     leftovers = [
         sample
         for sample in metric_samples(service)

@@ -10,8 +10,10 @@ half-open with one trial slot, so a leaked permit would also take the backend ou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -138,7 +140,7 @@ STEPS: list[tuple[str, Any, str, bool]] = [
     ("selection", Runtime, "candidates", True),
     ("breaker admission", CircuitBreaker, "try_acquire", True),
     ("rate token", BackendLimiter, "take", True),
-    ("upstream send", upstream, "send", True),
+    ("upstream send", None, "send", True),  # None: the app's injected send (below)
     ("response check", upstream, "check", True),
     ("breaker verdict", CircuitBreaker, "record_failure", True),
     ("lease verdict", BackendLease, "judge", True),
@@ -219,7 +221,15 @@ def test_an_exception_at_any_step_gives_everything_back(
     on_call = 2 if retried and per_attempt else 1
     if step == "breaker verdict" and not retried:
         attribute = "record_success"  # a 200's verdict
-    calls = plant(monkeypatch, owner, attribute, on_call)
+    if owner is None:
+        # The exchange with a backend is a seam of the running app (AttemptContext.send),
+        # bound when the app was built: plant the break there.
+        context = service.app.context
+        seam = types.SimpleNamespace(send=context.send)
+        calls = plant(monkeypatch, seam, attribute, on_call)
+        monkeypatch.setattr(service.app, "context", dataclasses.replace(context, send=seam.send))
+    else:
+        calls = plant(monkeypatch, owner, attribute, on_call)
     with contextlib.suppress(requests.RequestException):  # a break mid-body cuts the connection
         requests.get(service.proxy_url + path, timeout=WAIT)
     # (the relay is closed after its last byte went out: wait for that step too)

@@ -5,7 +5,7 @@ and then takes the path of a real answer of `error_status`: the same retries, th
 same breaker, `proxy_errors_total{reason="chaos"}`. Latency is a sleep before a real
 attempt, inside the `timeouts.total` deadline.
 
-Exact tests seed the random source by swapping `service.app.tools` (a frozen
+Exact tests seed the random source by swapping `service.app.context` (a frozen
 dataclass) for one whose `rng` is `random.Random(seed)`, then replay the same seed
 here to know which attempts fail. Only chaos (and retry backoff, 0 here) draws from
 that rng, so the replay is exact while requests are sent one at a time.
@@ -42,7 +42,7 @@ def total(service: Service, name: str, **labels: str) -> float:
 
 
 def seed(service: Service, value: int) -> None:
-    service.app.tools = dataclasses.replace(service.app.tools, rng=random.Random(value))
+    service.app.context = dataclasses.replace(service.app.context, rng=random.Random(value))
 
 
 def received(backends: list[EchoBackend]) -> int:

@@ -35,8 +35,8 @@ from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.retry import MIN_RETRY_BUDGET, RetryBudget
 from pyproxy.process.service import Service
 from pyproxy.proxy.admission import Admission
-from pyproxy.proxy.attempt import Tools, try_backend
-from pyproxy.proxy.request import Inbound
+from pyproxy.proxy.attempt import AttemptContext, try_backend
+from pyproxy.proxy.request import Request
 from pyproxy.runtime.snapshot import Runtime, build_runtime
 
 TOUCHY = CircuitBreakerConfig(failure_threshold=1)  # one failure opens a circuit
@@ -73,11 +73,11 @@ def test_a_target_http_client_refuses_is_a_400_that_opens_no_circuit(
 
 @dataclass
 class Lone:
-    """One attempt's tools on a real Backend object before a real echo server (no proxy)."""
+    """One attempt's context on a real Backend object before a real echo server (no proxy)."""
 
     runtime: Runtime
     budget: RetryBudget
-    tools: Tools
+    context: AttemptContext
     admission: Admission
 
 
@@ -85,8 +85,8 @@ class Lone:
 def lone(echo_backend: EchoBackend) -> Iterator[Lone]:
     runtime, _ = build_runtime(base_config([echo_backend], circuit_breaker=TOUCHY))
     budget, metrics = RetryBudget(), Metrics()
-    tools = Tools(metrics, clock=lambda: 0.0, rng=random.Random(1), sleep=lambda _: None)
-    setup = Lone(runtime, budget, tools, Admission(budget, metrics))
+    context = AttemptContext(clock=lambda: 0.0, rng=random.Random(1), sleep=lambda _: None)
+    setup = Lone(runtime, budget, context, Admission(budget, metrics))
     try:
         yield setup
     finally:
@@ -95,10 +95,11 @@ def lone(echo_backend: EchoBackend) -> Iterator[Lone]:
             backend.close()
 
 
-def inbound(target: str) -> Inbound:
-    return Inbound(
-        method="GET", target=target, host="x", peer="127.0.0.1", scheme="http",
-        headers=[], body=None, body_length=None, replayable=True, request_id="r", via=None,
+def request_for(target: str) -> Request:
+    return Request(
+        method="GET", target=target, host="x", peer="127.0.0.1", client="127.0.0.1",
+        scheme="http", headers=[], body=None, body_length=None, replayable=True,
+        request_id="r", via=None, started=0.0,
     )  # fmt: skip
 
 
@@ -123,14 +124,14 @@ def test_a_request_the_connection_cannot_build_is_not_the_backends_failure(
     status: int,
 ) -> None:
     """try_backend itself, for requests the edge may one day refuse before the app."""
-    admission, budget, tools, runtime = lone.admission, lone.budget, lone.tools, lone.runtime
+    admission, budget, context, runtime = lone.admission, lone.budget, lone.context, lone.runtime
     backend = runtime.backends[0]
     lease = admission.admit(backend, None)
     assert lease is not None
     headers: dict[str, str] = {"Host": "x"}
     if header is not None:
         headers[header[0]] = header[1]  # type: ignore[assignment]
-    response, failure = try_backend(tools, runtime, lease, inbound(target), headers, None)
+    response, failure = try_backend(context, runtime, lease, request_for(target), headers, None)
     assert response is None and failure is not None
     assert (failure.status, failure.backend_at_fault, failure.request_sent) == (
         status,
@@ -144,7 +145,8 @@ def test_a_request_the_connection_cannot_build_is_not_the_backends_failure(
     # The half-built connection was thrown away, not left in the pool for the next one.
     lease = admission.admit(backend, None)
     assert lease is not None
-    response, failure = try_backend(tools, runtime, lease, inbound("/ok"), {"Host": "x"}, None)
+    ok = request_for("/ok")
+    response, failure = try_backend(context, runtime, lease, ok, {"Host": "x"}, None)
     assert failure is None and response is not None and response.status == 200
     admission.close()
     assert [r.target for r in echo_backend.requests()] == ["/ok"]

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from rawhttp import RawClient, RawResponse, exchange, request_bytes
 
 from pyproxy.config.schema import LimitsConfig
-from pyproxy.edge.server import EdgeRefusal
 from pyproxy.process.service import Service
+from pyproxy.wsgi import EdgeRefusal
 
 WAIT = 5.0
 

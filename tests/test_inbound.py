@@ -21,7 +21,8 @@ import pytest
 from backends import wait_for
 
 from pyproxy.config.schema import LimitsConfig
-from pyproxy.edge.server import AbortResponse, EdgeServer
+from pyproxy.edge.server import EdgeServer
+from pyproxy.wsgi import AbortResponse
 
 WAIT = 5.0  # generous bound for anything that should happen "at once"
 LIMITS = LimitsConfig(

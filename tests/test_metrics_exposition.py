@@ -165,7 +165,7 @@ def after_faults(faulty_proxy: Service, http: requests.Session) -> str:
         timeout=10,
     )
     # Slots are released in each body's close(), a moment after the client's last byte.
-    assert wait_for(lambda: faulty_proxy.in_flight() == 0, timeout=5)
+    assert wait_for(lambda: faulty_proxy.requests_in_flight() == 0, timeout=5)
     return scrape(faulty_proxy)
 
 
@@ -345,7 +345,7 @@ def test_a_request_in_flight_during_removal_does_not_bring_its_gauge_back(
     going.release.set()
     held.join(10)
     assert answers == [200]
-    assert wait_for(lambda: service.in_flight() == 0)
+    assert wait_for(lambda: service.requests_in_flight() == 0)
     text = scrape(service)
     assert {"backend": "going"} not in series(text, "proxy_backend_in_flight"), (
         "proxy_backend_in_flight{backend=going} came back after removal, value "

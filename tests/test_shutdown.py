@@ -294,7 +294,7 @@ def test_a_response_still_being_sent_at_shutdown_is_delivered_whole(
         client.sendall(f"GET /large?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         # The client reads nothing yet: most of the body waits in pyproxy's buffers.
         assert wait_for(lambda: len(backend.requests()) == 1, timeout=5)
-        wait_for(lambda: service.in_flight() == 0, timeout=5)  # the app is done with it
+        wait_for(lambda: service.requests_in_flight() == 0, timeout=5)  # the app is done with it
         service.request_shutdown()
         serving = threading.Thread(target=service.serve, daemon=True)
         serving.start()

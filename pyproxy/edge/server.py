@@ -3,14 +3,15 @@
 waitress parses requests on one asyncore loop thread and runs the WSGI app on a pool of
 worker threads. As an edge server facing untrusted clients it needs, on top of that:
 
-- strict framing (StrictRequestParser, in inbound_parser.py): ambiguous requests are
+- strict framing (StrictRequestParser, in parser.py): ambiguous requests are
   refused before the app runs;
 - deadlines waitress does not have: a client must finish its header block within
   `limits.header_timeout` (slowloris), and a client that accepts no response bytes for
   `limits.send_timeout` is dropped, which frees the worker thread blocked writing to it;
 - no `Server: waitress` / `Via: waitress` in responses (pyproxy adds its own Via);
 - draining for graceful shutdown: `Connection: close` on every response;
-- AbortResponse, to cut a response short on purpose without a logged traceback.
+- AbortResponse (pyproxy/wsgi.py), to cut a response short on purpose without a
+  logged traceback.
 
 The loop runs in whichever thread calls `serve_forever()`; deadlines are enforced on
 that thread between two polls, the only moment a socket can be closed without racing
@@ -37,9 +38,10 @@ from waitress.task import ThreadedTaskDispatcher
 
 from pyproxy.config.schema import LimitsConfig
 from pyproxy.edge.parser import StrictRequestParser
-from pyproxy.edge.tasks import AbortResponse, EdgeErrorTask, EdgeRefusal, EdgeTask
+from pyproxy.edge.tasks import EdgeErrorTask, EdgeTask
+from pyproxy.wsgi import EdgeRefusal
 
-__all__ = ["AbortResponse", "EdgeRefusal", "EdgeServer"]
+__all__ = ["EdgeServer"]
 
 logger = logging.getLogger(__name__)
 

@@ -4,29 +4,20 @@ waitress runs each request as a Task on a worker thread. pyproxy's tasks change 
 things: the response head (no waitress identity; `Connection: close` while draining),
 an app that cuts a response short on purpose (AbortResponse: no final chunk, no
 traceback), and the errors waitress answers itself (short text, X-Request-ID, and a
-report to the access log through `on_refused`). See inbound.py for the server.
+report to the access log through `on_refused`). See server.py for the server.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from waitress.task import ErrorTask, Task, WSGITask
 
 from pyproxy.config.schema import LimitsConfig
 from pyproxy.headers import sane_request_id
+from pyproxy.wsgi import AbortResponse, EdgeRefusal
 
 logger = logging.getLogger("pyproxy.edge.server")
-
-
-class AbortResponse(Exception):
-    """Raised by the app's body iterator to cut a response short on purpose — e.g. the
-    backend died mid-body — so the client sees a truncated response.
-
-    The connection is closed without the end of the body (no final chunk) and nothing
-    is logged as an error: the app has already accounted for the failure.
-    """
 
 
 class _EdgeHead(Task):
@@ -113,19 +104,6 @@ class EdgeTask(_EdgeHead, WSGITask):
         # truncated body look complete; an aborted response must end with the connection.
         if not self.aborted:
             super().finish()
-
-
-@dataclass(frozen=True)
-class EdgeRefusal:
-    """A request refused at the edge, before any app ran (for the access log)."""
-
-    peer: str
-    method: str
-    target: str
-    status: int
-    why: str
-    bytes_sent: int
-    request_id: str
 
 
 class EdgeErrorTask(_EdgeHead, ErrorTask):

@@ -29,20 +29,36 @@ FLUSH_INTERVAL = 0.1  # seconds a line may wait before it is written
 
 
 class LoggedRequest(Protocol):
-    protocol: str
+    """What the client asked for (pyproxy.proxy.request.Request)."""
+
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def referer(self) -> str: ...
+    @property
+    def user_agent(self) -> str: ...
+
+
+class LoggedOutcome(Protocol):
+    """What became of it (pyproxy.proxy.request.Outcome)."""
+
     upstream_seconds: float | None
-    method: str
-    target: str
-    client: str
-    peer: str
     status: int
     bytes_sent: int
-    started: float
     backend_name: str
     attempts: int
-    request_id: str
-    referer: str
-    user_agent: str
     detail: str
 
 
@@ -124,7 +140,7 @@ class AccessLog:
         self._thread = threading.Thread(target=self._run, name="pyproxy-accesslog", daemon=True)
         self._thread.start()
 
-    def write(self, request: LoggedRequest, now: float) -> None:
+    def write(self, request: LoggedRequest, outcome: LoggedOutcome, now: float) -> None:
         """Queue one line; cheap enough for the hot path (no formatting, no I/O)."""
         if len(self._pending) >= MAX_QUEUE:
             self.dropped += 1
@@ -136,16 +152,16 @@ class AccessLog:
                 "method": request.method,
                 "target": request.target,
                 "protocol": request.protocol,
-                "status": request.status,
-                "bytes": request.bytes_sent,
+                "status": outcome.status,
+                "bytes": outcome.bytes_sent,
                 "duration": now - request.started,
-                "upstream_time": request.upstream_seconds,
-                "backend": request.backend_name,
-                "attempts": request.attempts,
+                "upstream_time": outcome.upstream_seconds,
+                "backend": outcome.backend_name,
+                "attempts": outcome.attempts,
                 "request_id": request.request_id,
                 "referer": request.referer,
                 "user_agent": request.user_agent,
-                "detail": request.detail,
+                "detail": outcome.detail,
             }
         )
 

@@ -159,7 +159,7 @@ class AdminApp:
         # Gauges of counts pyproxy keeps anyway are read at scrape time, not updated on
         # every request: the hot path pays nothing for them.
         # (The per-backend gauges are read from the running backends by the registry.)
-        self.metrics.in_flight.set(self.lifecycle.in_flight())
+        self.metrics.in_flight.set(self.lifecycle.requests_in_flight())
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:

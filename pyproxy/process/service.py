@@ -220,10 +220,10 @@ class Service:
 
     def _unfinished(self) -> int:
         """Requests in the app, or responses still being written to their clients."""
-        return max(self.in_flight(), self.proxy_server.busy_connections())
+        return max(self.requests_in_flight(), self.proxy_server.busy_connections())
 
-    def in_flight(self) -> int:
-        return self.app.budget.requests_in_flight
+    def requests_in_flight(self) -> int:
+        return self.app.requests_in_flight
 
     def close(self) -> None:
         """Stop everything now (no draining). Safe to call more than once."""

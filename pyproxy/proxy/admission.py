@@ -2,11 +2,13 @@
 
 On its way to a backend a request takes, in order:
 
-- a place among the requests in flight (`RetryBudget.requests_in_flight`): the
-  denominator of the retry budget, the `proxy_in_flight_requests` gauge, and what a
-  graceful drain waits for. One count, three readers: "in flight" means one thing;
-- for each attempt, a `BackendLease` on the chosen backend: its slot (the in-flight
-  count that `max_connections` caps and `least_connections` reads), a circuit
+- a place among the requests in the app (`RetryBudget.requests_in_flight`,
+  `ProxyApp.requests_in_flight`): the denominator of the retry budget, the
+  `proxy_in_flight_requests` gauge, and what a graceful drain waits for. One count,
+  three readers;
+- for each attempt, a `BackendLease` on the chosen backend: one of its slots
+  (`Backend.in_flight` counts the requests holding one: what `max_connections`
+  caps, `least_connections` reads and `proxy_backend_in_flight` shows), a circuit
   breaker permit (in half-open, one of the few trial slots) and a per-backend rate
   token;
 - at its first retry *after a request was sent*, a retry token from the budget.
@@ -70,7 +72,7 @@ class BackendLease:
             return False
         return limiter is None or limiter.take(backend.name)
 
-    def judge(self, failed: bool) -> None:
+    def judge(self, *, failed: bool) -> None:
         """Tell the breaker how the attempt went; log and count only a real transition.
 
         Called once the backend's answer is known, and again (without the permit,
@@ -121,8 +123,9 @@ class BackendLease:
 class Admission:
     """Everything one client request holds; `close()` gives it all back, once.
 
-    Creating one counts the request in flight (`budget.request_started()`); closing
-    it ends the count. At most one BackendLease is held at a time (`lease`).
+    Creating one counts the request among the requests in the app
+    (`budget.request_started()`); closing it ends the count. At most one
+    BackendLease is held at a time (`lease`).
     """
 
     __slots__ = ("_budget", "_closed", "_holds_retry_token", "lease", "metrics")
@@ -166,7 +169,7 @@ class Admission:
             self._budget.retry_finished()
 
     def close(self) -> None:
-        """Give back everything still held; the request is no longer in flight."""
+        """Give back everything still held; the request is no longer in the app."""
         if self._closed:
             return
         self._closed = True

@@ -1,4 +1,4 @@
-"""Answers: the responses pyproxy makes itself, in one place.
+"""OwnAnswers: the responses pyproxy makes itself, in one place.
 
 Each is a short `text/plain` body `<code> <reason>: <why>` with the X-Request-ID, and
 for the statuses that invite a retry (429, 503) a `Retry-After` (RFC 9110 §10.2.3).
@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from types import TracebackType
-from typing import Any
 
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.ratelimit import rate_limit_headers
 from pyproxy.pool.errors import Failure, error_body, reason_phrase
-from pyproxy.proxy.request import Inbound
+from pyproxy.proxy.request import Outcome, Request
 from pyproxy.runtime.snapshot import Runtime
+from pyproxy.wsgi import ExcInfo, StartResponse
 
-StartResponse = Callable[..., Any]
 Headers = list[tuple[str, str]]
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
-class Answers:
+class OwnAnswers:
     """Writes pyproxy's own responses and counts them; `clock` times them."""
 
     def __init__(self, metrics: Metrics, clock: Callable[[], float]) -> None:
@@ -33,7 +30,8 @@ class Answers:
 
     def answer(
         self,
-        request: Inbound,
+        request: Request,
+        outcome: Outcome,
         start_response: StartResponse,
         status: int,
         why: str,
@@ -45,7 +43,7 @@ class Answers:
         `exc_info` replaces a head the server refused (PEP 3333 allows a second
         start_response call only with it, and only before any output)."""
         body = error_body(status, why)
-        request.status, request.bytes_sent, request.detail = status, len(body), why
+        outcome.status, outcome.bytes_sent, outcome.detail = status, len(body), why
         start_response(
             f"{status} {reason_phrase(status)}",
             [
@@ -53,28 +51,33 @@ class Answers:
                 ("Content-Length", str(len(body))),
                 ("X-Request-ID", request.request_id),
                 *(extra or []),
-                *([request.explanation.header()] if request.explanation else []),
+                *([outcome.explanation.header()] if outcome.explanation else []),
             ],
             *([exc_info] if exc_info else []),
         )
         self.metrics.observe_request(
-            request.backend_name, request.method, status, self.clock() - request.started
+            outcome.backend_name, request.method, status, self.clock() - request.started
         )
         return [body]
 
     def failed(
         self,
-        request: Inbound,
+        request: Request,
+        outcome: Outcome,
         start_response: StartResponse,
         failure: Failure,
         exc_info: ExcInfo | tuple[None, None, None] | None = None,
     ) -> Iterable[bytes]:
         extra = [("Retry-After", "1")] if failure.status == 503 else []
         why = failure.detail
-        return self.answer(request, start_response, failure.status, why, extra, exc_info)
+        return self.answer(request, outcome, start_response, failure.status, why, extra, exc_info)
 
     def no_backend(
-        self, runtime: Runtime, request: Inbound, start_response: StartResponse
+        self,
+        runtime: Runtime,
+        request: Request,
+        outcome: Outcome,
+        start_response: StartResponse,
     ) -> Iterable[bytes]:
         """503 + Retry-After when nothing is available, with no upstream attempt."""
         wait = 1.0
@@ -86,10 +89,15 @@ class Answers:
                 wait = max(wait, limiter.seconds_until_token(b.name for b in ready))
         self.metrics.count_error("", "no_backend")
         retry_after = [("Retry-After", str(math.ceil(min(wait, 3600.0))))]
-        return self.answer(request, start_response, 503, "no backend available", retry_after)
+        why = "no backend available"
+        return self.answer(request, outcome, start_response, 503, why, retry_after)
 
     def over_client_limit(
-        self, runtime: Runtime, request: Inbound, start_response: StartResponse
+        self,
+        runtime: Runtime,
+        request: Request,
+        outcome: Outcome,
+        start_response: StartResponse,
     ) -> Iterable[bytes] | None:
         """429 when this client's bucket is empty; None to go on."""
         settings = runtime.config.rate_limit
@@ -101,4 +109,4 @@ class Answers:
         self.metrics.count_error("", "rate_limited")
         burst = settings.burst or settings.per_client.count
         extra = rate_limit_headers(decision, settings.per_client, burst)
-        return self.answer(request, start_response, 429, "rate limit exceeded", extra)
+        return self.answer(request, outcome, start_response, 429, "rate limit exceeded", extra)

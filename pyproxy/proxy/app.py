@@ -2,8 +2,10 @@
 
 Each request reads the runtime snapshot once, then tries backends until one gives
 an answer worth relaying or the retry rules say stop. The judgement lives in small
-modules (request, headers, selection, attempt, errors, retry, upstream, stream);
-this file is the sequence, so it reads top to bottom as "what happens to a request".
+modules (request, headers, choice, attempt, errors, retry, upstream, stream); this
+file is the sequence, so it reads top to bottom as "what happens to a request".
+What the client sent is a frozen `Request`; what becomes of it is written into its
+`Outcome`, which the access log reads at the end.
 """
 
 from __future__ import annotations
@@ -16,31 +18,34 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pyproxy.edge.server import EdgeRefusal
-from pyproxy.headers import downstream_response_headers, upstream_request_headers
+from pyproxy.headers import downstream_response_headers
 from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.retry import RetryBudget, retry_verdict
-from pyproxy.policy.selection import Random as RandomSelector
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.errors import Failure
-from pyproxy.proxy.admission import Admission, BackendLease
-from pyproxy.proxy.answers import Answers
-from pyproxy.proxy.attempt import Tools, try_backend
+from pyproxy.proxy.admission import Admission
+from pyproxy.proxy.answers import OwnAnswers
+from pyproxy.proxy.attempt import AttemptContext, UpstreamSend, try_backend
+from pyproxy.proxy.choice import BackendChoice
 from pyproxy.proxy.explain import REQUEST_HEADER, Explanation, wants_explanation
-from pyproxy.proxy.request import ALLOWED_METHODS, Inbound
+from pyproxy.proxy.request import ALLOWED_METHODS, Outcome, Request, edge_refusal_record
 from pyproxy.proxy.stream import ResponseStream
 from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
+from pyproxy.wsgi import EdgeRefusal, StartResponse
 
 log = logging.getLogger(__name__)
 
-StartResponse = Callable[..., Any]
 HEAD_REFUSED = Failure("bad_response", "reset", 502, "invalid response head from backend")
 
 
 class ProxyApp:
-    """The proxy's WSGI application. `instance_name` goes into Via (loop detection)."""
+    """The proxy's WSGI application. `instance_name` goes into Via (loop detection).
+
+    `clock`, `rng`, `sleep` and `send` (one exchange with a backend) are the world
+    outside the request; tests inject their own to run the sequence without waiting
+    or a network."""
 
     def __init__(
         self,
@@ -52,44 +57,41 @@ class ProxyApp:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        send: UpstreamSend = upstream.send,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
         self.instance_name = instance_name
         self.access_log = access_log
         self.clock = clock
-        self.tools = Tools(metrics, clock, rng or random.Random(), sleep)
+        self.context = AttemptContext(clock, rng or random.Random(), sleep, send)
         self.budget = RetryBudget()
-        self.answers = Answers(metrics, clock)
-        self.retry_selector = RandomSelector(self.tools.rng)
+        self.own_answers = OwnAnswers(metrics, clock)
+        self.choice = BackendChoice(self.context.rng, clock)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         runtime = self.holder.runtime  # read once: a reload must not change it mid-request
         config = runtime.config
-        request = Inbound.from_environ(environ, config.retries.max_body, self.clock())
+        request, headers = Request.from_environ(
+            environ,
+            max_replay_body=config.retries.max_body,
+            started=self.clock(),
+            trusted=config.trusted_proxies,
+            instance_name=self.instance_name,
+        )
+        outcome = Outcome()
         refusal = request.refusal(self.instance_name)
         if refusal is not None:
             extra = [("Allow", ALLOWED_METHODS)] if refusal[0] == 405 else []
-            return self._log(request, self.answers.answer(request, start_response, *refusal, extra))
-        headers, request.client = upstream_request_headers(
-            request.headers,
-            peer=request.peer,
-            scheme=request.scheme,
-            host=request.host,
-            upstream_host=request.host,
-            trusted=config.trusted_proxies,
-            request_id=request.request_id,
-            instance_name=self.instance_name,
-        )
+            answer = self.own_answers.answer(request, outcome, start_response, *refusal, extra)
+            return self._log(request, outcome, answer)
         if wants_explanation(environ.get(REQUEST_HEADER), request.client, config.trusted_proxies):
-            request.explanation = Explanation(runtime)
+            outcome.explanation = Explanation(runtime)
         headers.pop("X-Pyproxy-Explain", None)  # a question for pyproxy, not the backend
         if runtime.client_limiter is not None:
-            limited = self.answers.over_client_limit(runtime, request, start_response)
+            limited = self.own_answers.over_client_limit(runtime, request, outcome, start_response)
             if limited is not None:
-                return self._log(request, limited)
-        if request.body_length is not None:
-            headers["Content-Length"] = str(request.body_length)
+                return self._log(request, outcome, limited)
         # From here the request holds things (its place in flight, a backend's slot,
         # a breaker permit, a retry token), all owned by `admission`. Its close() gives
         # them back: here when pyproxy answers itself or something raised, else in
@@ -97,13 +99,21 @@ class ProxyApp:
         admission = Admission(self.budget, self.metrics)
         handed_over = False
         try:
-            result = self._attempts(runtime, request, headers, start_response, admission)
+            result = self._attempts(runtime, request, outcome, headers, start_response, admission)
             handed_over = isinstance(result, ResponseStream)
             return result
         finally:
             if not handed_over:
                 admission.close()
-                self._log(request, None)
+                self._log(request, outcome)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests in this app: admitted and not yet closed, a response body still
+        being relayed included. Not `Backend.in_flight` (requests holding one
+        backend's slot), nor the edge's busy connections (which also count responses
+        the app is done with but the client has not read yet)."""
+        return self.budget.requests_in_flight
 
     def record_refusal(self, refusal: EdgeRefusal) -> None:
         """A request the edge parser refused (400, 413, 431, ...): counted and logged
@@ -111,11 +121,13 @@ class ProxyApp:
         now = self.clock()
         self.metrics.observe_request("", refusal.method, refusal.status, 0.0)
         if self.access_log is not None:
-            self.access_log.write(Inbound.refused(refusal, now), now)
+            self.access_log.write(*edge_refusal_record(refusal, now), now)
 
-    def _log(self, request: Inbound, result: Iterable[bytes] | None) -> Iterable[bytes]:
+    def _log(
+        self, request: Request, outcome: Outcome, result: Iterable[bytes] | None = None
+    ) -> Iterable[bytes]:
         if self.access_log is not None:
-            self.access_log.write(request, self.clock())
+            self.access_log.write(request, outcome, self.clock())
         return result or ()
 
     # -- the attempt loop ------------------------------------------------------
@@ -123,7 +135,8 @@ class ProxyApp:
     def _attempts(
         self,
         runtime: Runtime,
-        request: Inbound,
+        request: Request,
+        outcome: Outcome,
         headers: dict[str, str],
         start_response: StartResponse,
         admission: Admission,
@@ -132,51 +145,54 @@ class ProxyApp:
         deadline = request.started + config.timeouts.total if config.timeouts.total else None
         tried: list[Backend] = []
         while True:
-            lease = self._choose(runtime, request, tried, admission)
+            lease = self.choice.lease(runtime, request, outcome, tried, admission)
             if lease is None and self.holder.runtime is not runtime:
                 # A reload or an admin change replaced this snapshot's backends while the
                 # request waited: the new snapshot's backends are the ones to try.
                 runtime = self.holder.runtime
-                lease = self._choose(runtime, request, tried, admission)
+                lease = self.choice.lease(runtime, request, outcome, tried, admission)
             if lease is None:
-                if request.explanation is not None:
-                    request.explanation.none_available(runtime, tried, self.clock())
-                return self.answers.no_backend(runtime, request, start_response)
+                if outcome.explanation is not None:
+                    outcome.explanation.none_available(runtime, tried, self.clock())
+                return self.own_answers.no_backend(runtime, request, outcome, start_response)
             backend = lease.backend
             tried.append(backend)
-            request.attempts += 1
-            request.backend_name = backend.name
+            outcome.attempts += 1
+            outcome.backend_name = backend.name
             attempt_started = self.clock()
-            response, failure = try_backend(self.tools, runtime, lease, request, headers, deadline)
-            request.upstream_seconds = self.clock() - attempt_started
+            response, failure = try_backend(
+                self.context, runtime, lease, request, headers, deadline
+            )
+            outcome.upstream_seconds = self.clock() - attempt_started
             if failure is None:
-                return self._relay(request, start_response, admission)
+                return self._relay(request, outcome, start_response, admission)
             if not failure.backend_at_fault:
                 admission.end_attempt()
-                return self._not_sent(request, start_response, failure)
+                return self._not_sent(request, outcome, start_response, failure)
             self.metrics.count_error(backend.name, failure.reason)
-            why_not = self._why_not_retry(runtime, request, failure, deadline, admission)
-            if request.explanation is not None:
+            why_not = self._why_not_retry(runtime, request, outcome, failure, deadline, admission)
+            if outcome.explanation is not None:
                 verdict = "retry" if why_not is None else f"no retry: {why_not}"
-                request.explanation.outcome(f"{failure.status} {failure.detail}, {verdict}")
+                outcome.explanation.outcome(f"{failure.status} {failure.detail}, {verdict}")
             if why_not is not None:
-                request.detail = why_not
+                outcome.detail = why_not
                 if response is not None:  # a backend's own answer beats one pyproxy makes up
-                    return self._relay(request, start_response, admission)
+                    return self._relay(request, outcome, start_response, admission)
                 admission.end_attempt()
-                answer = self.answers.failed(request, start_response, failure)
-                request.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
+                answer = self.own_answers.failed(request, outcome, start_response, failure)
+                outcome.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
                 return answer
             self.metrics.count_retry(backend.name)
             admission.end_attempt()  # discards the failed response, if any
             if config.retries.backoff:
-                pause = config.retries.backoff * self.tools.rng.uniform(0.5, 1.5)
+                pause = config.retries.backoff * self.context.rng.uniform(0.5, 1.5)
                 left = math.inf if deadline is None else deadline - self.clock()
-                self.tools.sleep(max(0.0, min(pause, left)))
+                self.context.sleep(max(0.0, min(pause, left)))
 
     def _not_sent(
         self,
-        request: Inbound,
+        request: Request,
+        outcome: Outcome,
         start_response: StartResponse,
         failure: Failure,
     ) -> Iterable[bytes]:
@@ -184,17 +200,18 @@ class ProxyApp:
         request cannot be written as HTTP/1.1, or the deadline ran out first): no
         verdict, no count against it, no retry (another backend would fare no better)."""
         if failure.reason == "deadline_exceeded":  # the error is still the attempt's
-            self.metrics.count_error(request.backend_name, failure.reason)
+            self.metrics.count_error(outcome.backend_name, failure.reason)
         else:
-            request.backend_name = ""  # no backend saw it
+            outcome.backend_name = ""  # no backend saw it
             if failure.status >= 500:  # pyproxy could not build its own request: a bug
                 log.error("request %s not forwarded: %s", request.request_id, failure.detail)
-        return self.answers.failed(request, start_response, failure)
+        return self.own_answers.failed(request, outcome, start_response, failure)
 
     def _why_not_retry(
         self,
         runtime: Runtime,
-        request: Inbound,
+        request: Request,
+        outcome: Outcome,
         failure: Failure,
         deadline: float | None,
         admission: Admission,
@@ -203,7 +220,7 @@ class ProxyApp:
         why_not = retry_verdict(
             failure,
             method=request.method,
-            retries_done=request.attempts - 1,
+            retries_done=outcome.attempts - 1,
             settings=runtime.config.retries,
             body_replayable=request.replayable,
             seconds_left=None if deadline is None else deadline - self.clock(),
@@ -217,62 +234,30 @@ class ProxyApp:
             why_not = "retry budget spent"
         return why_not
 
-    def _choose(
-        self, runtime: Runtime, request: Inbound, tried: list[Backend], admission: Admission
-    ) -> BackendLease | None:
-        """A lease on an available backend, one not yet tried when there is one; the
-        sticky rule first, the strategy otherwise; admitted by cap, breaker, bucket."""
-        sticky = runtime.sticky
-        for _ in range(3):  # another thread may take the last slot between look and admit
-            candidates = runtime.candidates(exclude=tried)
-            if not candidates and tried:  # every backend was tried: one may take a retry
-                candidates = runtime.candidates()
-            backend = sticky.pinned(candidates, request.cookie, request.client)
-            pinned = backend is not None
-            if backend is None:
-                # A retry picks at random among the rest: running it through the strategy
-                # would advance a shared rotation, and with [dead, good] every request
-                # would then start on the dead one.
-                selector = runtime.selector if not tried else self.retry_selector
-                backend = selector.choose(candidates)
-                if backend is None:
-                    return None
-                if sticky.mode == "cookie":
-                    request.set_cookie = sticky.set_cookie(backend)
-            elif sticky.mode == "cookie":
-                request.set_cookie = None  # the client's cookie already names this one
-            lease = admission.admit(backend, runtime.backend_limiter)
-            if lease is None:
-                continue
-            if request.explanation is not None:
-                if pinned:
-                    rule = f"sticky {sticky.mode}"
-                else:
-                    rule = "retry (random among untried)" if tried else runtime.config.strategy
-                request.explanation.chose(runtime, backend, rule, tried, self.clock())
-            return lease
-        return None
-
     # -- answers ---------------------------------------------------------------
 
     def _relay(
-        self, request: Inbound, start_response: StartResponse, admission: Admission
+        self,
+        request: Request,
+        outcome: Outcome,
+        start_response: StartResponse,
+        admission: Admission,
     ) -> Iterable[bytes]:
         """The current attempt's response goes to the client, its body as it arrives."""
         lease = admission.lease
         assert lease is not None and lease.response is not None
         response = lease.response
-        request.status = response.status
+        outcome.status = response.status
         headers = downstream_response_headers(
             response.headers.items(),
             request_id=request.request_id,
             instance_name=self.instance_name,
         )
-        if request.set_cookie:
-            headers.append(("Set-Cookie", request.set_cookie))
-        if request.explanation is not None:
-            request.explanation.outcome(str(response.status))
-            headers.append(request.explanation.header())
+        if outcome.set_cookie:
+            headers.append(("Set-Cookie", outcome.set_cookie))
+        if outcome.explanation is not None:
+            outcome.explanation.outcome(str(response.status))
+            headers.append(outcome.explanation.header())
         admission.end_retries()  # the budget caps attempts, not streams
         # RFC 9112 §4: the space after the status code stays even when the reason is empty.
         status = f"{response.status} {response.reason or ''}"
@@ -286,10 +271,11 @@ class ProxyApp:
                 "backend %s: response head refused (%s); answering 502", lease.backend.name, exc
             )
             self.metrics.count_error(lease.backend.name, "bad_response")
-            lease.judge(True)
+            lease.judge(failed=True)
             admission.end_attempt()  # discards the upstream connection
             # PEP 3333: a second start_response before any output must carry exc_info.
-            return self.answers.failed(request, start_response, HEAD_REFUSED, sys.exc_info())
+            exc_info = sys.exc_info()
+            return self.own_answers.failed(request, outcome, start_response, HEAD_REFUSED, exc_info)
         if "content-length" not in response.headers:
             # A body of unknown length (server-sent events, a long poll) may not send a
             # byte for a while, and waitress holds the head until the first one: send it
@@ -302,8 +288,9 @@ class ProxyApp:
         return ResponseStream(
             admission,
             request,
+            outcome,
             upstream.BodyRelay(lease.take_response()),
             metrics=self.metrics,
-            on_close=lambda done: self._log(done, None),
+            on_close=self._log,
             send_head=write,
         )

@@ -18,35 +18,50 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
 import urllib3
 
-from pyproxy.observe.metrics import Metrics
 from pyproxy.pool import upstream
+from pyproxy.pool.backend import Backend
 from pyproxy.pool.connection import set_attempt
 from pyproxy.pool.errors import Failure, chaos_failure, classify, status_failure
 from pyproxy.proxy.admission import BackendLease
-from pyproxy.proxy.request import Inbound
+from pyproxy.proxy.request import Request
 from pyproxy.runtime.snapshot import Runtime, attempt_timeout
 
 log = logging.getLogger(__name__)
+
+# upstream.send's shape: (backend, method, target, headers, body, timeout) -> response.
+UpstreamSend = Callable[
+    [Backend, str, str, dict[str, str], bytes | IO[bytes] | None, urllib3.Timeout],
+    urllib3.BaseHTTPResponse,
+]
 
 DEADLINE_EXCEEDED = Failure("deadline_exceeded", "timeout", 504, "total deadline reached")
 # The deadline ran out before anything was sent (an injected latency, a backoff, a
 # connect cut short by the deadline): the deadline's doing, not the backend's.
 DEADLINE_BEFORE_SEND = Failure(
-    "deadline_exceeded", "timeout", 504, "total deadline reached", False, backend_at_fault=False
+    "deadline_exceeded",
+    "timeout",
+    504,
+    "total deadline reached",
+    request_sent=False,
+    backend_at_fault=False,
 )
 
 
 @dataclass(frozen=True)
-class Tools:
-    """What an attempt needs from outside, injectable for tests."""
+class AttemptContext:
+    """What an attempt takes from the world outside the request: the clock, the
+    randomness (chaos, backoff jitter), the way to wait, and the exchange with a
+    backend. Injected, so a test can run the sequence on its own clock and dice, and
+    against backends of its own making."""
 
-    metrics: Metrics
     clock: Callable[[], float]
     rng: random.Random
     sleep: Callable[[float], None]
+    send: UpstreamSend = upstream.send
 
 
 def attempt_timeout_for(runtime: Runtime, deadline: float | None, now: float) -> urllib3.Timeout:
@@ -61,26 +76,26 @@ def attempt_timeout_for(runtime: Runtime, deadline: float | None, now: float) ->
 
 
 def try_backend(
-    tools: Tools,
+    context: AttemptContext,
     runtime: Runtime,
     lease: BackendLease,
-    request: Inbound,
+    request: Request,
     headers: dict[str, str],
     deadline: float | None,
 ) -> tuple[urllib3.BaseHTTPResponse | None, Failure | None]:
     config = runtime.config
     chaos = config.chaos
     backend = lease.backend
-    if chaos.latency and tools.rng.random() < chaos.latency_rate:
-        left = None if deadline is None else deadline - tools.clock()
-        tools.sleep(chaos.latency if left is None else max(0.0, min(chaos.latency, left)))
-        if deadline is not None and tools.clock() >= deadline:
+    if chaos.latency and context.rng.random() < chaos.latency_rate:
+        left = None if deadline is None else deadline - context.clock()
+        context.sleep(chaos.latency if left is None else max(0.0, min(chaos.latency, left)))
+        if deadline is not None and context.clock() >= deadline:
             return None, DEADLINE_BEFORE_SEND
-    if chaos.error_rate and tools.rng.random() < chaos.error_rate:
+    if chaos.error_rate and context.rng.random() < chaos.error_rate:
         # What a backend answering error_status would cause: same breaker, same retries.
-        lease.judge(chaos.error_status in config.circuit_breaker.failure_statuses)
+        lease.judge(failed=chaos.error_status in config.circuit_breaker.failure_statuses)
         return None, chaos_failure(chaos.error_status)
-    now = tools.clock()
+    now = context.clock()
     if deadline is not None and deadline <= now:
         return None, DEADLINE_BEFORE_SEND
     timeout = attempt_timeout_for(runtime, deadline, now)
@@ -88,18 +103,18 @@ def try_backend(
         headers["Host"] = backend.netloc
     set_attempt(request.target, deadline)
     try:
-        lease.response = upstream.send(
+        lease.response = context.send(
             backend, request.method, request.target, headers, request.body, timeout
         )
     except Exception as exc:
         failure = classify(exc)
         if not failure.backend_at_fault:
             return None, failure  # never reached the backend: no verdict
-        if deadline is not None and tools.clock() >= deadline:
+        if deadline is not None and context.clock() >= deadline:
             if not failure.request_sent:
                 return None, DEADLINE_BEFORE_SEND  # a connect cut short by the deadline
             failure = DEADLINE_EXCEEDED
-        lease.judge(True)
+        lease.judge(failed=True)
         return None, failure
     finally:
         set_attempt(None, None)
@@ -107,11 +122,11 @@ def try_backend(
     broken = upstream.check(response)
     if broken is not None:
         lease.response = None  # check() discarded it
-        lease.judge(True)
+        lease.judge(failed=True)
         return None, broken
     status = response.status
     failed = status in config.circuit_breaker.failure_statuses
-    lease.judge(failed)
+    lease.judge(failed=failed)
     if failed or status in config.retries.retry_on:
         return response, status_failure(status)
     return response, None

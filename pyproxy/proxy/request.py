@@ -1,21 +1,34 @@
-"""What pyproxy makes of an incoming request before choosing a backend.
+"""What the client asked for, and what became of it: `Request` and `Outcome`.
 
-`Inbound.from_environ()` reads the WSGI environ once: the raw target (never the
-decoded PATH_INFO), the Host, the client headers, the body and whether it can be
-replayed. `refusal()` says whether pyproxy must answer itself (CONNECT, TRACE, loops).
+A `Request` is read from the WSGI environ once and never changes: the raw target
+(never the decoded PATH_INFO), the Host, the client headers, the body and whether it
+can be replayed, and the client address once X-Forwarded-For has been judged. Every
+step of the request path may read it; none may write it, so no step can change what
+another step decides on. `refusal()` says whether pyproxy must answer itself
+(CONNECT, TRACE, loops).
+
+An `Outcome` is the bookkeeping the steps fill in as they go (the backend tried, the
+attempts, the status, the bytes sent, why it failed) and the access log and the
+metrics read at the end.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from pyproxy.headers import sane_request_id, via_names, wsgi_request_headers
+from pyproxy.config.schema import Network
+from pyproxy.headers import (
+    sane_request_id,
+    upstream_request_headers,
+    via_names,
+    wsgi_request_headers,
+)
+from pyproxy.wsgi import EdgeRefusal
 
 if TYPE_CHECKING:
-    from pyproxy.edge.server import EdgeRefusal
     from pyproxy.proxy.explain import Explanation
 
 # A reverse proxy never tunnels (CONNECT) and never reflects a request
@@ -47,39 +60,40 @@ def _server_authority(environ: dict[str, Any]) -> str:
     return f"{name}:{port}"
 
 
-@dataclass
-class Inbound:
-    """One client request, as read from the environ. Mutable only in its bookkeeping
-    fields (the ones the access log and metrics read at the end)."""
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client request, as read from the environ and judged before any backend."""
 
     method: str
     target: str  # origin-form path and query, bytes as received; "*" for OPTIONS *
     host: str  # the Host to forward (absolute-form targets supply their own; never empty)
     peer: str  # the TCP peer address
+    client: str  # the client address: the peer, or X-Forwarded-For's when it is trusted
     scheme: str
-    headers: list[tuple[str, str]]
+    headers: Sequence[tuple[str, str]]  # as the client sent them
     body: bytes | IO[bytes] | None
     body_length: int | None  # None: the client sent no body and no Content-Length
     replayable: bool  # the body is held in memory and can be sent again
     request_id: str
     via: str | None
-    started: float = field(default_factory=time.monotonic)
-    client: str = ""  # filled in once X-Forwarded-For has been judged
-    backend_name: str = ""
-    attempts: int = 0
-    status: int = 0
-    bytes_sent: int = 0
-    detail: str = ""
+    started: float
     protocol: str = "HTTP/1.1"
-    upstream_seconds: float | None = None  # last attempt: sent -> response headers
     referer: str = ""
     user_agent: str = ""
     cookie: str | None = None
-    set_cookie: str | None = None  # a sticky-session cookie to add to the response
-    explanation: Explanation | None = None  # set when a trusted client asked (explain.py)
 
     @classmethod
-    def from_environ(cls, environ: dict[str, Any], max_replay_body: int, started: float) -> Inbound:
+    def from_environ(
+        cls,
+        environ: dict[str, Any],
+        *,
+        max_replay_body: int,
+        started: float,
+        trusted: Sequence[Network],
+        instance_name: str,
+    ) -> tuple[Request, dict[str, str]]:
+        """The request, and the headers to forward for it (which establish its client
+        address: the client is known only once X-Forwarded-For has been judged)."""
         target = environ.get("REQUEST_URI") or environ.get("PATH_INFO") or "/"
         host = environ.get("HTTP_HOST") or _server_authority(environ)
         # A target starting with "/" is origin-form, whatever follows (`//x/a://b` is a
@@ -102,46 +116,42 @@ class Inbound:
             body, replayable = stream.read(length), True
         else:
             body, replayable = stream, False
-        return cls(
+        client_headers = wsgi_request_headers(environ)
+        peer = environ.get("REMOTE_ADDR", "")
+        scheme = environ.get("wsgi.url_scheme", "http")
+        request_id = sane_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        forward, client = upstream_request_headers(
+            client_headers,
+            peer=peer,
+            scheme=scheme,
+            host=host,
+            upstream_host=host,
+            trusted=trusted,
+            request_id=request_id,
+            instance_name=instance_name,
+        )
+        if length is not None:
+            forward["Content-Length"] = str(length)
+        request = cls(
             method=environ["REQUEST_METHOD"],
             target=target,
             host=host,
-            peer=environ.get("REMOTE_ADDR", ""),
-            scheme=environ.get("wsgi.url_scheme", "http"),
-            headers=wsgi_request_headers(environ),
+            peer=peer,
+            client=client,
+            scheme=scheme,
+            headers=client_headers,
             body=body,
             body_length=length,
             replayable=replayable,
-            request_id=sane_request_id(environ.get("HTTP_X_REQUEST_ID")),
+            request_id=request_id,
             via=environ.get("HTTP_VIA"),
             started=started,
+            protocol=environ.get("SERVER_PROTOCOL", "HTTP/1.1"),
             referer=environ.get("HTTP_REFERER", ""),
             user_agent=environ.get("HTTP_USER_AGENT", ""),
             cookie=environ.get("HTTP_COOKIE"),
-            protocol=environ.get("SERVER_PROTOCOL", "HTTP/1.1"),
         )
-
-    @classmethod
-    def refused(cls, refusal: EdgeRefusal, now: float) -> Inbound:
-        """A record of a request the edge refused before it was read in full."""
-        return cls(
-            method=refusal.method,
-            target=refusal.target,
-            host="",
-            peer=refusal.peer,
-            scheme="http",
-            headers=[],
-            body=None,
-            body_length=None,
-            replayable=False,
-            request_id=refusal.request_id,
-            via=None,
-            started=now,
-            client=refusal.peer,
-            status=refusal.status,
-            bytes_sent=refusal.bytes_sent,
-            detail=refusal.why,
-        )
+        return request, forward
 
     def rate_limit_key(self, client_key: str) -> str:
         """The per-client bucket key: `ip` (the client address after `trusted_proxies`)
@@ -160,5 +170,41 @@ class Inbound:
         if instance_name in via_names(self.via):
             # This request already passed through us: forwarding it again would loop.
             return 508, "request loop detected (Via names this proxy)"
-        # Target forms were checked before the app ran (inbound_parser._target_problem).
+        # Target forms were checked before the app ran (edge/parser.py, _target_problem).
         return None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one request: written by the steps of the request path as they
+    go, read by the access log and the metrics at the end."""
+
+    backend_name: str = ""  # the backend of the last attempt ("" when none was made)
+    attempts: int = 0
+    status: int = 0
+    bytes_sent: int = 0
+    detail: str = ""  # why it failed, or why it was not retried
+    upstream_seconds: float | None = None  # last attempt: sent -> response headers
+    set_cookie: str | None = None  # a sticky-session cookie to add to the response
+    explanation: Explanation | None = None  # set when a trusted client asked (explain.py)
+
+
+def edge_refusal_record(refusal: EdgeRefusal, now: float) -> tuple[Request, Outcome]:
+    """A request the edge refused before it was read in full, as the access log takes it."""
+    request = Request(
+        method=refusal.method,
+        target=refusal.target,
+        host="",
+        peer=refusal.peer,
+        client=refusal.peer,
+        scheme="http",
+        headers=(),
+        body=None,
+        body_length=None,
+        replayable=False,
+        request_id=refusal.request_id,
+        via=None,
+        started=now,
+    )
+    outcome = Outcome(status=refusal.status, bytes_sent=refusal.bytes_sent, detail=refusal.why)
+    return request, outcome

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from pyproxy.edge.server import AbortResponse
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.upstream import BodyRelay
 from pyproxy.proxy.admission import Admission, BackendLease
-from pyproxy.proxy.request import Inbound
+from pyproxy.proxy.request import Outcome, Request
+from pyproxy.wsgi import AbortResponse
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,17 @@ class ResponseStream:
     def __init__(
         self,
         admission: Admission,
-        request: Inbound,
+        request: Request,
+        outcome: Outcome,
         relay: BodyRelay,
         *,
         metrics: Metrics,
-        on_close: Callable[[Inbound], object],
+        on_close: Callable[[Request, Outcome], object],
         send_head: Callable[[bytes], object],
     ) -> None:
         assert admission.lease is not None
-        self.admission, self.request, self.relay = admission, request, relay
+        self.admission, self.relay = admission, relay
+        self.request, self.outcome = request, outcome
         self.lease: BackendLease = admission.lease
         self.metrics = metrics
         self.on_close = on_close
@@ -48,13 +50,13 @@ class ResponseStream:
         failure = self.relay.failure
         if failure is not None:
             backend = self.lease.backend
-            self.request.detail = f"backend failed mid-body: {failure.detail}"
+            self.outcome.detail = f"backend failed mid-body: {failure.detail}"
             log.warning(
                 "backend %s failed mid-response (%s); cutting the client's response short",
                 backend.name, failure.detail,
             )  # fmt: skip
             self.metrics.count_error(backend.name, failure.reason)
-            self.lease.judge(True)
+            self.lease.judge(failed=True)
             if not self.relay.bytes_sent:
                 # The head waits for the first body byte; without it the client would
                 # see no answer at all. It gets the head, then the cut.
@@ -67,15 +69,15 @@ class ResponseStream:
         if self._closed:
             return
         self._closed = True
-        relay, request = self.relay, self.request
+        relay, outcome = self.relay, self.outcome
         try:
             relay.close()
-            request.bytes_sent = relay.bytes_sent
+            outcome.bytes_sent = relay.bytes_sent
             if not relay.complete and relay.failure is None:
-                request.detail = "client disconnected"
+                outcome.detail = "client disconnected"
                 self.metrics.count_error(self.lease.backend.name, "client_disconnected")
         finally:
             try:
                 self.admission.close()
             finally:
-                self.on_close(request)
+                self.on_close(self.request, outcome)
