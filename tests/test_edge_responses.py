@@ -19,7 +19,7 @@ from backends import CLOSE, RESET, ScriptedBackend, send, wait_for
 from conftest import ProxyFactory
 
 from pyproxy.config.schema import LimitsConfig
-from pyproxy.edge.server import OUTPUT_BUFFER
+from pyproxy.edge.listener import OUTPUT_BUFFER
 
 WAIT = 10.0
 MiB = 1024 * 1024

@@ -54,14 +54,8 @@ ALWAYS_ALLOWED = frozenset({"__init__"})
 # The test fails when one of them disappears as well, so empty this set as they go.
 KNOWN_VIOLATIONS: frozenset[tuple[str, str, str]] = frozenset(
     {
-        # The proxy raises the edge's EdgeRefusal/AbortResponse: both move to wsgi.py.
-        ("import", "pyproxy.proxy.app", "pyproxy.edge.server"),
-        ("import", "pyproxy.proxy.request", "pyproxy.edge.server"),
-        ("import", "pyproxy.proxy.stream", "pyproxy.edge.server"),
         # The SSRF guard names runtime's AdminChanges in a type hint (TYPE_CHECKING).
         ("import", "pyproxy.pool.urlguard", "pyproxy.runtime.snapshot"),
-        # Over the line limit, being split by concern.
-        ("length", "pyproxy.edge.server", f"over {MAX_MODULE_LINES} lines"),
     }
 )
 

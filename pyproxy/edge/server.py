@@ -13,18 +13,15 @@ worker threads. As an edge server facing untrusted clients it needs, on top of t
 - AbortResponse (pyproxy/wsgi.py), to cut a response short on purpose without a
   logged traceback.
 
-The loop runs in whichever thread calls `serve_forever()`; deadlines are enforced on
-that thread between two polls, the only moment a socket can be closed without racing
-the poll's list of file descriptors.
+The loop runs in whichever thread calls `serve_forever()`; the connections and the
+deadlines are in listener.py (`EdgeChannel`, `EdgeListener`), enforced on that thread
+between two polls.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -32,132 +29,15 @@ from typing import Any
 
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
-from waitress.channel import HTTPChannel
-from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
 from pyproxy.config.schema import LimitsConfig
-from pyproxy.edge.parser import StrictRequestParser
-from pyproxy.edge.tasks import EdgeErrorTask, EdgeTask
+from pyproxy.edge.listener import OUTPUT_BUFFER, EdgeListener
 from pyproxy.wsgi import EdgeRefusal
 
 __all__ = ["EdgeServer"]
 
 logger = logging.getLogger(__name__)
-
-# SO_LINGER on with a zero timeout: close() sends RST and drops the unsent bytes the
-# kernel still holds for the client (nginx's `reset_timedout_connection`).
-_LINGER_RESET = struct.pack("ii", 1, 0)
-# Response bytes held per connection for a client slower than its backend (plus one
-# relay chunk: the write that crosses the mark is taken, the next one waits).
-OUTPUT_BUFFER = 1024 * 1024
-
-
-class EdgeChannel(HTTPChannel):
-    """One client connection."""
-
-    parser_class = StrictRequestParser
-    task_class = EdgeTask
-    error_task_class = EdgeErrorTask
-    responses = 0  # requests answered on this connection (a draining server closes it when idle)
-    reset_on_close = False  # end with RST, not FIN (see EdgeTask for when)
-
-    def service(self) -> None:
-        super().service()
-        self.responses += 1
-
-    def handle_close(self) -> None:
-        if self.reset_on_close:
-            with contextlib.suppress(OSError):
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        # handle_close() sets connected = False and notifies outbuf_lock, so a worker
-        # blocked in write_soon() raises ClientDisconnected and goes back to the pool.
-        super().handle_close()
-
-
-class _EdgeWSGIServer(TcpWSGIServer):
-    """waitress's listening socket plus the deadline checks it lacks."""
-
-    channel_class = EdgeChannel
-    draining = False
-    on_refused: Callable[[EdgeRefusal], None] | None = None
-
-    def __init__(self, application: Any, limits: LimitsConfig, **kw: Any) -> None:
-        self.limits = limits
-        self._trigger_lock = threading.Lock()  # guards the trigger's fd against use after close
-        self._trigger_closed = False
-        super().__init__(application, **kw)
-
-    def pull_trigger(self) -> None:
-        # waitress's trigger writes to its fd number even after close(); a worker still in
-        # the app could then write into whatever file the OS gave that number next.
-        with self._trigger_lock:
-            if not self._trigger_closed:
-                self.trigger.pull_trigger()
-
-    def close_trigger(self) -> None:
-        with self._trigger_lock:
-            self._trigger_closed = True
-            self.trigger.close()
-
-    def close_listener(self) -> None:
-        """Stop accepting; unlike BaseWSGIServer.close(), keep the trigger the channels use."""
-        if self.socket is not None:
-            wasyncore.dispatcher.close(self)
-
-    def enforce_deadlines(self) -> None:
-        """Close connections that missed a deadline. Loop thread only, between polls."""
-        now = time.time()
-        send_timeout, header_timeout = self.limits.send_timeout, self.limits.header_timeout
-        # waitress runs its idle check (channel_timeout) from the listening socket's
-        # readable(), which stops being called once we stop accepting: run it here too.
-        self.maintenance(now)
-        for channel in list(self.active_channels.values()):
-            if _send_stalled(channel, send_timeout, now):
-                logger.info("%s read nothing for %gs: dropped", channel.addr[0], send_timeout)
-                _reset(channel)
-            elif _header_late(channel, header_timeout):
-                logger.info(
-                    "%s sent no full header in %gs: closed", channel.addr[0], header_timeout
-                )
-                _send_408(channel, header_timeout)
-            elif self.draining and channel.responses and _is_idle(channel):
-                channel.handle_close()  # an idle keep-alive connection: nothing is lost
-
-
-def _send_stalled(channel: EdgeChannel, timeout: float, now: float) -> bool:
-    # waitress stamps last_activity (with time.time()) whenever the socket accepts output;
-    # while output is pending the channel does not read, so nothing else stamps it.
-    return bool(channel.total_outbufs_len) and 0 < timeout < now - channel.last_activity
-
-
-def _header_late(channel: EdgeChannel, timeout: float) -> bool:
-    request = channel.request  # the request being received, if any
-    return (
-        not channel.requests  # one in progress stops waitress reading: the client is not late
-        and request is not None
-        and not request.headers_finished
-        and 0 < timeout < time.monotonic() - request.started
-    )
-
-
-def _is_idle(channel: EdgeChannel) -> bool:
-    return not channel.requests and channel.request is None and not channel.total_outbufs_len
-
-
-def _reset(channel: EdgeChannel) -> None:
-    channel.reset_on_close = True
-    channel.handle_close()
-
-
-def _send_408(channel: EdgeChannel, timeout: float) -> None:
-    body = f"408 Request Timeout: request header not complete within {timeout:g}s".encode()
-    head = "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    with contextlib.suppress(OSError):  # best effort: the socket is non-blocking
-        channel.socket.send(head.encode() + body)
-    channel.handle_close()
-
 
 class _NamedDispatcher(ThreadedTaskDispatcher):
     """waitress's worker pool, with threads named `<prefix>-N` instead of `waitress-N`."""
@@ -220,7 +100,7 @@ class EdgeServer:
         self._map: dict[int, Any] = {}
         self._dispatcher = _NamedDispatcher(f"pyproxy-{name}")
         try:
-            self._server = _EdgeWSGIServer(
+            self._server = EdgeListener(
                 app, limits, map=self._map, dispatcher=self._dispatcher, adj=adj,
                 sockinfo=adj.listen[0],
             )  # fmt: skip
