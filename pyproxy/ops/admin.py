@@ -24,7 +24,7 @@ from pyproxy.ops import statuspage
 from pyproxy.ops.statuspage import render_status
 from pyproxy.pool.urlguard import refuse_backend_url
 from pyproxy.runtime.snapshot import RuntimeHolder
-from pyproxy.runtime.swap import Control
+from pyproxy.runtime.swap import RuntimeSwap
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,13 @@ class AdminApp:
         holder: RuntimeHolder,
         metrics: Metrics,
         lifecycle: Any,
-        control: Control,
+        swap: RuntimeSwap,
         own_addresses: Callable[[], list[tuple[str, int]]] = list,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
         self.lifecycle = lifecycle
-        self.control = control
+        self.swap = swap
         self.own_addresses = own_addresses
         self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
             ("GET", "/livez"): self.livez,
@@ -177,7 +177,7 @@ class AdminApp:
             self.holder.runtime,
             now_monotonic=self.lifecycle.clock(),
             started_at=self.lifecycle.started_at,
-            last_reload=self.control.last_reload,
+            last_reload=self.swap.last_reload,
             instance_name=self.lifecycle.instance_name,
         )
         return 200, statuspage.CONTENT_TYPE, page, list(statuspage.HEADERS)
@@ -212,7 +212,7 @@ class AdminApp:
         if why is not None:
             return text(400, f"400 Bad Request: {why}")
         try:
-            added = self.control.add_backend(backend)
+            added = self.swap.add_backend(backend)
         except KeyError as error:
             return text(409, f"409 Conflict: {error.args[0]}")
         return json_reply(201, dataclasses.asdict(added.snapshot()))
@@ -223,14 +223,14 @@ class AdminApp:
         name, url = payload.get("name"), payload.get("url")
         if isinstance(url, str):
             url = url.rstrip("/")
-        removed = self.control.remove_backend(name, url)
+        removed = self.swap.remove_backend(name, url)
         if removed is None:
             return text(404, f"404 Not Found: no backend {name or url}")
         return json_reply(200, {"removed": removed.name, "url": removed.url,
                                 "in_flight": removed.in_flight})  # fmt: skip
 
     def reload(self, payload: Any) -> Reply:
-        result = self.control.reload("admin API")
+        result = self.swap.reload("admin API")
         token = self.holder.runtime.config.admin.token
         if not result.ok:
             problems = [_redact(line, token) for line in result.problems]

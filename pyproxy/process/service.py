@@ -34,9 +34,9 @@ from pyproxy.proxy.app import ProxyApp
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
 from pyproxy.runtime.swap import (
     ConfigSource,
-    Control,
     FileSource,
     ReloadResult,
+    RuntimeSwap,
     drop_name_clashes,
     load_state,
 )
@@ -100,13 +100,13 @@ class Service:
         )  # fmt: skip
         self.proxy_server.on_refused = self.app.record_refusal
         self.watcher: ConfigWatcher | None = None
-        self.control = Control(
+        self.swap = RuntimeSwap(
             self.holder, self.metrics, source=source,
             on_reload=self._reopen_access_log,
             on_backend_added=lambda: self.health_checker.poke(),
             on_settings=self._apply_settings,
         )  # fmt: skip
-        admin_app = AdminApp(self.holder, self.metrics, self, self.control, self._own_addresses)
+        admin_app = AdminApp(self.holder, self.metrics, self, self.swap, self._own_addresses)
         try:
             self.admin_server = EdgeServer(
                 admin_app, config.admin.listen.host,
@@ -129,8 +129,8 @@ class Service:
 
     def reload(self, trigger: str) -> ReloadResult:
         """Reload the config (SIGHUP and the watcher call this; the admin API calls
-        `control.reload`, the same entry)."""
-        return self.control.reload(trigger)
+        `swap.reload`, the same entry)."""
+        return self.swap.reload(trigger)
 
     def _reopen_access_log(self) -> None:
         if self.access_log is not None:
@@ -173,8 +173,8 @@ class Service:
         self._spawn("pyproxy-proxy", self.proxy_server.serve_forever)
         self._spawn("pyproxy-admin", self.admin_server.serve_forever)
         self.health_checker.start()
-        if isinstance(self.control.source, FileSource):
-            self.watcher = ConfigWatcher(self.control.source, self.reload)
+        if isinstance(self.swap.source, FileSource):
+            self.watcher = ConfigWatcher(self.swap.source, self.reload)
             self.watcher.start()
         log.info(
             "serving on %s (admin %s), %d backend(s), strategy %s",

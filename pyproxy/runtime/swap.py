@@ -1,11 +1,11 @@
-"""Control: the only code that replaces the running Runtime.
+"""RuntimeSwap: the only code that replaces the running Runtime.
 
 Three things change what pyproxy runs: a config reload, and adding or removing a
 backend through the admin API. All three build a complete new snapshot and swap it
 under one lock, so they cannot interleave and lose each other, and no request ever
 sees half a change.
 
-`Control.reload` is the one way into a reload: the file watcher, SIGHUP and
+`RuntimeSwap.reload` is the one way into a reload: the file watcher, SIGHUP and
 `POST /admin/reload` all call it, so each trigger has the same effects. Where the
 new config comes from is the `ConfigSource` it was given: the config file
 (`FileSource`), or a config built in code that a reload re-applies as it is
@@ -94,8 +94,12 @@ def keep_restart_settings(old: Config, new: Config) -> Config:
     return keep_running_values(old, new)
 
 
-class Control:
-    """Swaps runtimes for reloads and admin changes.
+class RuntimeSwap:
+    """The only code that replaces the running Runtime: reloads and admin changes.
+
+    Named for what it does (it was `Control`): every path that changes what pyproxy
+    runs goes through one of its three methods, which build a whole new Runtime and
+    swap it into the holder under `holder.swap_lock`.
 
     `source`: where reloads read the config; by default the file the running config
     came from (none: a reload is refused). `on_reload` runs first in every reload,
