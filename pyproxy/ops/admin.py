@@ -22,8 +22,9 @@ from pyproxy.headers import via_names
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops import statuspage
 from pyproxy.ops.statuspage import render_status
+from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import refuse_backend_url
-from pyproxy.runtime.snapshot import RuntimeHolder
+from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
 from pyproxy.runtime.swap import RuntimeSwap
 
 log = logging.getLogger(__name__)
@@ -164,12 +165,7 @@ class AdminApp:
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:
         runtime = self.holder.runtime
-        backends = []
-        for backend in runtime.backends:
-            facts = dataclasses.asdict(backend.snapshot())
-            why = runtime.why_unavailable(backend)
-            facts["available"], facts["why_unavailable"] = why is None, why
-            backends.append(facts)
+        backends = [backend_json(runtime, backend) for backend in runtime.backends]
         return json_reply(200, {"strategy": runtime.config.strategy, "backends": backends})
 
     def status_page(self, environ: dict[str, Any]) -> Reply:
@@ -215,7 +211,7 @@ class AdminApp:
             added = self.swap.add_backend(backend)
         except KeyError as error:
             return text(409, f"409 Conflict: {error.args[0]}")
-        return json_reply(201, dataclasses.asdict(added.snapshot()))
+        return json_reply(201, backend_json(self.holder.runtime, added))
 
     def remove_backend(self, payload: Any) -> Reply:
         if not isinstance(payload, dict) or not ({"name", "url"} & payload.keys()):
@@ -237,6 +233,13 @@ class AdminApp:
             return json_reply(400, {"reloaded": False, "problems": problems})
         changes = [_redact(line, token) for line in result.changes]
         return json_reply(200, {"reloaded": True, "changes": changes})
+
+
+def backend_json(runtime: Runtime, backend: Backend) -> dict[str, Any]:
+    """One backend as /admin/backends shows it: its facts, and the judge's verdict."""
+    why = runtime.why_unavailable(backend)
+    return {**dataclasses.asdict(backend.snapshot()), "available": why is None,
+            "why_unavailable": why}  # fmt: skip
 
 
 def read_json(environ: dict[str, Any]) -> Any:
