@@ -26,7 +26,8 @@ from pyproxy.config.report import config_warnings, describe_changes
 from pyproxy.config.schema import Address, AdminConfig, BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
-from pyproxy.runtime.swap import RuntimeSwap, keep_restart_settings, load_state, save_state
+from pyproxy.runtime.state_file import load_state, save_state
+from pyproxy.runtime.swap import RuntimeSwap, keep_restart_settings
 
 A = BackendConfig(url="http://127.0.0.1:9101", name="a")
 B = BackendConfig(url="http://127.0.0.1:9102", name="b")

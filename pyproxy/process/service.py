@@ -29,16 +29,15 @@ from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops.admin import AdminApp
 from pyproxy.pool.health_checker import HealthChecker
-from pyproxy.pool.urlguard import restorable
 from pyproxy.proxy.app import ProxyApp
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.state_file import load_state, restorable
 from pyproxy.runtime.swap import (
     ConfigSource,
     FileSource,
     ReloadResult,
     RuntimeSwap,
     drop_name_clashes,
-    load_state,
 )
 from pyproxy.runtime.watcher import ConfigWatcher
 

@@ -12,31 +12,27 @@ new config comes from is the `ConfigSource` it was given: the config file
 (`FixedSource`, for `--demo`). See docs/reload.md.
 
 Backends the admin API added or removed are kept in `AdminChanges`, which every
-rebuild applies on top of the file, and (with `admin.state_file`) on disk, so they
-survive reloads and restarts.
+rebuild applies on top of the file, and (with `admin.state_file`) on disk
+(state_file.py), so they survive reloads and restarts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pyproxy.config.load import ConfigError, load_config, parse_backend
+from pyproxy.config.load import ConfigError, load_config
 from pyproxy.config.report import describe_changes, keep_running_values
 from pyproxy.config.schema import BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import url_identity
 from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.state_file import save_state
 from pyproxy.runtime.watcher import file_digest
 
 log = logging.getLogger(__name__)
@@ -272,42 +268,3 @@ def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
         dropped.add(added.url)
     kept = tuple(b for b in admin.added if b.url not in dropped)
     return AdminChanges(added=kept, removed_urls=admin.removed_urls)
-
-
-# -- the state file --------------------------------------------------------------------
-
-
-def save_state(path: str, admin: AdminChanges) -> None:
-    """Write the admin changes atomically: a crash mid-write leaves the old file whole."""
-    payload = {
-        "added": [dataclasses.asdict(b) for b in admin.added],
-        "removed_urls": sorted(admin.removed_urls),
-    }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=".pyproxy-state-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)  # atomic on POSIX: readers see the old or the new file
-    except OSError as error:
-        log.error("admin state file %s not written: %s", path, error)
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-
-
-def load_state(path: str | None) -> AdminChanges:
-    """Read the admin changes kept by a previous run; a missing file means none."""
-    if not path or not os.path.exists(path):
-        return AdminChanges()
-    try:
-        with open(path, encoding="utf-8") as handle:
-            payload = json.load(handle)
-        added = tuple(parse_backend(entry) for entry in payload.get("added", []))
-        removed = frozenset(str(url) for url in payload.get("removed_urls", []))
-    except (OSError, ValueError, ConfigError, AttributeError, TypeError) as error:
-        log.error("admin state file %s ignored: %s", path, error)
-        return AdminChanges()
-    log.info("admin state: %d added and %d removed backend(s) restored", len(added), len(removed))
-    return AdminChanges(added=added, removed_urls=removed)
