@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -69,20 +69,38 @@ def json_reply(status: int, payload: object) -> Reply:
     return status, "application/json", json.dumps(payload, indent=1).encode(), []
 
 
+class Instance(Protocol):
+    """What the admin API reads of the running pyproxy, and nothing more (the Service
+    provides it). The runtime, the metrics and the swap are handed in on their own."""
+
+    instance_name: str  # this pyproxy's name in Via: a request carrying it is a loop
+    started_at: float  # on `clock`, for the status page's uptime
+
+    def clock(self) -> float: ...
+
+    def ready(self) -> bool:
+        """False once shutdown started: /readyz answers 503."""
+        ...
+
+    def in_flight(self) -> int:
+        """Requests in the proxy app now (the in-flight gauge, read at scrape)."""
+        ...
+
+
 class AdminApp:
-    """Routes admin requests. `lifecycle.ready()` says whether /readyz may say yes."""
+    """Routes admin requests. `instance.ready()` says whether /readyz may say yes."""
 
     def __init__(
         self,
         holder: RuntimeHolder,
         metrics: Metrics,
-        lifecycle: Any,
+        instance: Instance,
         swap: RuntimeSwap,
         own_addresses: Callable[[], list[tuple[str, int]]] = list,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
-        self.lifecycle = lifecycle
+        self.instance = instance
         self.swap = swap
         self.own_addresses = own_addresses
         self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
@@ -99,7 +117,7 @@ class AdminApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
         handler = self.routes.get((method, path))
-        if self.lifecycle.instance_name in via_names(environ.get("HTTP_VIA")):
+        if self.instance.instance_name in via_names(environ.get("HTTP_VIA")):
             # It came through this pyproxy's own proxy listener: a backend (whose name
             # now resolves here) must not publish the admin API on the proxy port.
             reply = text(508, "508 Loop Detected: this request came through this pyproxy")
@@ -150,7 +168,7 @@ class AdminApp:
         return text(200, "ok")
 
     def readyz(self, environ: dict[str, Any]) -> Reply:
-        if not self.lifecycle.ready():
+        if not self.instance.ready():
             return text(503, "shutting down")
         if not self.holder.runtime.candidates():
             return text(503, "no backend available")
@@ -160,7 +178,7 @@ class AdminApp:
         # Gauges of counts pyproxy keeps anyway are read at scrape time, not updated on
         # every request: the hot path pays nothing for them.
         # (The per-backend gauges are read from the running backends by the registry.)
-        self.metrics.in_flight.set(self.lifecycle.in_flight())
+        self.metrics.in_flight.set(self.instance.in_flight())
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:
@@ -171,10 +189,10 @@ class AdminApp:
     def status_page(self, environ: dict[str, Any]) -> Reply:
         page = render_status(
             self.holder.runtime,
-            now_monotonic=self.lifecycle.clock(),
-            started_at=self.lifecycle.started_at,
+            now_monotonic=self.instance.clock(),
+            started_at=self.instance.started_at,
             last_reload=self.swap.last_reload,
-            instance_name=self.lifecycle.instance_name,
+            instance_name=self.instance.instance_name,
         )
         return 200, statuspage.CONTENT_TYPE, page, list(statuspage.HEADERS)
 
