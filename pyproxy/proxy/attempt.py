@@ -23,7 +23,8 @@ import urllib3
 
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool import upstream
-from pyproxy.pool.connection import set_attempt
+from pyproxy.pool.connection import attempt_context
+from pyproxy.pool.deadline import DEADLINE_WATCHDOG, DeadlineWatchdog
 from pyproxy.pool.errors import Failure, chaos_failure, classify, status_failure
 from pyproxy.proxy.admission import BackendLease
 from pyproxy.proxy.request import Inbound
@@ -47,6 +48,7 @@ class Tools:
     clock: Callable[[], float]
     rng: random.Random
     sleep: Callable[[float], None]
+    watchdog: DeadlineWatchdog = DEADLINE_WATCHDOG  # timeouts.total; must read `clock` too
 
 
 def attempt_timeout_for(runtime: Runtime, deadline: float | None, now: float) -> urllib3.Timeout:
@@ -86,11 +88,11 @@ def try_backend(
     timeout = attempt_timeout_for(runtime, deadline, now)
     if not config.preserve_host:
         headers["Host"] = backend.netloc
-    set_attempt(request.target, deadline)
     try:
-        lease.response = upstream.send(
-            backend, request.method, request.target, headers, request.body, timeout
-        )
+        with attempt_context(request.target, deadline, tools.watchdog):
+            lease.response = upstream.send(
+                backend, request.method, request.target, headers, request.body, timeout
+            )
     except Exception as exc:
         failure = classify(exc)
         if not failure.backend_at_fault:
@@ -101,8 +103,6 @@ def try_backend(
             failure = DEADLINE_EXCEEDED
         lease.judge(True)
         return None, failure
-    finally:
-        set_attempt(None, None)
     response = lease.response
     broken = upstream.check(response)
     if broken is not None:
