@@ -1,4 +1,4 @@
-"""Active health checks (SPEC §5): the verdict, one probe, and the loop.
+"""Active health checks: the verdict, one probe, and the loop.
 
 Three layers, tested apart as the code keeps them apart:
 

@@ -1,4 +1,4 @@
-"""SPEC §5 through real sockets: retries, the circuit breaker, the retry budget and
+"""Resilience through real sockets: retries, the circuit breaker, the retry budget and
 sticky sessions, judged by which backend received how many requests.
 
 Fixture backends refuse, reset, hang, answer 503 or flip while a test runs. Counts
@@ -475,7 +475,7 @@ def test_a_body_too_large_to_replay_is_not_retried(
 def test_when_retries_run_out_the_client_gets_the_backends_own_answer(
     make_proxy: ProxyFactory, scripted: Callable[..., ScriptedBackend]
 ) -> None:
-    """SPEC §4: the last attempt's HTTP response goes to the client as it is (its body
+    """The last attempt's HTTP response goes to the client as it is (its body
     and headers), not a pyproxy error page and not a Retry-After pyproxy invented."""
     backends = [scripted(f"b{i}", answer_503(f"b{i}")) for i in (1, 2, 3)]
     proxy = make_proxy([cfg(b) for b in backends], retries=RetryConfig(max_retries=2))
@@ -520,7 +520,7 @@ def test_a_backend_trickling_its_headers_is_cut_off_at_the_total_deadline(
     make_proxy: ProxyFactory, scripted: Callable[..., ScriptedBackend]
 ) -> None:
     """Each byte comes well within the read timeout, so only the deadline can end it
-    (GUIDE: the read timeout is per socket read, not a deadline)."""
+    (urllib3's read timeout bounds each socket read, not the whole wait)."""
     slow = scripted("slow", [trickle(response(200, b"late"), 0.1)])  # ~4 s in all
     proxy = make_proxy([cfg(slow)], timeouts=Timeouts(connect=0.5, read=0.5, total=1.0))
     started = time.monotonic()

@@ -115,8 +115,8 @@ class Backend:
         pool.ConnectionCls = connection_class(self.scheme, source)
         self.pool: urllib3.HTTPConnectionPool = pool
         # Config backends start up; admin-added ones start unknown and wait for a
-        # passing probe unless health checks are off (HAProxy likewise keeps a server
-        # added at runtime in maintenance until it is enabled and its check passes).
+        # passing probe unless health checks are off (HAProxy's `add server` likewise
+        # creates a server in maintenance, to be enabled once it is ready).
         initially_up: bool | None = True if source == "config" or not health.enabled else None
         self.health = HealthStatus(
             health.healthy_threshold, health.unhealthy_threshold, initially_up
