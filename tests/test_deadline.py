@@ -58,11 +58,8 @@ def test_attempt_context_sets_and_clears_the_attempt_together() -> None:
     with pytest.raises(RuntimeError), attempt_context("/fails", None):
         raise RuntimeError("the attempt failed")
     assert connection._attempt() is None  # cleared on the way out of an exception too
-    with attempt_context("/outer", None) as outer:
-        assert outer.watchdog is DEADLINE_WATCHDOG
-        with attempt_context("/inner", None):
-            pass
-        assert connection._attempt() is outer
+    with attempt_context("/default", None) as attempt:
+        assert attempt.watchdog is DEADLINE_WATCHDOG  # when the caller brings none
 
 
 def test_the_attempt_is_per_thread() -> None:

@@ -59,16 +59,15 @@ class AttemptContext:
     """One attempt's raw target, deadline and watchdog, seen by the connection that
     sends it while the `with` block runs (see the module docstring for why)."""
 
-    __slots__ = ("_outer", "deadline", "target", "watchdog")
+    __slots__ = ("deadline", "target", "watchdog")
 
     def __init__(self, target: str, deadline: float | None, watchdog: DeadlineWatchdog) -> None:
         self.target = target
         self.deadline = deadline
         self.watchdog = watchdog
-        self._outer: AttemptContext | None = None
 
     def __enter__(self) -> AttemptContext:
-        self._outer = getattr(_current, "attempt", None)
+        # Attempts do not nest: a worker makes one at a time, so leaving clears.
         _current.attempt = self
         return self
 
@@ -78,7 +77,7 @@ class AttemptContext:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        _current.attempt = self._outer
+        _current.attempt = None
 
 
 def attempt_context(
