@@ -42,7 +42,9 @@ def names(holder: RuntimeHolder) -> list[str]:
 def make_swap(config: Config, admin: AdminChanges | None = None) -> tuple[RuntimeSwap, Metrics]:
     runtime, _ = build_runtime(config, admin=admin)
     metrics = Metrics(CollectorRegistry())
-    return RuntimeSwap(RuntimeHolder(runtime, admin), metrics), metrics
+    holder = RuntimeHolder(runtime, admin)
+    metrics.read_backends_from(lambda: holder.runtime.backends)  # as the Service wires it
+    return RuntimeSwap(holder, metrics), metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:

@@ -80,6 +80,8 @@ class Service:
             config, admin=admin_changes, clock=clock, on_store_error=store_error
         )
         self.holder = RuntimeHolder(runtime, admin_changes, on_store_error=store_error)
+        # The per-backend gauges are read from the running backends at each scrape.
+        self.metrics.read_backends_from(lambda: self.holder.runtime.backends)
         self._access_log_stream = access_log_stream  # kept for rebuilds on reload
         self.access_log = (
             AccessLog(config.access_log, stream=access_log_stream)

@@ -116,7 +116,6 @@ class RuntimeSwap:
     ) -> None:
         self.holder = holder
         self.metrics = metrics
-        metrics.read_backends_from(lambda: holder.runtime.backends)  # gauges read at scrape
         path = holder.runtime.config.source_path
         self.source = source if source is not None else FileSource(path) if path else None
         self.on_reload = on_reload
