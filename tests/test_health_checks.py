@@ -54,6 +54,7 @@ from pyproxy.config.schema import BackendConfig, CircuitBreakerConfig, HealthChe
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.health import HealthStatus
 from pyproxy.pool.health_checker import HealthChecker, check_backend
+from pyproxy.runtime.snapshot import why_unavailable
 
 # -- the verdict: HealthStatus ---------------------------------------------------------
 
@@ -246,10 +247,10 @@ def test_config_backends_start_up_and_admin_added_ones_unknown(echo_backend: Ech
     added = make_backend(echo_backend.url, source="admin")
     added_unchecked = make_backend(echo_backend.url, source="admin", enabled=False)
     try:
-        assert config_backend.available
-        assert added.health.state == "unknown" and not added.available
-        assert added.unavailable_reason() == "health unknown"
-        assert added_unchecked.available  # with checks off there is nothing to wait for
+        assert why_unavailable(config_backend) is None
+        assert added.health.state == "unknown"
+        assert why_unavailable(added) == "health unknown"
+        assert why_unavailable(added_unchecked) is None  # checks off: nothing to wait for
     finally:
         for backend in (config_backend, added, added_unchecked):
             backend.close()

@@ -54,8 +54,6 @@ ALWAYS_ALLOWED = frozenset({"__init__"})
 # The test fails when one of them disappears as well, so empty this set as they go.
 KNOWN_VIOLATIONS: frozenset[tuple[str, str, str]] = frozenset(
     {
-        # The SSRF guard names runtime's AdminChanges in a type hint (TYPE_CHECKING).
-        ("import", "pyproxy.pool.urlguard", "pyproxy.runtime.snapshot"),
     }
 )
 

@@ -320,7 +320,7 @@ GAUGES = ("proxy_backend_up", "proxy_circuit_state", "proxy_backend_in_flight")
 def test_gauges_of_a_removed_backend_disappear(faulty_proxy: Service, after_faults: str) -> None:
     for gauge in GAUGES:
         assert {"backend": "refused"} in series(after_faults, gauge), gauge
-    assert faulty_proxy.control.remove_backend("refused", None) is not None
+    assert faulty_proxy.swap.remove_backend("refused", None) is not None
     text = scrape(faulty_proxy)
     for gauge in GAUGES:
         assert {"backend": "refused"} not in series(text, gauge), gauge
@@ -341,7 +341,7 @@ def test_a_request_in_flight_during_removal_does_not_bring_its_gauge_back(
     held.start()
     assert going.holding.wait(5)
     assert value(scrape(service), "proxy_backend_in_flight", backend="going") == 1.0
-    service.control.remove_backend("going", None)
+    service.swap.remove_backend("going", None)
     going.release.set()
     held.join(10)
     assert answers == [200]

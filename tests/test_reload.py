@@ -36,7 +36,7 @@ from conftest import backend_config as cfg
 
 from pyproxy.config.schema import BackendConfig
 from pyproxy.process.service import Service
-from pyproxy.runtime import swap as control_module
+from pyproxy.runtime import swap
 
 TOKEN = "reload-test-token"
 # Longer than the watcher's debounce (0.25 s) several times over: the window in which
@@ -420,7 +420,7 @@ def test_a_write_landing_as_a_reload_finishes_is_applied(
     path = tmp_path / "pyproxy.yaml"
     write_config(path, [cfg(app1)])
     service = start_service(path)
-    reload = service.control.reload
+    reload = service.swap.reload
     landed = threading.Event()
 
     def reload_then_write(trigger: str) -> Any:
@@ -430,7 +430,7 @@ def test_a_write_landing_as_a_reload_finishes_is_applied(
             write_config(path, [cfg(app3)])  # the next edit lands just now
         return result
 
-    service.control.reload = reload_then_write  # type: ignore[method-assign]
+    service.swap.reload = reload_then_write  # type: ignore[method-assign]
     write_config(path, [cfg(app2)])
     assert wait_for(landed.is_set, timeout=5)
     assert wait_for(lambda: list(admin_backends(service)) == ["app3"], timeout=3), list(
@@ -453,7 +453,7 @@ def test_overlapping_reloads_end_with_the_newest_file(
     service = start_service(path)
     assert service.watcher is not None
     service.watcher.stop()  # only the two reloads below run
-    real_load = control_module.load_config
+    real_load = swap.load_config
     loaded, go = threading.Event(), threading.Event()
 
     def slow_first_load(file: str, *args: Any, **kwargs: Any) -> Any:
@@ -463,7 +463,7 @@ def test_overlapping_reloads_end_with_the_newest_file(
             go.wait(5)  # ... and is slow to get on with it
         return config
 
-    monkeypatch.setattr(control_module, "load_config", slow_first_load)
+    monkeypatch.setattr(swap, "load_config", slow_first_load)
     write_config(path, [cfg(app2)])
     first = threading.Thread(target=service.reload, args=("SIGHUP",))
     first.start()

@@ -22,7 +22,7 @@ from conftest import admin_backends, admin_reload, metric_value, replace_file
 
 from pyproxy.config.schema import BackendConfig
 from pyproxy.process.service import Service
-from pyproxy.runtime import watcher as reload_module
+from pyproxy.runtime import watcher
 
 TOKEN = "trigger-test-token"
 
@@ -58,7 +58,7 @@ def test_an_admin_reload_of_a_changed_file_applies_it_once(
     # The watcher hashes the file once its events have settled. Hold it right there
     # until the admin reload has applied the same bytes, so the two interleave in the
     # one order that matters here, every time.
-    real_digest = reload_module.file_digest
+    real_digest = watcher.file_digest
     watcher_checking, admin_done = threading.Event(), threading.Event()
 
     def held_digest(file: str) -> str | None:
@@ -67,7 +67,7 @@ def test_an_admin_reload_of_a_changed_file_applies_it_once(
             admin_done.wait(10)
         return real_digest(file)
 
-    monkeypatch.setattr(reload_module, "file_digest", held_digest)
+    monkeypatch.setattr(watcher, "file_digest", held_digest)
     service = start_service(path)
 
     write_config(path, [app1, app2])

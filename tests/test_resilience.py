@@ -491,21 +491,20 @@ def test_headers_just_before_the_deadline_never_become_a_cut_short_200(
     """The deadline watchdog may fire between the headers arriving and the worker
     unregistering the socket (a thread can be preempted there). The client must then
     get a clean 504, not a 200 whose body the watchdog cuts off."""
-    from pyproxy.pool import connection
-
     late = scripted(
         "late",
         [sleep_step(0.3), send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"),
          sleep_step(0.3), send(b"body"), KEEP],
     )  # fmt: skip
     proxy = make_proxy([cfg(late)], timeouts=Timeouts(connect=0.5, read=1.0, total=0.4))
-    unwatch = connection.WATCHDOG.unwatch
+    watchdog = proxy.app.tools.watchdog
+    unwatch = watchdog.unwatch
 
     def preempted(token: int) -> bool:
         time.sleep(0.25)  # descheduled right after getresponse() returned, past the deadline
         return unwatch(token)
 
-    monkeypatch.setattr(connection.WATCHDOG, "unwatch", preempted)
+    monkeypatch.setattr(watchdog, "unwatch", preempted)
     reply = get(proxy)
     assert (reply.status_code, reply.content) in {
         (504, b"504 Gateway Timeout: total deadline reached\n"),

@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -22,9 +22,10 @@ from pyproxy.headers import via_names
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops import statuspage
 from pyproxy.ops.statuspage import render_status
+from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import refuse_backend_url
-from pyproxy.runtime.snapshot import RuntimeHolder
-from pyproxy.runtime.swap import Control
+from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
+from pyproxy.runtime.swap import RuntimeSwap
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +69,39 @@ def json_reply(status: int, payload: object) -> Reply:
     return status, "application/json", json.dumps(payload, indent=1).encode(), []
 
 
+class Instance(Protocol):
+    """What the admin API reads of the running pyproxy, and nothing more (the Service
+    provides it). The runtime, the metrics and the swap are handed in on their own."""
+
+    instance_name: str  # this pyproxy's name in Via: a request carrying it is a loop
+    started_at: float  # on `clock`, for the status page's uptime
+
+    def clock(self) -> float: ...
+
+    def ready(self) -> bool:
+        """False once shutdown started: /readyz answers 503."""
+        ...
+
+    def requests_in_flight(self) -> int:
+        """Requests in the proxy app now (the in-flight gauge, read at scrape)."""
+        ...
+
+
 class AdminApp:
-    """Routes admin requests. `lifecycle.ready()` says whether /readyz may say yes."""
+    """Routes admin requests. `instance.ready()` says whether /readyz may say yes."""
 
     def __init__(
         self,
         holder: RuntimeHolder,
         metrics: Metrics,
-        lifecycle: Any,
-        control: Control,
+        instance: Instance,
+        swap: RuntimeSwap,
         own_addresses: Callable[[], list[tuple[str, int]]] = list,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
-        self.lifecycle = lifecycle
-        self.control = control
+        self.instance = instance
+        self.swap = swap
         self.own_addresses = own_addresses
         self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], Reply]] = {
             ("GET", "/livez"): self.livez,
@@ -98,7 +117,7 @@ class AdminApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
         handler = self.routes.get((method, path))
-        if self.lifecycle.instance_name in via_names(environ.get("HTTP_VIA")):
+        if self.instance.instance_name in via_names(environ.get("HTTP_VIA")):
             # It came through this pyproxy's own proxy listener: a backend (whose name
             # now resolves here) must not publish the admin API on the proxy port.
             reply = text(508, "508 Loop Detected: this request came through this pyproxy")
@@ -149,7 +168,7 @@ class AdminApp:
         return text(200, "ok")
 
     def readyz(self, environ: dict[str, Any]) -> Reply:
-        if not self.lifecycle.ready():
+        if not self.instance.ready():
             return text(503, "shutting down")
         if not self.holder.runtime.candidates():
             return text(503, "no backend available")
@@ -159,26 +178,21 @@ class AdminApp:
         # Gauges of counts pyproxy keeps anyway are read at scrape time, not updated on
         # every request: the hot path pays nothing for them.
         # (The per-backend gauges are read from the running backends by the registry.)
-        self.metrics.in_flight.set(self.lifecycle.requests_in_flight())
+        self.metrics.in_flight.set(self.instance.requests_in_flight())
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:
         runtime = self.holder.runtime
-        backends = []
-        for backend in runtime.backends:
-            facts = dataclasses.asdict(backend.snapshot())
-            why = runtime.why_unavailable(backend)
-            facts["available"], facts["why_unavailable"] = why is None, why
-            backends.append(facts)
+        backends = [backend_json(runtime, backend) for backend in runtime.backends]
         return json_reply(200, {"strategy": runtime.config.strategy, "backends": backends})
 
     def status_page(self, environ: dict[str, Any]) -> Reply:
         page = render_status(
             self.holder.runtime,
-            now_monotonic=self.lifecycle.clock(),
-            started_at=self.lifecycle.started_at,
-            last_reload=self.control.last_reload,
-            instance_name=self.lifecycle.instance_name,
+            now_monotonic=self.instance.clock(),
+            started_at=self.instance.started_at,
+            last_reload=self.swap.last_reload,
+            instance_name=self.instance.instance_name,
         )
         return 200, statuspage.CONTENT_TYPE, page, list(statuspage.HEADERS)
 
@@ -212,10 +226,10 @@ class AdminApp:
         if why is not None:
             return text(400, f"400 Bad Request: {why}")
         try:
-            added = self.control.add_backend(backend)
+            added = self.swap.add_backend(backend)
         except KeyError as error:
             return text(409, f"409 Conflict: {error.args[0]}")
-        return json_reply(201, dataclasses.asdict(added.snapshot()))
+        return json_reply(201, backend_json(self.holder.runtime, added))
 
     def remove_backend(self, payload: Any) -> Reply:
         if not isinstance(payload, dict) or not ({"name", "url"} & payload.keys()):
@@ -223,20 +237,27 @@ class AdminApp:
         name, url = payload.get("name"), payload.get("url")
         if isinstance(url, str):
             url = url.rstrip("/")
-        removed = self.control.remove_backend(name, url)
+        removed = self.swap.remove_backend(name, url)
         if removed is None:
             return text(404, f"404 Not Found: no backend {name or url}")
         return json_reply(200, {"removed": removed.name, "url": removed.url,
                                 "in_flight": removed.in_flight})  # fmt: skip
 
     def reload(self, payload: Any) -> Reply:
-        result = self.control.reload("admin API")
+        result = self.swap.reload("admin API")
         token = self.holder.runtime.config.admin.token
         if not result.ok:
             problems = [_redact(line, token) for line in result.problems]
             return json_reply(400, {"reloaded": False, "problems": problems})
         changes = [_redact(line, token) for line in result.changes]
         return json_reply(200, {"reloaded": True, "changes": changes})
+
+
+def backend_json(runtime: Runtime, backend: Backend) -> dict[str, Any]:
+    """One backend as /admin/backends shows it: its facts, and the judge's verdict."""
+    why = runtime.why_unavailable(backend)
+    return {**dataclasses.asdict(backend.snapshot()), "available": why is None,
+            "why_unavailable": why}  # fmt: skip
 
 
 def read_json(environ: dict[str, Any]) -> Any:

@@ -1,7 +1,7 @@
 """Selection policies: given the backends available right now, pick one.
 
 A policy is one method, `choose(candidates)`. It never decides *whether* a backend may
-take traffic (that is `Backend.unavailable_reason()`, consulted before); it only picks
+take traffic (that is `why_unavailable()` in runtime/snapshot.py, consulted before); it only picks
 among the ones that may. `SELECTORS` maps the config's `strategy` names to classes.
 Every policy is O(number of candidates) per pick, the same as the availability filter
 in front of it, so a pick stays cheap next to the network round trip.

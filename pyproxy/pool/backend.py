@@ -2,8 +2,11 @@
 
 A Backend object lives as long as the backend stays configured: a config reload
 hands the same object to the new runtime (matched by URL), so its health, circuit
-and in-flight count survive. Facts (counters, streaks, circuit state) are kept apart
-from the one judgement selection consults, `unavailable_reason()` / `available`.
+and in-flight count survive. A Backend keeps facts only (counters, streaks, circuit
+state, weight, whether it was removed); whether it may take a request is judged in
+one place, `why_unavailable()` in runtime/snapshot.py, which also sees the rate
+bucket the runtime owns. Caddy splits its upstreams the same way: the facts on the
+`Host`, the one `Upstream.Available()` predicate over them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pyproxy.pool.health import HealthStatus
 
 class _NoCookies(http.cookiejar.DefaultCookiePolicy):
     """A cookie policy that accepts nothing: a proxy's client must never store a
-    backend's Set-Cookie and replay it for another user (GUIDE, requests traps)."""
+    backend's Set-Cookie and replay it for another user. requests keeps and replays
+    cookies by default (its Session has a RequestsCookieJar with the default policy)."""
 
     def set_ok(self, cookie: http.cookiejar.Cookie, request: object) -> bool:
         return False
@@ -57,7 +61,10 @@ def make_session(pool_size: int) -> requests.Session:
 
 @dataclass(frozen=True)
 class BackendSnapshot:
-    """What /admin/backends and the status page show: facts plus the verdict."""
+    """The facts of one backend at one moment, for /admin/backends and the status page.
+
+    Facts only: whether the backend is available is the judge's answer
+    (`Runtime.why_unavailable`), asked by whoever shows it, never stored here."""
 
     name: str
     url: str
@@ -67,8 +74,6 @@ class BackendSnapshot:
     health: str
     health_transitions: int
     circuit: str
-    available: bool
-    why_unavailable: str | None
     in_flight: int
     max_connections: int
     requests_total: int
@@ -110,7 +115,8 @@ class Backend:
         pool.ConnectionCls = connection_class(self.scheme, source)
         self.pool: urllib3.HTTPConnectionPool = pool
         # Config backends start up; admin-added ones start unknown and wait for a
-        # passing probe (SPEC §5) unless health checks are off.
+        # passing probe unless health checks are off (HAProxy's `add server` likewise
+        # creates a server in maintenance, to be enabled once it is ready).
         initially_up: bool | None = True if source == "config" or not health.enabled else None
         self.health = HealthStatus(
             health.healthy_threshold, health.unhealthy_threshold, initially_up
@@ -141,31 +147,6 @@ class Backend:
         self.health_checked = health.enabled
         self.breaker.update_settings(breaker)
 
-    # -- judgement -----------------------------------------------------------
-
-    def unavailable_reason(self) -> str | None:
-        """Why this backend may not take a new request now, or None if it may.
-
-        The one predicate selection consults (SPEC §5). The per-backend rate limit
-        is checked by the runtime, which owns the buckets.
-        """
-        if self.removed:
-            return "removed"
-        if self.health_checked and not self.health.up:
-            return f"health {self.health.state}"
-        if not self.breaker.allows_request():
-            return f"circuit {self.breaker.state.value}"
-        if self.config.weight <= 0:
-            return "weight 0 (draining)"
-        cap = self.config.max_connections
-        if cap and self.in_flight >= cap:
-            return f"at max_connections ({cap})"
-        return None
-
-    @property
-    def available(self) -> bool:
-        return self.unavailable_reason() is None
-
     # -- facts ---------------------------------------------------------------
 
     def try_acquire(self) -> bool:
@@ -190,7 +171,6 @@ class Backend:
             self.close()  # outside the lock: it is socket I/O
 
     def snapshot(self) -> BackendSnapshot:
-        reason = self.unavailable_reason()
         return BackendSnapshot(
             name=self.name,
             url=self.url,
@@ -200,8 +180,6 @@ class Backend:
             health=self.health.state,
             health_transitions=self.health.transitions,
             circuit=self.breaker.state.value,
-            available=reason is None,
-            why_unavailable=reason,
             in_flight=self.in_flight,
             max_connections=self.config.max_connections,
             requests_total=self.requests_total,

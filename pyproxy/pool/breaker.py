@@ -1,4 +1,4 @@
-"""CircuitBreaker: stop sending requests to a backend that keeps failing (SPEC §5).
+"""CircuitBreaker: stop sending requests to a backend that keeps failing.
 
     CLOSED --failure_threshold consecutive failures--> OPEN
     OPEN   --open period passed (time alone)----------> HALF_OPEN
@@ -41,7 +41,7 @@ class CircuitState(enum.Enum):
 
     @property
     def gauge_value(self) -> int:
-        """The `proxy_circuit_state` gauge value (SPEC §9): 0 closed, 1 half-open, 2 open."""
+        """The `proxy_circuit_state` gauge value: 0 closed, 1 half-open, 2 open."""
         return _GAUGE[self]
 
 

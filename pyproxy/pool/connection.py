@@ -24,95 +24,73 @@ passes. The blocked call then fails at once, and the attempt reports
 Cost on the hot path: per send() call and per response head, one heap push and one
 dictionary delete, under a lock held for nothing else; the watchdog sleeps until the
 earliest deadline.
+
+How the attempt reaches the connection: `with attempt_context(target, deadline):`
+around the urllib3 call. urllib3 offers no other way in: `HTTPConnectionPool.urlopen`
+takes the connection from its pool queue itself (`_get_conn`), calls
+`conn.request(method, url, body=, headers=, chunked=, preload_content=,
+decode_content=, enforce_content_length=)` with exactly those arguments and then
+`conn.getresponse()` with none (urllib3 2.x, connectionpool.py `_make_request`). So
+the attempt is kept in a thread-local for the duration of the `with` block: the
+worker thread that makes the attempt is the one that runs these calls. The context
+manager sets it and clears it in one place, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-import contextlib
-import heapq
 import http.client
-import itertools
 import socket
 import threading
-import time
+from types import TracebackType
 from typing import Any
 
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from pyproxy.pool import urlguard
+from pyproxy.pool.deadline import DEADLINE_WATCHDOG, DeadlineWatchdog
 from pyproxy.pool.errors import UnsendableRequest
 from pyproxy.pool.response_head import StrictResponse
 
-
-class DeadlineWatchdog:
-    """Shuts down registered sockets whose deadline (time.monotonic) has passed."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Condition()  # guards the heap and the live set
-        self._heap: list[tuple[float, int]] = []
-        self._live: dict[int, socket.socket] = {}
-        self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, deadline: float, sock: socket.socket) -> int:
-        with self._lock:
-            token = next(self._ids)
-            self._live[token] = sock
-            earliest = not self._heap or deadline < self._heap[0][0]
-            heapq.heappush(self._heap, (deadline, token))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="pyproxy-deadline", daemon=True
-                )
-                self._thread.start()
-            elif earliest:
-                self._lock.notify()
-            return token
-
-    def unwatch(self, token: int) -> bool:
-        """Stop watching; False if the deadline already fired on this socket."""
-        with self._lock:
-            # Its heap entry is skipped when it comes up.
-            return self._live.pop(token, None) is not None
-
-    def _run(self) -> None:
-        while True:
-            expired: list[socket.socket] = []
-            with self._lock:
-                now = time.monotonic()
-                while self._heap and self._heap[0][0] <= now:
-                    _, token = heapq.heappop(self._heap)
-                    sock = self._live.pop(token, None)
-                    if sock is not None:
-                        expired.append(sock)
-                if not expired:
-                    if not self._live:
-                        # Nothing to watch: end the thread; watch() starts a new one.
-                        self._heap.clear()
-                        self._thread = None
-                        return
-                    if len(self._heap) > 2 * len(self._live) + 1024:
-                        # Mostly finished requests: rebuild instead of growing.
-                        live = set(self._live)
-                        self._heap = [entry for entry in self._heap if entry[1] in live]
-                        heapq.heapify(self._heap)
-                    wait = self._heap[0][0] - now if self._heap else None
-                    self._lock.wait(wait)
-                    continue
-            for sock in expired:
-                with contextlib.suppress(OSError):  # closed: the request finished meanwhile
-                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+_current = threading.local()  # .attempt: the AttemptContext this worker thread is inside
 
 
-WATCHDOG = DeadlineWatchdog()
-_current = threading.local()  # the attempt this worker thread is making right now
+class AttemptContext:
+    """One attempt's raw target, deadline and watchdog, seen by the connection that
+    sends it while the `with` block runs (see the module docstring for why)."""
+
+    __slots__ = ("deadline", "target", "watchdog")
+
+    def __init__(self, target: str, deadline: float | None, watchdog: DeadlineWatchdog) -> None:
+        self.target = target
+        self.deadline = deadline
+        self.watchdog = watchdog
+
+    def __enter__(self) -> AttemptContext:
+        # Attempts do not nest: a worker makes one at a time, so leaving clears.
+        _current.attempt = self
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        _current.attempt = None
 
 
-def set_attempt(target: str | None, deadline: float | None) -> None:
-    """Set (or with None, None clear) the raw target and deadline of this thread's attempt."""
-    _current.target = target
-    _current.deadline = deadline
+def attempt_context(
+    target: str, deadline: float | None, watchdog: DeadlineWatchdog = DEADLINE_WATCHDOG
+) -> AttemptContext:
+    """`with attempt_context(target, deadline):` around the urllib3 call of one attempt:
+    inside, the connection sends `target` as the client wrote it and holds `deadline`
+    (on `watchdog`'s clock) while sending and waiting for the response head."""
+    return AttemptContext(target, deadline, watchdog)
+
+
+def _attempt() -> AttemptContext | None:
+    return getattr(_current, "attempt", None)
 
 
 class _AttemptMixin:
@@ -159,10 +137,11 @@ class _AttemptMixin:
         the head goes to the socket means http.client refused to *build* the request
         (a control byte in the target, a header it cannot encode): nothing reached
         the backend, and errors.not_sent() decides whose fault it is."""
-        raw = getattr(_current, "target", None)
+        attempt = _attempt()
+        target = attempt.target if attempt is not None else url
         self._head_sent = False
         try:
-            return super().request(method, raw or url, *args, **kwargs)  # type: ignore[misc]
+            return super().request(method, target, *args, **kwargs)  # type: ignore[misc]
         except OSError:
             raise  # the network: connecting, or a kept-alive connection found dead
         except Exception as exc:
@@ -177,14 +156,15 @@ class _AttemptMixin:
         return super().endheaders(*args, **kwargs)  # type: ignore[misc]
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
-        deadline = getattr(_current, "deadline", None)
-        if deadline is None or self.sock is None:
+        attempt = _attempt()
+        if attempt is None or attempt.deadline is None or self.sock is None:
             return super().getresponse(*args, **kwargs)  # type: ignore[misc]
-        token = WATCHDOG.watch(deadline, self.sock)
+        watchdog = attempt.watchdog
+        token = watchdog.watch(attempt.deadline, self.sock)
         try:
             response = super().getresponse(*args, **kwargs)  # type: ignore[misc]
         finally:
-            fired = not WATCHDOG.unwatch(token)
+            fired = not watchdog.unwatch(token)
         if fired:
             # The deadline passed just as the head came in: the socket is shut down,
             # so the body could not follow.
@@ -197,14 +177,15 @@ class _AttemptMixin:
         deadline. Unwatched only on a connection not yet open: http.client connects
         first (bounded by the connect timeout) to send the head, which an empty socket
         buffer takes at once."""
-        deadline = getattr(_current, "deadline", None)
-        if deadline is None or self.sock is None:
+        attempt = _attempt()
+        if attempt is None or attempt.deadline is None or self.sock is None:
             return super().send(data)  # type: ignore[misc]
-        token = WATCHDOG.watch(deadline, self.sock)
+        watchdog = attempt.watchdog
+        token = watchdog.watch(attempt.deadline, self.sock)
         try:
             super().send(data)  # type: ignore[misc]
         finally:
-            if not WATCHDOG.unwatch(token):
+            if not watchdog.unwatch(token):
                 # The watchdog shut the socket down under sendall, which then failed
                 # with a BrokenPipeError that urllib3 would swallow (hoping for an early
                 # response). The cause is the deadline; say so.

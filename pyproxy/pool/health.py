@@ -1,4 +1,4 @@
-"""Health checks: is a backend up, judged from its recent probe results (SPEC §5).
+"""Health checks: is a backend up, judged from its recent probe results.
 
 `HealthStatus` is the pure part: it turns a stream of pass/fail probe results into
 up / down, with HAProxy's "rise" (`healthy_threshold`) and "fall"
@@ -38,7 +38,7 @@ class HealthStatus:
         self._last_probe_at: float | None = None  # None = never probed
         self._last_result: str | None = None  # e.g. "200", "connect refused"
         self._changed_at: float | None = None  # time of the last transition; None = none yet
-        self._transitions = 0  # up/down changes so far (SPEC §5: transitions are counted)
+        self._transitions = 0  # up/down changes so far (shown on /admin/backends)
 
     def update_thresholds(self, healthy_threshold: int, unhealthy_threshold: int) -> None:
         """Apply reloaded thresholds; the verdict and streaks are kept.
@@ -61,8 +61,9 @@ class HealthStatus:
             if passed:
                 self._pass_streak += 1
                 self._fail_streak = 0
-                # From unknown one pass is enough: SPEC §5 "take traffic only after
-                # their first passing probe".
+                # From unknown one pass is enough: a backend added at runtime takes
+                # traffic after its first passing probe; the healthy_threshold streak
+                # is for a backend coming back from down.
                 changes = self._up is None or (
                     self._up is False and self._pass_streak >= self._healthy_threshold
                 )

@@ -20,15 +20,14 @@ connect to, not what the text looks like:
 - IPv6 zone ids (`fe80::1%eth0`): the zone is dropped, the address judged.
 
 The check runs three times: when `POST /admin/add-backend` is asked (`refuse_backend_url`),
-when backends are restored from `admin.state_file` at start (`keep_allowed`: a tampered
-file must not add a metadata backend), and each time a connection to an admin-added
-backend is made (`resolve_allowed`, called from connection.py): DNS can answer
-differently after the admin check (DNS rebinding).
+when backends are restored from `admin.state_file` at start (`keep_allowed`, called
+from runtime/state_file.py: a tampered file must not add a metadata backend), and
+each time a connection to an admin-added backend is made (`resolve_allowed`, called
+from connection.py): DNS can answer differently after the admin check (DNS rebinding).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import logging
 import socket
@@ -37,8 +36,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from pyproxy.config.schema import BackendConfig, Config
-    from pyproxy.runtime.snapshot import AdminChanges
+    from pyproxy.config.schema import BackendConfig
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +204,3 @@ def keep_allowed(
             log.error("admin state: skipped backend %s (%s): %s", backend.name, backend.url, why)
     return tuple(kept)
 
-
-def restorable(changes: AdminChanges, config: Config) -> AdminChanges:
-    """The admin changes read from `admin.state_file`, minus the added backends the
-    admin API would refuse (checked against the configured listeners: at start they
-    are not bound yet)."""
-    own = [
-        (config.listen.host, config.listen.port),
-        (config.admin.listen.host, config.admin.listen.port),
-    ]
-    return dataclasses.replace(changes, added=keep_allowed(changes.added, own))

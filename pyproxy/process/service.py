@@ -29,16 +29,15 @@ from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops.admin import AdminApp
 from pyproxy.pool.health_checker import HealthChecker
-from pyproxy.pool.urlguard import restorable
 from pyproxy.proxy.app import ProxyApp
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.state_file import load_state, restorable
 from pyproxy.runtime.swap import (
     ConfigSource,
-    Control,
     FileSource,
     ReloadResult,
+    RuntimeSwap,
     drop_name_clashes,
-    load_state,
 )
 from pyproxy.runtime.watcher import ConfigWatcher
 
@@ -81,6 +80,8 @@ class Service:
             config, admin=admin_changes, clock=clock, on_store_error=store_error
         )
         self.holder = RuntimeHolder(runtime, admin_changes, on_store_error=store_error)
+        # The per-backend gauges are read from the running backends at each scrape.
+        self.metrics.read_backends_from(lambda: self.holder.runtime.backends)
         self._access_log_stream = access_log_stream  # kept for rebuilds on reload
         self.access_log = (
             AccessLog(config.access_log, stream=access_log_stream)
@@ -100,13 +101,13 @@ class Service:
         )  # fmt: skip
         self.proxy_server.on_refused = self.app.record_refusal
         self.watcher: ConfigWatcher | None = None
-        self.control = Control(
+        self.swap = RuntimeSwap(
             self.holder, self.metrics, source=source,
             on_reload=self._reopen_access_log,
             on_backend_added=lambda: self.health_checker.poke(),
             on_settings=self._apply_settings,
         )  # fmt: skip
-        admin_app = AdminApp(self.holder, self.metrics, self, self.control, self._own_addresses)
+        admin_app = AdminApp(self.holder, self.metrics, self, self.swap, self._own_addresses)
         try:
             self.admin_server = EdgeServer(
                 admin_app, config.admin.listen.host,
@@ -129,8 +130,8 @@ class Service:
 
     def reload(self, trigger: str) -> ReloadResult:
         """Reload the config (SIGHUP and the watcher call this; the admin API calls
-        `control.reload`, the same entry)."""
-        return self.control.reload(trigger)
+        `swap.reload`, the same entry)."""
+        return self.swap.reload(trigger)
 
     def _reopen_access_log(self) -> None:
         if self.access_log is not None:
@@ -173,8 +174,8 @@ class Service:
         self._spawn("pyproxy-proxy", self.proxy_server.serve_forever)
         self._spawn("pyproxy-admin", self.admin_server.serve_forever)
         self.health_checker.start()
-        if isinstance(self.control.source, FileSource):
-            self.watcher = ConfigWatcher(self.control.source, self.reload)
+        if isinstance(self.swap.source, FileSource):
+            self.watcher = ConfigWatcher(self.swap.source, self.reload)
             self.watcher.start()
         log.info(
             "serving on %s (admin %s), %d backend(s), strategy %s",

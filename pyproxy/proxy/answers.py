@@ -83,7 +83,8 @@ class OwnAnswers:
         wait = 1.0
         limiter = runtime.backend_limiter
         if limiter is not None:
-            ready = [b for b in runtime.backends if b.unavailable_reason() is None]
+            judge = runtime.why_unavailable  # without the bucket: who waits only for a token
+            ready = [b for b in runtime.backends if judge(b, rate_bucket=False) is None]
             if ready:  # otherwise fine, but every bucket is empty
                 self.metrics.rate_limited.labels("backend").inc()
                 wait = max(wait, limiter.seconds_until_token(b.name for b in ready))

@@ -24,7 +24,8 @@ import urllib3
 
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
-from pyproxy.pool.connection import set_attempt
+from pyproxy.pool.connection import attempt_context
+from pyproxy.pool.deadline import DEADLINE_WATCHDOG, DeadlineWatchdog
 from pyproxy.pool.errors import Failure, chaos_failure, classify, status_failure
 from pyproxy.proxy.admission import BackendLease
 from pyproxy.proxy.request import Request
@@ -62,6 +63,7 @@ class AttemptContext:
     rng: random.Random
     sleep: Callable[[float], None]
     send: UpstreamSend = upstream.send
+    watchdog: DeadlineWatchdog = DEADLINE_WATCHDOG  # timeouts.total; must read `clock` too
 
 
 def attempt_timeout_for(runtime: Runtime, deadline: float | None, now: float) -> urllib3.Timeout:
@@ -101,11 +103,11 @@ def try_backend(
     timeout = attempt_timeout_for(runtime, deadline, now)
     if not config.preserve_host:
         headers["Host"] = backend.netloc
-    set_attempt(request.target, deadline)
     try:
-        lease.response = context.send(
-            backend, request.method, request.target, headers, request.body, timeout
-        )
+        with attempt_context(request.target, deadline, context.watchdog):
+            lease.response = context.send(
+                backend, request.method, request.target, headers, request.body, timeout
+            )
     except Exception as exc:
         failure = classify(exc)
         if not failure.backend_at_fault:
@@ -116,8 +118,6 @@ def try_backend(
             failure = DEADLINE_EXCEEDED
         lease.judge(failed=True)
         return None, failure
-    finally:
-        set_attempt(None, None)
     response = lease.response
     broken = upstream.check(response)
     if broken is not None:

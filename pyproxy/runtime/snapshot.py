@@ -3,7 +3,8 @@
 A request reads `holder.runtime` once and uses that snapshot to the end, so a reload
 or an admin change never shows it half a configuration. Building a new snapshot
 reuses the previous one's Backend objects (matched by URL): their health, circuit
-and in-flight counts are state that must survive a reload (SPEC §7).
+and in-flight counts are state that must survive a reload (nginx and HAProxy keep
+a server's health and counters across a reload too).
 """
 
 from __future__ import annotations
@@ -29,6 +30,36 @@ def attempt_timeout(connect: float, read: float) -> urllib3.Timeout:
     return urllib3.Timeout(connect=connect or None, read=read or None)
 
 
+RATE_BUCKET_EMPTY = "per-backend rate bucket empty"
+
+
+def why_unavailable(backend: Backend, limiter: BackendLimiter | None = None) -> str | None:
+    """Why `backend` may not take a new request now, or None if it may.
+
+    The one judge of availability; everything else keeps facts. A backend is
+    available when it is still in the running set, its health is up (when checked),
+    its circuit admits a request, its weight is above 0, it is under its
+    max_connections, and (with a per-backend limit) its rate bucket has a token.
+    Reads without locks (plain attribute loads, a closed circuit without the clock):
+    selection calls it for every backend on every request.
+    """
+    if backend.removed:
+        return "removed"
+    if backend.health_checked and not backend.health.up:
+        return f"health {backend.health.state}"
+    if not backend.breaker.allows_request():
+        return f"circuit {backend.breaker.state.value}"
+    config = backend.config
+    if config.weight <= 0:
+        return "weight 0 (draining)"
+    cap = config.max_connections
+    if cap and backend.in_flight >= cap:
+        return f"at max_connections ({cap})"
+    if limiter is not None and not limiter.has_token(backend.name):
+        return RATE_BUCKET_EMPTY
+    return None
+
+
 @dataclass(frozen=True)
 class Runtime:
     config: Config
@@ -39,20 +70,20 @@ class Runtime:
     client_limiter: ClientLimiter | None = None  # None: no per-client limit
     backend_limiter: BackendLimiter | None = None  # None: no per-backend limit
 
-    def why_unavailable(self, backend: Backend) -> str | None:
-        """SPEC §5 "available", whole: the backend's own verdict, then a token in its
-        rate bucket (the buckets belong to the runtime). None when available. The
-        admin JSON, the status page and the explain header all say this."""
-        reason = backend.unavailable_reason()
-        limiter = self.backend_limiter
-        if reason is None and limiter is not None and not limiter.has_token(backend.name):
-            return "per-backend rate bucket empty"
-        return reason
+    def why_unavailable(self, backend: Backend, *, rate_bucket: bool = True) -> str | None:
+        """Why `backend` may not take a new request now, or None if it may: the one
+        judge (`why_unavailable` below, with this runtime's rate buckets). Selection,
+        the explain header, /admin/backends, the status page and /readyz all ask it.
+        `rate_bucket=False` judges everything but the bucket (the 503's Retry-After
+        asks which backends wait only for a token)."""
+        return why_unavailable(backend, self.backend_limiter if rate_bucket else None)
 
     def candidates(self, exclude: Collection[Backend] = ()) -> list[Backend]:
         """The backends that may take a new request now."""
-        why = self.why_unavailable
-        return [b for b in self.backends if b not in exclude and why(b) is None]
+        limiter = self.backend_limiter
+        return [
+            b for b in self.backends if b not in exclude and why_unavailable(b, limiter) is None
+        ]
 
     def find(self, name: str | None = None, url: str | None = None) -> Backend | None:
         """The backend with this name, or at this URL (http://h and http://h:80 are one)."""
@@ -65,7 +96,8 @@ class Runtime:
 
 @dataclass(frozen=True)
 class AdminChanges:
-    """Backends changed through the admin API; they outlive reloads (SPEC §6)."""
+    """Backends changed through the admin API; they outlive reloads: a reload applies
+    the file, and the admin's additions and removals on top of it."""
 
     added: tuple[BackendConfig, ...] = ()
     removed_urls: frozenset[str] = frozenset()

@@ -1,42 +1,38 @@
-"""Control: the only code that replaces the running Runtime.
+"""RuntimeSwap: the only code that replaces the running Runtime.
 
 Three things change what pyproxy runs: a config reload, and adding or removing a
 backend through the admin API. All three build a complete new snapshot and swap it
 under one lock, so they cannot interleave and lose each other, and no request ever
 sees half a change.
 
-`Control.reload` is the one way into a reload: the file watcher, SIGHUP and
+`RuntimeSwap.reload` is the one way into a reload: the file watcher, SIGHUP and
 `POST /admin/reload` all call it, so each trigger has the same effects. Where the
 new config comes from is the `ConfigSource` it was given: the config file
 (`FileSource`), or a config built in code that a reload re-applies as it is
 (`FixedSource`, for `--demo`). See docs/reload.md.
 
 Backends the admin API added or removed are kept in `AdminChanges`, which every
-rebuild applies on top of the file, and (with `admin.state_file`) on disk, so they
-survive reloads and restarts.
+rebuild applies on top of the file, and (with `admin.state_file`) on disk
+(state_file.py), so they survive reloads and restarts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pyproxy.config.load import ConfigError, load_config, parse_backend
+from pyproxy.config.load import ConfigError, load_config
 from pyproxy.config.report import describe_changes, keep_running_values
 from pyproxy.config.schema import BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import url_identity
 from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.state_file import save_state
 from pyproxy.runtime.watcher import file_digest
 
 log = logging.getLogger(__name__)
@@ -94,8 +90,12 @@ def keep_restart_settings(old: Config, new: Config) -> Config:
     return keep_running_values(old, new)
 
 
-class Control:
-    """Swaps runtimes for reloads and admin changes.
+class RuntimeSwap:
+    """The only code that replaces the running Runtime: reloads and admin changes.
+
+    Named for what it does (it was `Control`): every path that changes what pyproxy
+    runs goes through one of its three methods, which build a whole new Runtime and
+    swap it into the holder under `holder.swap_lock`.
 
     `source`: where reloads read the config; by default the file the running config
     came from (none: a reload is refused). `on_reload` runs first in every reload,
@@ -116,7 +116,6 @@ class Control:
     ) -> None:
         self.holder = holder
         self.metrics = metrics
-        metrics.read_backends_from(lambda: holder.runtime.backends)  # gauges read at scrape
         path = holder.runtime.config.source_path
         self.source = source if source is not None else FileSource(path) if path else None
         self.on_reload = on_reload
@@ -268,42 +267,3 @@ def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
         dropped.add(added.url)
     kept = tuple(b for b in admin.added if b.url not in dropped)
     return AdminChanges(added=kept, removed_urls=admin.removed_urls)
-
-
-# -- the state file --------------------------------------------------------------------
-
-
-def save_state(path: str, admin: AdminChanges) -> None:
-    """Write the admin changes atomically: a crash mid-write leaves the old file whole."""
-    payload = {
-        "added": [dataclasses.asdict(b) for b in admin.added],
-        "removed_urls": sorted(admin.removed_urls),
-    }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=".pyproxy-state-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)  # atomic on POSIX: readers see the old or the new file
-    except OSError as error:
-        log.error("admin state file %s not written: %s", path, error)
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-
-
-def load_state(path: str | None) -> AdminChanges:
-    """Read the admin changes kept by a previous run; a missing file means none."""
-    if not path or not os.path.exists(path):
-        return AdminChanges()
-    try:
-        with open(path, encoding="utf-8") as handle:
-            payload = json.load(handle)
-        added = tuple(parse_backend(entry) for entry in payload.get("added", []))
-        removed = frozenset(str(url) for url in payload.get("removed_urls", []))
-    except (OSError, ValueError, ConfigError, AttributeError, TypeError) as error:
-        log.error("admin state file %s ignored: %s", path, error)
-        return AdminChanges()
-    log.info("admin state: %d added and %d removed backend(s) restored", len(added), len(removed))
-    return AdminChanges(added=added, removed_urls=removed)

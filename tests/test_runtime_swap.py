@@ -1,6 +1,6 @@
-"""Control, AdminChanges and the state file, without HTTP.
+"""RuntimeSwap, AdminChanges and the state file, without HTTP.
 
-`Control` is the only code that replaces the running Runtime. These tests drive it
+`RuntimeSwap` is the only code that replaces the running Runtime. These tests drive it
 directly: the running set must always be the file's backends, minus the ones the
 admin removed, plus the ones it added; a Backend that stays is the same object; the
 state file round-trips and a corrupt one is ignored with a log line.
@@ -26,7 +26,8 @@ from pyproxy.config.report import config_warnings, describe_changes
 from pyproxy.config.schema import Address, AdminConfig, BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
-from pyproxy.runtime.swap import Control, keep_restart_settings, load_state, save_state
+from pyproxy.runtime.state_file import load_state, save_state
+from pyproxy.runtime.swap import RuntimeSwap, keep_restart_settings
 
 A = BackendConfig(url="http://127.0.0.1:9101", name="a")
 B = BackendConfig(url="http://127.0.0.1:9102", name="b")
@@ -38,10 +39,12 @@ def names(holder: RuntimeHolder) -> list[str]:
     return [b.name for b in holder.runtime.backends]
 
 
-def make_control(config: Config, admin: AdminChanges | None = None) -> tuple[Control, Metrics]:
+def make_swap(config: Config, admin: AdminChanges | None = None) -> tuple[RuntimeSwap, Metrics]:
     runtime, _ = build_runtime(config, admin=admin)
     metrics = Metrics(CollectorRegistry())
-    return Control(RuntimeHolder(runtime, admin), metrics), metrics
+    holder = RuntimeHolder(runtime, admin)
+    metrics.read_backends_from(lambda: holder.runtime.backends)  # as the Service wires it
+    return RuntimeSwap(holder, metrics), metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -96,15 +99,15 @@ def test_build_runtime_carries_backends_over_by_url() -> None:
 
 
 def test_add_backend_swaps_in_a_runtime_with_it() -> None:
-    control, _ = make_control(base_config([A]))
-    before = control.holder.runtime
-    added = control.add_backend(B)
-    assert control.holder.runtime is not before  # a new snapshot, never mutated in place
-    assert names(control.holder) == ["a", "b"]
-    assert added is control.holder.runtime.find(url=B.url)
+    swap, _ = make_swap(base_config([A]))
+    before = swap.holder.runtime
+    added = swap.add_backend(B)
+    assert swap.holder.runtime is not before  # a new snapshot, never mutated in place
+    assert names(swap.holder) == ["a", "b"]
+    assert added is swap.holder.runtime.find(url=B.url)
     assert added.source == "admin"
-    assert control.holder.runtime.find(url=A.url) is before.find(url=A.url)
-    assert control.holder.admin == AdminChanges(added=(B,))
+    assert swap.holder.runtime.find(url=A.url) is before.find(url=A.url)
+    assert swap.holder.admin == AdminChanges(added=(B,))
 
 
 @pytest.mark.parametrize(
@@ -116,58 +119,58 @@ def test_add_backend_swaps_in_a_runtime_with_it() -> None:
     ids=["name", "url"],
 )
 def test_add_backend_refuses_a_duplicate(clash: BackendConfig) -> None:
-    control, _ = make_control(base_config([A]))
-    before = control.holder.runtime
+    swap, _ = make_swap(base_config([A]))
+    before = swap.holder.runtime
     with pytest.raises(KeyError):
-        control.add_backend(clash)
-    assert control.holder.runtime is before
-    assert control.holder.admin == AdminChanges()
+        swap.add_backend(clash)
+    assert swap.holder.runtime is before
+    assert swap.holder.admin == AdminChanges()
 
 
 def test_remove_backend_marks_it_removed_and_remembers_the_url() -> None:
-    control, _ = make_control(base_config([A, B]))
-    b = control.holder.runtime.find(name="b")
+    swap, _ = make_swap(base_config([A, B]))
+    b = swap.holder.runtime.find(name="b")
     assert b is not None
-    removed = control.remove_backend("b", None)
+    removed = swap.remove_backend("b", None)
     assert removed is b
     assert b.removed  # requests holding the old snapshot no longer pick it
-    assert b.unavailable_reason() == "removed"
-    assert names(control.holder) == ["a"]
-    assert control.holder.admin.removed_urls == {B.url}
+    assert swap.holder.runtime.why_unavailable(b) == "removed"
+    assert names(swap.holder) == ["a"]
+    assert swap.holder.admin.removed_urls == {B.url}
 
 
 def test_remove_unknown_backend_changes_nothing() -> None:
-    control, _ = make_control(base_config([A]))
-    before = control.holder.runtime
-    assert control.remove_backend("nope", None) is None
-    assert control.remove_backend(None, "http://127.0.0.1:1") is None
-    assert control.holder.runtime is before
+    swap, _ = make_swap(base_config([A]))
+    before = swap.holder.runtime
+    assert swap.remove_backend("nope", None) is None
+    assert swap.remove_backend(None, "http://127.0.0.1:1") is None
+    assert swap.holder.runtime is before
 
 
 def test_remove_then_readd_forgets_the_removal() -> None:
-    control, _ = make_control(base_config([A, B]))
-    control.remove_backend(None, B.url)
-    control.add_backend(dataclasses.replace(B, name="b2"))
-    assert control.holder.admin.removed_urls == frozenset()
-    assert [(b.name, b.source) for b in control.holder.runtime.backends] == [
+    swap, _ = make_swap(base_config([A, B]))
+    swap.remove_backend(None, B.url)
+    swap.add_backend(dataclasses.replace(B, name="b2"))
+    assert swap.holder.admin.removed_urls == frozenset()
+    assert [(b.name, b.source) for b in swap.holder.runtime.backends] == [
         ("a", "config"),
         ("b2", "admin"),
     ]
 
 
 def test_removing_an_admin_added_backend_drops_it_from_added() -> None:
-    control, _ = make_control(base_config([A]))
-    control.add_backend(B)
-    control.remove_backend("b", None)
-    assert control.holder.admin.added == ()
-    assert names(control.holder) == ["a"]
+    swap, _ = make_swap(base_config([A]))
+    swap.add_backend(B)
+    swap.remove_backend("b", None)
+    assert swap.holder.admin.added == ()
+    assert names(swap.holder) == ["a"]
 
 
 def test_removed_backend_gauges_are_dropped() -> None:
-    control, metrics = make_control(base_config([A, B]))
-    control.add_backend(C)  # a swap publishes every backend's state
+    swap, metrics = make_swap(base_config([A, B]))
+    swap.add_backend(C)  # a swap publishes every backend's state
     assert sample(metrics, "proxy_backend_up", backend="b") == 1
-    control.remove_backend("b", None)
+    swap.remove_backend("b", None)
     assert sample(metrics, "proxy_backend_up", backend="b") is None
     assert sample(metrics, "proxy_circuit_state", backend="b") is None
     assert sample(metrics, "proxy_backend_up", backend="a") == 1
@@ -179,21 +182,21 @@ def test_removed_backend_gauges_are_dropped() -> None:
 def test_reload_applies_file_and_keeps_admin_changes(tmp_path: Path) -> None:
     path = tmp_path / "pyproxy.yaml"
     write_yaml(path, [A, B])
-    control, metrics = make_control(load_config(str(path)))
-    control.add_backend(D)
-    control.remove_backend("a", None)
+    swap, metrics = make_swap(load_config(str(path)))
+    swap.add_backend(D)
+    swap.remove_backend("a", None)
     write_yaml(path, [A, dataclasses.replace(B, weight=3), C])
-    result = control.reload("test")
+    result = swap.reload("test")
     assert result.ok, result.problems
     assert "backends: added c (http://127.0.0.1:9103)" in result.changes
     assert "backends[b].weight: 1 -> 3" in result.changes
     # file (a, b, c) - removed (a) + added (d)
-    assert [(b.name, b.source) for b in control.holder.runtime.backends] == [
+    assert [(b.name, b.source) for b in swap.holder.runtime.backends] == [
         ("b", "config"),
         ("c", "config"),
         ("d", "admin"),
     ]
-    assert control.holder.runtime.find(name="b").weight == 3  # type: ignore[union-attr]
+    assert swap.holder.runtime.find(name="b").weight == 3  # type: ignore[union-attr]
     assert sample(metrics, "proxy_config_reloads_total", result="success") == 1
     assert sample(metrics, "proxy_config_last_reload_successful") == 1
 
@@ -201,13 +204,13 @@ def test_reload_applies_file_and_keeps_admin_changes(tmp_path: Path) -> None:
 def test_invalid_reload_changes_nothing_and_counts_a_failure(tmp_path: Path) -> None:
     path = tmp_path / "pyproxy.yaml"
     write_yaml(path, [A])
-    control, metrics = make_control(load_config(str(path)))
-    before = control.holder.runtime
+    swap, metrics = make_swap(load_config(str(path)))
+    before = swap.holder.runtime
     write_yaml(path, [dataclasses.replace(B, weight=-1)])
-    result = control.reload("test")
+    result = swap.reload("test")
     assert not result.ok
     assert any(p.startswith("backends[0].weight:") for p in result.problems), result.problems
-    assert control.holder.runtime is before
+    assert swap.holder.runtime is before
     assert sample(metrics, "proxy_config_reloads_total", result="failure") == 1
     assert sample(metrics, "proxy_config_last_reload_successful") == 0
 
@@ -215,11 +218,11 @@ def test_invalid_reload_changes_nothing_and_counts_a_failure(tmp_path: Path) -> 
 def test_reload_keeps_restart_settings(tmp_path: Path) -> None:
     path = tmp_path / "pyproxy.yaml"
     write_yaml(path, [A], threads=4)
-    control, _ = make_control(load_config(str(path)))
+    swap, _ = make_swap(load_config(str(path)))
     write_yaml(path, [A], threads=9, listen="127.0.0.1:1", admin={"listen": "127.0.0.1:2"})
-    result = control.reload("test")
+    result = swap.reload("test")
     assert result.ok
-    config = control.holder.runtime.config
+    config = swap.holder.runtime.config
     assert (config.threads, config.listen, config.admin.listen) == (
         4,
         Address("127.0.0.1", 0),
@@ -246,8 +249,8 @@ def test_describe_changes_never_shows_the_token() -> None:
 
 
 def test_reload_without_a_file_is_refused() -> None:
-    control, _ = make_control(base_config([A]))
-    result = control.reload("test")
+    swap, _ = make_swap(base_config([A]))
+    result = swap.reload("test")
     assert not result.ok
     assert "without one" in result.problems[0]
 
@@ -255,11 +258,11 @@ def test_reload_without_a_file_is_refused() -> None:
 def test_names_stay_unique_when_the_file_gains_an_admin_added_name(tmp_path: Path) -> None:
     path = tmp_path / "pyproxy.yaml"
     write_yaml(path, [A])
-    control, _ = make_control(load_config(str(path)))
-    control.add_backend(BackendConfig(url="http://127.0.0.1:9201", name="shared"))
+    swap, _ = make_swap(load_config(str(path)))
+    swap.add_backend(BackendConfig(url="http://127.0.0.1:9201", name="shared"))
     write_yaml(path, [A, BackendConfig(url="http://127.0.0.1:9202", name="shared")])
-    control.reload("test")  # refusing the reload is as good as renaming: names stay unique
-    running = names(control.holder)
+    swap.reload("test")  # refusing the reload is as good as renaming: names stay unique
+    running = names(swap.holder)
     assert len(running) == len(set(running)), running
 
 
@@ -332,10 +335,10 @@ def test_unwritable_state_file_is_logged_not_raised(
 def test_every_admin_change_rewrites_the_state_file(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     config = base_config([A, B], admin=AdminConfig(state_file=str(state)))
-    control, _ = make_control(config)
-    control.add_backend(C)
+    swap, _ = make_swap(config)
+    swap.add_backend(C)
     assert load_state(str(state)) == AdminChanges(added=(C,))
-    control.remove_backend("a", None)
+    swap.remove_backend("a", None)
     assert load_state(str(state)) == AdminChanges(added=(C,), removed_urls=frozenset({A.url}))
     # a restart: a new runtime built from the same file and the saved changes
     runtime, _ = build_runtime(config, admin=load_state(str(state)))
