@@ -30,6 +30,7 @@ from pyproxy.observe.metrics import Metrics
 from pyproxy.ops.admin import AdminApp
 from pyproxy.pool.health_checker import HealthChecker
 from pyproxy.pool.urlguard import restorable
+from pyproxy.process.sdnotify import Notifier
 from pyproxy.proxy.app import ProxyApp
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
 from pyproxy.runtime.swap import (
@@ -94,6 +95,7 @@ class Service:
         self._shutdown_requested = threading.Event()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.notifier = Notifier()  # systemd's $NOTIFY_SOCKET; does nothing without it
         self.proxy_server = EdgeServer(
             self.app, config.listen.host, config.listen.port,
             threads=config.threads, limits=config.limits, name="proxy",
@@ -130,7 +132,11 @@ class Service:
     def reload(self, trigger: str) -> ReloadResult:
         """Reload the config (SIGHUP and the watcher call this; the admin API calls
         `control.reload`, the same entry)."""
-        return self.control.reload(trigger)
+        self.notifier.reloading()
+        try:
+            return self.control.reload(trigger)
+        finally:
+            self.notifier.ready()  # over, applied or not: systemd leaves "reloading"
 
     def _reopen_access_log(self) -> None:
         if self.access_log is not None:
@@ -181,6 +187,9 @@ class Service:
             self.proxy_url, self.admin_url, len(self.holder.runtime.backends),
             self.config.strategy,
         )  # fmt: skip
+        # Both sockets have listened since __init__: the kernel completes handshakes
+        # into their backlogs, and the loops now running accept them.
+        self.notifier.ready()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -191,6 +200,7 @@ class Service:
         """Begin a graceful shutdown (signal handlers call this; it returns at once)."""
         if not self._shutdown_requested.is_set():
             log.info("shutdown requested: /readyz now answers 503")
+            self.notifier.stopping()
         self._shutdown_requested.set()
         self.proxy_server.draining = True
 
