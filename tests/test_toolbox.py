@@ -73,6 +73,8 @@ backends:
 admin:
   listen: "127.0.0.1:{admin_port}"
   token: s3cret-token-value
+  # The token's text elsewhere is hidden too (the admin API's answers do the same).
+  state_file: /var/lib/pyproxy/s3cret-token-value.json
 rate_limit:
   per_client: 10/second
   store: "redis://:hunter2pass@127.0.0.1:6379/0"
@@ -110,6 +112,7 @@ def test_dump_config_shows_every_secret_as_three_stars(tmp_path: Path) -> None:
     assert dumped["admin"]["token"] == "***"
     assert dumped["rate_limit"]["store"] == "redis://:***@127.0.0.1:6379/0"
     assert dumped["rate_limit"]["per_client"] == "10/second"
+    assert dumped["admin"]["state_file"] == "/var/lib/pyproxy/***.json"
 
 
 def test_dump_config_hides_a_token_that_came_from_the_environment(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ seconds, sizes as bytes, status ranges as `200-399`), so a dump of a config with
 secrets loads back to the same `Config`.
 
 Secrets are written as exactly `***`: the admin token (from the file or from
-$PYPROXY_ADMIN_TOKEN) whole, and the password part of every URL (`redact_secrets`:
-`redis://:***@cache:6379/0`). A dump is meant to be pasted into a ticket.
+$PYPROXY_ADMIN_TOKEN) whole, and wherever else its text appears; the password part of
+every URL (`redact_secrets`: `redis://:***@cache:6379/0`). A dump is meant to be
+pasted into a ticket.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ _NOT_SETTINGS = frozenset({"source_path"})  # where the config came from, not a 
 
 def config_as_dict(config: Config) -> dict[str, Any]:
     """Plain YAML-writable data for `config`, in the schema's field order."""
-    return _section(config, "")
+    return _section(config, "", config.admin.token)
 
 
 def dump_config(config: Config) -> str:
@@ -40,7 +41,7 @@ def dump_config(config: Config) -> str:
     )
 
 
-def _section(section: Any, prefix: str) -> dict[str, Any]:
+def _section(section: Any, prefix: str, token: str | None) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for field in dataclasses.fields(section):
         path = prefix + field.name
@@ -53,25 +54,30 @@ def _section(section: Any, prefix: str) -> dict[str, Any]:
             low, high = value
             data[field.name] = f"{low}-{high}"
         else:
-            data[field.name] = _value(value, path)
+            data[field.name] = _value(value, path, token)
     return data
 
 
-def _value(value: Any, path: str) -> Any:
+def _value(value: Any, path: str, token: str | None) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
-        return redact_secrets(value)
+        return _hide(value, token)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # Address and Rate have a written form of their own (`__str__`); a section has not.
         if "__str__" in vars(type(value)):
             return str(value)
-        return _section(value, path + ".")
+        return _section(value, path + ".", token)
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
     if isinstance(value, frozenset):  # unordered: sorted so two dumps compare equal
-        items = (_value(item, path) for item in value)
+        items = (_value(item, path, token) for item in value)
         return sorted(items, key=lambda item: (type(item).__name__, item))
     if isinstance(value, tuple | list):
-        return [_value(item, f"{path}[{index}]") for index, item in enumerate(value)]
-    return redact_secrets(str(value))  # a type added later: its text, never a Python repr
+        return [_value(item, f"{path}[{index}]", token) for index, item in enumerate(value)]
+    return _hide(str(value), token)  # a type added later: its text, never a Python repr
+
+
+def _hide(text: str, token: str | None) -> str:
+    text = redact_secrets(text)
+    return text.replace(token, SECRET) if token else text
