@@ -355,3 +355,64 @@ def test_the_script_entry_point_runs_the_same_program_under_its_own_name(
     assert helped.returncode == 0 and helped.stdout.startswith("usage: pyproxy ")
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout == run_cli("-t", "-c", str(config), cwd=tmp_path).stdout
+
+
+# -- the Grafana dashboard's ratios ---------------------------------------------------------
+
+DASHBOARD = REPO / "scripts" / "grafana-dashboard.json"
+
+
+def ratio_queries() -> list[str]:
+    """Every query of the dashboard that divides, with Grafana's variables filled in."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = list(dashboard["panels"])
+    queries = []
+    while panels:
+        panel = panels.pop()
+        panels.extend(panel.get("panels", []))
+        queries += [t["expr"] for t in panel.get("targets", []) if " / " in t["expr"]]
+    return [
+        q.replace("$__rate_interval", "5m").replace("$instance", ".*").replace("$backend", ".*")
+        for q in queries
+    ]
+
+
+def test_the_dashboard_has_ratio_panels() -> None:
+    assert ratio_queries()  # else the test below checks nothing
+
+
+@pytest.mark.parametrize("query", ratio_queries())
+def test_ratio_panels_show_0_not_no_data_when_nothing_failed(tmp_path: Path, query: str) -> None:
+    # promtool evaluates the query on made-up series, as Prometheus would: a 5xx series
+    # that was never created must give 0 (not an empty result, "no data" in Grafana),
+    # and so must an idle proxy (0 / 0).
+    series = 'proxy_requests_total{{instance="vm:8081", backend="app1", code="{code}"}}'
+    cases = [
+        ({"200": "0+60x20"}, 0),  # traffic, no 5xx ever
+        ({"200": "100+0x20", "503": "5+0x20"}, 0),  # idle: nothing in the last 5m
+        ({"200": "0+45x20", "503": "0+15x20"}, 0.25),
+    ]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": [
+                {"series": series.format(code=code), "values": values}
+                for code, values in inputs.items()
+            ],
+            "promql_expr_test": [
+                {
+                    "expr": query,
+                    "eval_time": "15m",
+                    "exp_samples": [{"labels": "{}", "value": want}],
+                }
+            ],
+        }
+        for inputs, want in cases
+    ]
+    spec = write(tmp_path / "test.yml", yaml.safe_dump({"rule_files": [], "tests": tests}))
+
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(spec)], capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
