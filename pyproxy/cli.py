@@ -106,7 +106,7 @@ def config_path(args: argparse.Namespace) -> str:
     return args.config or os.environ.get("PYPROXY_CONFIG") or "config.yaml"
 
 
-def load(path: str, listen: Address | None) -> Config:
+def load(path: str, listen: Address | None = None) -> Config:
     """The file's config, with `--listen` in place of its `listen`; or ConfigError."""
     config = load_config(path)
     if listen is None:
@@ -124,7 +124,7 @@ def print_problems(path: str, error: ConfigError) -> None:
     print(f"{path}: invalid ({len(error.problems)} problem(s))", file=sys.stderr)
 
 
-def check(path: str, listen: Address | None) -> int:
+def check(path: str, listen: Address | None = None) -> int:
     """`--check`: every problem on its own line, like `nginx -t`."""
     try:
         config = load(path, listen)
@@ -137,7 +137,7 @@ def check(path: str, listen: Address | None) -> int:
     return 0
 
 
-def dump(path: str, listen: Address | None) -> int:
+def dump(path: str, listen: Address | None = None) -> int:
     """`--dump-config`: the effective config as YAML on stdout and nothing else there,
     so `pyproxy --dump-config > effective.yaml` is a config file (like `nginx -T`)."""
     try:
