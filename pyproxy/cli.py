@@ -7,7 +7,7 @@ The installed `pyproxy` script and `python -m pyproxy` are the same program.
 Exit codes: 0 after a clean shutdown, a valid `--check` (as `nginx -t`), a dump or a
 reload that applied; 1 for an invalid config, a port already in use or a reload that
 did not apply (the reasons, no traceback); 2 for bad usage (argparse's convention).
-`--demo` reads no config file, so it takes none of the file's options. docs/cli.md.
+`--demo` reads no config file, so it takes none of the file's options. See docs/cli.md.
 """
 
 from __future__ import annotations
