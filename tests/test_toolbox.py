@@ -416,3 +416,30 @@ def test_ratio_panels_show_0_not_no_data_when_nothing_failed(tmp_path: Path, que
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_dump_parses_back_to_an_equal_config() -> None:
+    # In-process and exact: every field, compared as the dataclasses the proxy runs on.
+    from pyproxy.config.dump import dump_config
+    from pyproxy.config.load import parse_config
+
+    original = parse_config(yaml.safe_load("""
+        backends:
+          - {url: "http://10.0.0.1:8000", weight: 3, max_connections: 20}
+          - {url: "https://api.internal", name: api}
+        listen: "[::1]:8443"
+        trusted_proxies: [10.0.0.0/8, "fd00::/8"]
+        strategy: least_connections
+        health_check: {path: /ready, expected_status: 204, interval: 1500ms}
+        circuit_breaker: {failure_statuses: [500, 502]}
+        retries: {retry_on: [reset, 503], backoff: 100ms}
+        rate_limit: {per_client: 5/second, burst: 10, client_key: "header:X-Api-Key",
+                     per_backend: 1000/hour}
+        sticky: {mode: cookie, cookie_max_age: 3600}
+        limits: {max_request_body: 64KiB}
+        access_log: {format: json, path: /var/log/pyproxy/access.log}
+    """), env={})
+
+    dumped = parse_config(yaml.safe_load(dump_config(original)), env={})
+
+    assert dumped == original
