@@ -29,6 +29,7 @@ from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops.admin import AdminApp
 from pyproxy.pool.health_checker import HealthChecker
+from pyproxy.process.sdnotify import Notifier
 from pyproxy.proxy.app import ProxyApp
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
 from pyproxy.runtime.state_file import load_state, restorable
@@ -95,6 +96,7 @@ class Service:
         self._shutdown_requested = threading.Event()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.notifier = Notifier()  # systemd's $NOTIFY_SOCKET; does nothing without it
         self.proxy_server = EdgeServer(
             self.app, config.listen.host, config.listen.port,
             threads=config.threads, limits=config.limits, name="proxy",
@@ -103,7 +105,8 @@ class Service:
         self.watcher: ConfigWatcher | None = None
         self.swap = RuntimeSwap(
             self.holder, self.metrics, source=source,
-            on_reload=self._reopen_access_log,
+            on_reload=self._before_reload,
+            after_reload=self.notifier.ready,  # over, applied or not: systemd leaves "reloading"
             on_backend_added=lambda: self.health_checker.poke(),
             on_settings=self._apply_settings,
         )  # fmt: skip
@@ -132,6 +135,10 @@ class Service:
         """Reload the config (SIGHUP and the watcher call this; the admin API calls
         `swap.reload`, the same entry)."""
         return self.swap.reload(trigger)
+
+    def _before_reload(self) -> None:
+        self.notifier.reloading()
+        self._reopen_access_log()
 
     def _reopen_access_log(self) -> None:
         if self.access_log is not None:
@@ -182,6 +189,9 @@ class Service:
             self.proxy_url, self.admin_url, len(self.holder.runtime.backends),
             self.config.strategy,
         )  # fmt: skip
+        # Both sockets have listened since __init__: the kernel completes handshakes
+        # into their backlogs, and the loops now running accept them.
+        self.notifier.ready()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -192,6 +202,7 @@ class Service:
         """Begin a graceful shutdown (signal handlers call this; it returns at once)."""
         if not self._shutdown_requested.is_set():
             log.info("shutdown requested: /readyz now answers 503")
+            self.notifier.stopping()
         self._shutdown_requested.set()
         self.proxy_server.draining = True
 

@@ -98,8 +98,9 @@ class RuntimeSwap:
     swap it into the holder under `holder.swap_lock`.
 
     `source`: where reloads read the config; by default the file the running config
-    came from (none: a reload is refused). `on_reload` runs first in every reload,
-    whatever its outcome (the service reopens its access log there). `on_backend_added`
+    came from (none: a reload is refused). `on_reload` runs first in every reload and
+    `after_reload` last, whatever its outcome (the service reopens its access log and
+    tells systemd "reloading", then "ready"). `on_backend_added`
     lets the health checker probe a new backend at once; `on_settings` sees each new
     Config a reload applied.
     """
@@ -111,6 +112,7 @@ class RuntimeSwap:
         *,
         source: ConfigSource | None = None,
         on_reload: Callable[[], None] = lambda: None,
+        after_reload: Callable[[], None] = lambda: None,
         on_backend_added: Callable[[], None] = lambda: None,
         on_settings: Callable[[Config], None] = lambda config: None,
     ) -> None:
@@ -119,6 +121,7 @@ class RuntimeSwap:
         path = holder.runtime.config.source_path
         self.source = source if source is not None else FileSource(path) if path else None
         self.on_reload = on_reload
+        self.after_reload = after_reload
         self.on_backend_added = on_backend_added
         self.on_settings = on_settings
         self.last_reload: tuple[bool, float] | None = None  # (succeeded, monotonic time)
@@ -133,7 +136,10 @@ class RuntimeSwap:
         `trigger` names the caller in the log: "file change", "SIGHUP", "admin API"."""
         with self._reload_lock:
             self.on_reload()
-            return self._reload(trigger)
+            try:
+                return self._reload(trigger)
+            finally:
+                self.after_reload()
 
     def _reload(self, trigger: str) -> ReloadResult:
         if self.source is None:
