@@ -497,7 +497,7 @@ def test_headers_just_before_the_deadline_never_become_a_cut_short_200(
          sleep_step(0.3), send(b"body"), KEEP],
     )  # fmt: skip
     proxy = make_proxy([cfg(late)], timeouts=Timeouts(connect=0.5, read=1.0, total=0.4))
-    watchdog = proxy.app.tools.watchdog
+    watchdog = proxy.app.context.watchdog
     unwatch = watchdog.unwatch
 
     def preempted(token: int) -> bool:
