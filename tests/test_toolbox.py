@@ -94,8 +94,17 @@ def test_dump_config_prints_only_yaml_with_every_default_filled_in(tmp_path: Pat
     assert dumped["health_check"]["path"] == "/health"
     assert dumped["health_check"]["expected_status"] == "200-399"
     assert dumped["backends"] == [
-        {"url": "http://127.0.0.1:9", "name": "app1", "weight": 1, "max_connections": 0}
+        {
+            "url": "http://127.0.0.1:9",
+            "name": "app1",
+            "weight": 1,
+            "max_connections": 0,
+            "backup": False,
+        }
     ]
+    assert dumped["workers"] == 1
+    # A v1 file is dumped in its own form: no pools or routes, nothing internal.
+    assert not {"pools", "routes", "declared_pools", "declared_routes"} & dumped.keys()
     assert "source_path" not in dumped
 
 
@@ -443,3 +452,38 @@ def test_a_dump_parses_back_to_an_equal_config() -> None:
     dumped = parse_config(yaml.safe_load(dump_config(original)), env={})
 
     assert dumped == original
+
+
+def test_a_dump_of_pools_and_routes_parses_back_to_an_equal_config() -> None:
+    # A file with pools is dumped as pools and routes (each pool's merged sections in
+    # full), never as the flat backend list the loader derives from them.
+    from pyproxy.config.dump import dump_config
+    from pyproxy.config.load import parse_config
+
+    original = parse_config(yaml.safe_load("""
+        health_check: {interval: 2s}
+        pools:
+          web:
+            strategy: least_connections
+            backends:
+              - {url: "http://10.0.0.11:8000", name: web1}
+              - {url: "http://10.0.0.13:8000", name: sorry, backup: true}
+            health_check: {path: /healthz, host: web.internal, expect_body: ok}
+            rate_limit: {per_backend: 50/second}
+          api:
+            backends: [{url: "http://10.0.0.21:9000", name: api1}]
+        routes:
+          - name: api
+            match: {host: "api.example.com", path_prefix: /v1}
+            pool: api
+            strip_prefix: true
+          - match: {host: "*.example.com"}
+            pool: web
+          - pool: web
+    """), env={})
+
+    text = dump_config(original)
+    written = yaml.safe_load(text)
+    assert "backends" not in written and set(written["pools"]) == {"web", "api"}
+    assert written["routes"][2] == {"name": "routes[2]", "pool": "web", "strip_prefix": False}
+    assert parse_config(written, env={}) == original

@@ -30,8 +30,35 @@ _NOT_SETTINGS = frozenset({"source_path"})  # where the config came from, not a 
 
 
 def config_as_dict(config: Config) -> dict[str, Any]:
-    """Plain YAML-writable data for `config`, in the schema's field order."""
-    return _section(config, "", config.admin.token)
+    """Plain YAML-writable data for `config`, in the schema's field order.
+
+    A file with pools is written back as `pools` and `routes` (each pool's sections
+    as merged, so complete), a v1 file as `backends`: the form each was written in.
+    """
+    token = config.admin.token
+    data = _section(config, "", token)
+    pools, routes = data.pop("declared_pools"), data.pop("declared_routes")
+    if not config.declared_pools:
+        return data
+    del data["backends"]  # every pool's backends, listed again: the pools hold them
+    data["pools"] = {pool.pop("name"): _pool_as_written(pool) for pool in pools}
+    data["routes"] = [_route_as_written(route) for route in routes]
+    return data
+
+
+def _pool_as_written(pool: dict[str, Any]) -> dict[str, Any]:
+    # A pool's own per-backend rate is written where the file has it.
+    rate = pool.pop("per_backend_rate")
+    if rate is not None:
+        pool["rate_limit"] = {"per_backend": rate}
+    return pool
+
+
+def _route_as_written(route: dict[str, Any]) -> dict[str, Any]:
+    match = {key: value for key, value in route.pop("match").items() if value is not None}
+    if match:  # no match at all is a catch-all
+        route["match"] = match
+    return route
 
 
 def dump_config(config: Config) -> str:
