@@ -22,7 +22,7 @@ from backends import EchoBackend
 from conftest import ProxyFactory, admin_backends, admin_get, served_by
 from test_admin_api import ADMIN, TOKEN, fetch_in_thread, post, write_config
 
-from pyproxy.config.load import load_config
+from pyproxy.config.load import ConfigError, load_config
 from pyproxy.config.schema import BackendConfig, Config, StickyConfig
 from pyproxy.process.service import Service
 
@@ -312,3 +312,54 @@ def test_backends_and_the_status_page_say_why_a_file_backend_is_not_serving(
     assert "drained (admin)" in app2_row and "no new requests" in app2_row
     app3_row = page.split('data-backend="app3"', 1)[1].split("</tr>", 1)[0]
     assert ">7<" in app3_row and "configured: 1" in app3_row
+
+
+# -- weights too large for the strategies -------------------------------------------------
+
+HUGE = 10**400  # a valid JSON and YAML integer; float(HUGE) raises OverflowError
+
+
+def test_a_weight_too_large_to_balance_by_is_refused_everywhere(
+    tmp_path: Path,
+    make_proxy: ProxyFactory,
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+) -> None:
+    # Weighted rendezvous hashing (sticky ip) divides by the weight as a float: a
+    # weight past a float's range made every request through that pool fail.
+    a, b = make_echo_backend("a"), make_echo_backend("b")
+    service = make_proxy([a], admin=ADMIN, sticky=StickyConfig(mode="ip"))
+    for weight in (HUGE, 2**32):
+        response = set_backend(http, service, name="a", weight=weight)
+        assert response.status_code == 400
+        assert "weight: must be at most 4294967295" in response.text
+        added = post(http, service, "/admin/add-backend", {"url": b.url, "weight": weight})
+        assert added.status_code == 400
+        assert "weight: must be at most 4294967295" in added.text
+    assert set_backend(http, service, name="a", weight=3.0).json()["weight"] == 3  # as the file
+    assert set(served_by(http, service, 3)) == {"a"}
+
+    path = tmp_path / "pyproxy.yaml"
+    write_config(path, [BackendConfig(url=a.url, name="a", weight=HUGE)])
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert error.value.problems == ["backends[0].weight: must be at most 4294967295"]
+
+
+def test_a_state_file_with_an_invalid_override_is_ignored_with_the_reason(
+    tmp_path: Path,
+    three_backends: list[EchoBackend],
+    start_service: Callable[[Config], Service],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The state file is the admin API's memory: editing it must not be a way around
+    # set-backend's rules (a weight past the limit would fail every sticky request).
+    path, state = tmp_path / "pyproxy.yaml", tmp_path / "admin.json"
+    url = three_backends[0].url
+    state.write_text(json.dumps({"overrides": [{"url": url, "weight": HUGE, "drain": True}]}))
+    admin = {"listen": "127.0.0.1:0", "token": TOKEN, "state_file": str(state)}
+    write_config(path, as_configs(three_backends), admin=admin)
+    with caplog.at_level(logging.ERROR):
+        service = start_service(load_config(str(path)))
+    assert f"override of {url}: weight must be at most 4294967295" in caplog.text
+    assert all(b["drain"] is False for b in admin_backends(service).values())

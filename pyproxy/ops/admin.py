@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pyproxy.config.load import ConfigError, parse_backend
 from pyproxy.config.report import redact_secrets
+from pyproxy.config.values import backend_weight
 from pyproxy.headers import via_names
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops import statuspage
@@ -260,12 +261,12 @@ class AdminApp:
             return text(400, f"400 Bad Request: unknown field(s) {', '.join(unknown)}; "
                              'expected "name", "weight", "drain"')  # fmt: skip
         weight, drain = payload.get("weight", KEEP), payload.get("drain")
-        # bool is an int in Python; `true` is not a weight.
-        if weight is not KEEP and weight is not None and (
-            not isinstance(weight, int) or isinstance(weight, bool) or weight < 0
-        ):
-            return text(400, "400 Bad Request: weight: must be an integer >= 0, "
-                             "or null to go back to the configured weight")  # fmt: skip
+        if weight is not KEEP and weight is not None:
+            try:
+                weight = backend_weight(weight)  # the file's rule for a weight
+            except ValueError as error:
+                return text(400, f"400 Bad Request: weight: {error} "
+                                 "(or null: back to the configured weight)")  # fmt: skip
         if "drain" in payload and not isinstance(drain, bool):
             return text(400, "400 Bad Request: drain: must be true or false")
         backend = self.swap.set_backend(payload["name"], weight=weight, drain=drain)

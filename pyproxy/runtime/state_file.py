@@ -20,6 +20,7 @@ import tempfile
 
 from pyproxy.config.load import ConfigError, parse_backend
 from pyproxy.config.schema import Config
+from pyproxy.config.values import backend_weight
 from pyproxy.pool.urlguard import keep_allowed
 from pyproxy.runtime.snapshot import AdminChanges, BackendOverride
 
@@ -71,12 +72,12 @@ def load_state(path: str | None) -> AdminChanges:
 def _override(entry: dict[str, object]) -> tuple[str, BackendOverride]:
     """One saved override, checked as set-backend checks it (ValueError if invalid)."""
     url, weight, drain = entry["url"], entry.get("weight"), entry.get("drain", False)
-    if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool)
-                               or weight < 0):  # fmt: skip
-        raise ValueError(f"invalid override weight {weight!r}")
     if not isinstance(url, str) or not isinstance(drain, bool):
         raise ValueError(f"invalid override {entry!r}")
-    return url, BackendOverride(weight=weight, drain=drain)
+    try:
+        return url, BackendOverride(None if weight is None else backend_weight(weight), drain)
+    except ValueError as error:
+        raise ValueError(f"override of {url}: weight {error}") from None
 
 
 def restorable(changes: AdminChanges, config: Config) -> AdminChanges:
