@@ -271,7 +271,7 @@ class RuntimeSwap:
                 log.info("admin: backend %s (%s) left the running set; its override (%s) "
                          "is dropped", backend.name, backend.url,
                          admin.overrides[backend.url].describe())  # fmt: skip
-        admin = admin.overrides_only_for([b.url for b in runtime.backends])
+        admin = admin.overrides_only_for({b.url for b in runtime.backends})
         self.holder.runtime = runtime
         self.holder.admin = admin
         for backend in gone:
@@ -315,7 +315,7 @@ def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
         )  # fmt: skip
         dropped.add(added.url)
     kept = dataclasses.replace(admin, added=tuple(b for b in admin.added if b.url not in dropped))
-    running = [b.url for b, _ in kept.desired(config)]
+    running = {b.url for b, _ in kept.desired(config)}
     for url, override in kept.overrides.items():
         if url not in running:
             log.warning("admin state: dropped the override of %s (%s): it is not in the "
