@@ -74,10 +74,12 @@ CHANGES = [
     ("/admin/add-backend", {"url": "http://127.0.0.1:9"}),
     ("/admin/remove-backend", {"name": "echo"}),
     ("/admin/reload", {}),
+    ("/admin/set-backend", {"name": "echo", "drain": True}),
 ]
+CHANGE_IDS = ["add", "remove", "reload", "set"]
 
 
-@pytest.mark.parametrize(("path", "body"), CHANGES, ids=["add", "remove", "reload"])
+@pytest.mark.parametrize(("path", "body"), CHANGES, ids=CHANGE_IDS)
 def test_changes_without_a_configured_token_are_forbidden(
     make_proxy: ProxyFactory,
     echo_backend: EchoBackend,
@@ -91,9 +93,10 @@ def test_changes_without_a_configured_token_are_forbidden(
         assert response.status_code == 403
         assert "admin token not configured" in response.text
     assert list(admin_backends(service)) == ["echo"]  # nothing changed
+    assert admin_backends(service)["echo"]["drain"] is False
 
 
-@pytest.mark.parametrize(("path", "body"), CHANGES, ids=["add", "remove", "reload"])
+@pytest.mark.parametrize(("path", "body"), CHANGES, ids=CHANGE_IDS)
 @pytest.mark.parametrize(
     "authorization",
     [None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer", TOKEN],
@@ -113,6 +116,7 @@ def test_wrong_or_missing_token_is_401(
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert list(admin_backends(service)) == ["echo"]
+    assert admin_backends(service)["echo"]["drain"] is False
 
 
 def test_reads_need_no_token(

@@ -29,6 +29,8 @@ BACKEND_FIELDS = {
     "max_connections": int,
     "requests_total": int,
     "failures_total": int,
+    "drain": bool,
+    "file_weight": int,
 }
 
 
@@ -164,6 +166,7 @@ def test_admin_backends_lists_every_backend_with_the_spec_fields(
     payload = response.json()
 
     assert payload["strategy"] == "weighted"
+    assert payload["removed"] == []  # the admin removed none of the file's backends
     listed = {b["name"]: b for b in payload["backends"]}
     assert list(listed) == ["app1", "app2", "app3"]
     for entry in listed.values():
@@ -174,6 +177,8 @@ def test_admin_backends_lists_every_backend_with_the_spec_fields(
         assert entry["healthy"] is True
         assert entry["in_flight"] == 0
         assert entry["failures_total"] == 0
+        assert entry["drain"] is False
+        assert entry["admin_weight"] is None  # no admin override: the weight is the file's
     assert [listed[n]["url"] for n in ("app1", "app2", "app3")] == [app1.url, app2.url, app3.url]
     assert [listed[n]["weight"] for n in ("app1", "app2", "app3")] == [3, 0, 1]
     assert [listed[n]["max_connections"] for n in ("app1", "app2", "app3")] == [0, 0, 7]

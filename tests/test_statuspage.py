@@ -37,7 +37,7 @@ from pyproxy.config.schema import (
 )
 from pyproxy.ops.statuspage import CONTENT_TYPE, HEADERS, ago, render_status
 from pyproxy.process.service import Service
-from pyproxy.runtime.snapshot import AdminChanges, Runtime, build_runtime
+from pyproxy.runtime.snapshot import AdminChanges, BackendOverride, Runtime, build_runtime
 
 HOSTILE = "<script>alert('x')</script>\"&"
 
@@ -367,3 +367,42 @@ def test_chromium_screenshot_of_the_status_page(live_service: Service, tmp_path:
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
     assert (width, height) == (1200, 800)
     assert len(data) > 20_000, "a blank page compresses to almost nothing"
+
+
+def test_admin_overrides_and_removals_are_on_the_page() -> None:
+    # An operator reading the config file must see why each of its backends is not
+    # serving: drained by the admin, its weight overridden, or removed by the admin.
+    config = Config(
+        backends=(
+            BackendConfig("http://127.0.0.1:9001", "drained", weight=2),
+            BackendConfig("http://127.0.0.1:9002", "heavier"),
+            BackendConfig("http://127.0.0.1:9003", "zeroed", weight=4),
+            BackendConfig("http://127.0.0.1:9004", HOSTILE),
+        ),
+        health_check=HealthCheckConfig(enabled=False),
+    )
+    admin = AdminChanges(
+        removed_urls=frozenset({"http://127.0.0.1:9004"}),
+        overrides={
+            "http://127.0.0.1:9001": BackendOverride(drain=True),
+            "http://127.0.0.1:9002": BackendOverride(weight=5),
+            "http://127.0.0.1:9003": BackendOverride(weight=0),
+        },
+    )
+    runtime, _ = build_runtime(config, admin=admin)
+    page = render(runtime, 10.0, admin=admin).decode()
+    rows = read_page(page).rows
+    assert list(rows) == ["drained", "heavier", "zeroed"]
+    # Columns: backend, verdict, ..., weight (8), source.
+    assert rows["drained"][1] == "unavailable drained (admin)"
+    assert rows["drained"][8] == "2 drained by the admin: no new requests"
+    assert rows["heavier"][1] == "available"
+    assert rows["heavier"][8] == "5 set by the admin; configured: 1"
+    assert rows["zeroed"][1] == "unavailable weight 0 (admin)"
+    assert rows["zeroed"][8] == "0 set by the admin; configured: 4"
+    removed = page.split("<h2>Removed by the admin</h2>", 1)[1]
+    assert "&lt;script&gt;" in removed and "<script" not in page.lower()
+    assert "http://127.0.0.1:9004" in removed and "<td>default</td>" in removed
+    # Without admin changes there is no such section.
+    plain, _ = build_runtime(config)
+    assert "Removed by the admin" not in render(plain, 10.0, admin=AdminChanges()).decode()

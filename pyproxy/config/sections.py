@@ -162,7 +162,7 @@ def overlay(name: str, base: Any) -> check.Checker:
 BACKEND: dict[str, check.Checker] = {
     "url": values.backend_url,  # -> (normalised url, "host:port")
     "name": values.backend_name,
-    "weight": check.integer(minimum=0),
+    "weight": values.backend_weight,
     "max_connections": check.integer(minimum=0),
     "backup": check.boolean,
 }

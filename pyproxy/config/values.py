@@ -193,6 +193,20 @@ def backend_name(value: Any) -> str:
     return str(value)
 
 
+# Envoy's load_balancing_weight is a uint32 too. Weighted rendezvous hashing (sticky
+# ip) divides by the weight as a float, so a larger one would raise OverflowError.
+MAX_WEIGHT = 2**32 - 1
+_WEIGHT = integer(minimum=0)
+
+
+def backend_weight(value: Any) -> int:
+    """A backend's weight: an integer from 0 (no new requests) to MAX_WEIGHT."""
+    weight = _WEIGHT(value)
+    if weight > MAX_WEIGHT:
+        raise ValueError(f"must be at most {MAX_WEIGHT}")
+    return weight
+
+
 def host_header(value: Any) -> str:
     """A Host header value for probes: `name`, `name:port`, `[ipv6]` or `[ipv6]:port`."""
     usage = "must be a host name, optionally with :port (e.g. app.internal:8080)"

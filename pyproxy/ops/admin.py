@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pyproxy.config.load import ConfigError, parse_backend
 from pyproxy.config.report import redact_secrets
+from pyproxy.config.values import backend_weight
 from pyproxy.headers import via_names
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops import statuspage
@@ -25,7 +26,7 @@ from pyproxy.ops.statuspage import render_status
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import refuse_backend_url
 from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
-from pyproxy.runtime.swap import RuntimeSwap
+from pyproxy.runtime.swap import KEEP, RuntimeSwap
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ STATUS_LINES = {
 }
 
 MAX_ADMIN_BODY = 64 * 1024
+SET_BACKEND_FIELDS = {"name", "weight", "drain"}
 
 
 def _redact(value: str, token: str | None = None) -> str:
@@ -111,6 +113,7 @@ class AdminApp:
             ("GET", "/admin/status"): self.status_page,
             ("POST", "/admin/add-backend"): self.changes(self.add_backend),
             ("POST", "/admin/remove-backend"): self.changes(self.remove_backend),
+            ("POST", "/admin/set-backend"): self.changes(self.set_backend),
             ("POST", "/admin/reload"): self.changes(self.reload),
         }
 
@@ -182,13 +185,19 @@ class AdminApp:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry), []
 
     def list_backends(self, environ: dict[str, Any]) -> Reply:
-        runtime = self.holder.runtime
+        runtime, admin = self.holder.runtime, self.holder.admin
         backends = [backend_json(runtime, backend) for backend in runtime.backends]
-        return json_reply(200, {"strategy": runtime.config.strategy, "backends": backends})
+        # The file's backends the admin took out: an operator reading the file must
+        # see why one of them is not serving.
+        removed = [{"name": b.name, "url": b.url, "pool": pool}
+                   for b, pool in admin.removed_from(runtime.config)]  # fmt: skip
+        return json_reply(200, {"strategy": runtime.config.strategy, "backends": backends,
+                                "removed": removed})  # fmt: skip
 
     def status_page(self, environ: dict[str, Any]) -> Reply:
         page = render_status(
             self.holder.runtime,
+            admin=self.holder.admin,
             now_monotonic=self.instance.clock(),
             started_at=self.instance.started_at,
             last_reload=self.swap.last_reload,
@@ -242,6 +251,28 @@ class AdminApp:
             return text(404, f"404 Not Found: no backend {name or url}")
         return json_reply(200, {"removed": removed.name, "url": removed.url,
                                 "in_flight": removed.in_flight})  # fmt: skip
+
+    def set_backend(self, payload: Any) -> Reply:
+        """HAProxy's `set server <b> weight <n>` and `set server <b> state drain|ready`."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            return text(400, '400 Bad Request: expected a JSON object with "name"')
+        unknown = sorted(payload.keys() - SET_BACKEND_FIELDS)
+        if unknown:
+            return text(400, f"400 Bad Request: unknown field(s) {', '.join(unknown)}; "
+                             'expected "name", "weight", "drain"')  # fmt: skip
+        weight, drain = payload.get("weight", KEEP), payload.get("drain")
+        if weight is not KEEP and weight is not None:
+            try:
+                weight = backend_weight(weight)  # the file's rule for a weight
+            except ValueError as error:
+                return text(400, f"400 Bad Request: weight: {error} "
+                                 "(or null: back to the configured weight)")  # fmt: skip
+        if "drain" in payload and not isinstance(drain, bool):
+            return text(400, "400 Bad Request: drain: must be true or false")
+        backend = self.swap.set_backend(payload["name"], weight=weight, drain=drain)
+        if backend is None:
+            return text(404, f"404 Not Found: no backend {payload['name']}")
+        return json_reply(200, backend_json(self.holder.runtime, backend))
 
     def reload(self, payload: Any) -> Reply:
         result = self.swap.reload("admin API")

@@ -18,7 +18,7 @@ import html
 import math
 
 from pyproxy.pool.backend import Backend
-from pyproxy.runtime.snapshot import Runtime
+from pyproxy.runtime.snapshot import AdminChanges, Runtime
 
 REFRESH_SECONDS = 5
 CONTENT_TYPE = "text/html; charset=utf-8"
@@ -33,7 +33,7 @@ TONE = {
     "up": "ok", "closed": "ok", "available": "ok",
     "half_open": "warn", "unknown": "warn", "not checked": "dim", "off": "dim",
     "down": "bad", "open": "bad", "unavailable": "bad",
-    "succeeded": "ok", "failed": "bad",
+    "succeeded": "ok", "failed": "bad", "drained": "warn",
 }  # fmt: skip
 
 CSS = """
@@ -57,6 +57,7 @@ tr.down{background:#fffafa}
 .why{color:#9b1c1c;font-size:12px;display:block;margin-top:2px}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px;margin:0 0 16px}
 dt{color:#52606d}dd{margin:0}
+h2{font-size:15px;margin:20px 0 8px}
 footer{padding:0 24px 16px;color:#66727f;font-size:12px}
 """
 
@@ -123,7 +124,7 @@ def backend_row(
         f'<td class="num">{snap.in_flight} / {e(cap)}',
         f'<td class="num">{snap.requests_total}',
         f'<td class="num">{snap.failures_total}',
-        f'<td class="num">{snap.weight}',
+        weight_cell(snap.weight, snap.file_weight, snap.admin_weight, snap.drain),
         e(snap.source),
     ]
     if limiter is not None:
@@ -134,9 +135,42 @@ def backend_row(
     return f'<tr class="{tone}" data-backend="{e(snap.name)}">{tds}</tr>', why is None
 
 
+def weight_cell(weight: int, file_weight: int, admin_weight: int | None, drain: bool) -> str:
+    """The weight that counts; when the admin set one, the configured one under it; and
+    a drain by the admin, which no weight overrides."""
+    cell = f'<td class="num">{weight}'
+    if admin_weight is not None:
+        cell += f"<br><small>set by the admin; configured: {file_weight}</small>"
+    if drain:
+        cell += f"<br>{pill('drained')}<br><small>by the admin: no new requests</small>"
+    return cell
+
+
+def removed_section(runtime: Runtime, admin: AdminChanges | None) -> list[str]:
+    """The file's backends the admin removed: in the file, yet not serving."""
+    removed = admin.removed_from(runtime.config) if admin is not None else []
+    if not removed:
+        return []
+    rows = [
+        f'<tr data-removed="{e(b.name)}"><td><strong>{e(b.name)}</strong></td>'
+        f"<td>{e(b.url)}</td><td>{e(pool)}</td></tr>"
+        for b, pool in removed
+    ]
+    return [
+        "<h2>Removed by the admin</h2>",
+        "<p><small>In the config file, but taken out through POST /admin/remove-backend;"
+        " they stay out across reloads until added back with POST /admin/add-backend."
+        "</small></p>",
+        "<table><thead><tr><th>Backend</th><th>URL</th><th>Pool</th></tr></thead><tbody>",
+        *rows,
+        "</tbody></table>",
+    ]
+
+
 def render_status(
     runtime: Runtime,
     *,
+    admin: AdminChanges | None = None,
     now_monotonic: float,
     started_at: float,
     last_reload: tuple[bool, float] | None,
@@ -144,6 +178,7 @@ def render_status(
 ) -> bytes:
     """The status page for `runtime`, as UTF-8 bytes.
 
+    `admin` (the running admin changes) lists the file's backends the admin removed.
     `now_monotonic`, `started_at` and the time in `last_reload` are on the clock the
     backends use (`time.monotonic` unless injected). `last_reload` is (succeeded, when)
     of the most recent reload, or None if there was none since start.
@@ -193,7 +228,9 @@ def render_status(
         *(f"<th>{e(h)}</th>" for h in heads),
         "</tr></thead><tbody>",
         *rows,
-        "</tbody></table></main>",
+        "</tbody></table>",
+        *removed_section(runtime, admin),
+        "</main>",
         f"<footer>Refreshes every {REFRESH_SECONDS} s. Verdict is what selection uses;"
         " the other columns are the facts behind it.</footer>",
         "</body></html>",

@@ -68,7 +68,10 @@ class BackendSnapshot:
 
     name: str
     url: str
-    weight: int
+    weight: int  # the effective weight: the admin's when set, else the configured one
+    file_weight: int  # the configured weight (the file's, or add-backend's)
+    admin_weight: int | None  # set through POST /admin/set-backend; None: not overridden
+    drain: bool  # drained through POST /admin/set-backend: no new requests
     source: str
     healthy: bool
     health: str
@@ -83,7 +86,7 @@ class BackendSnapshot:
 class Backend:
     """One upstream server. Create with `Backend(config, ...)`; `close()` when removed.
 
-    `weight` 0 means "takes no new requests" (drain); `max_connections` 0 means no cap.
+    `weight` 0 means "takes no new requests"; `max_connections` 0 means no cap.
     `source` is "config" (from the file) or "admin" (added through the admin API).
     """
 
@@ -128,10 +131,16 @@ class Backend:
         self.requests_total = 0
         self.failures_total = 0
         self.removed = False  # set when taken out of the pool; in-flight requests finish
+        # Set through POST /admin/set-backend (`apply_overrides` in runtime/snapshot.py),
+        # like HAProxy's `set server ... weight` and `state drain`:
+        self.admin_weight: int | None = None  # wins over config.weight while set
+        self.drained = False  # no new requests; in-flight ones finish
 
     @property
     def weight(self) -> int:
-        return self.config.weight
+        """The effective weight: the admin's while set, else the configured one."""
+        admin_weight = self.admin_weight
+        return self.config.weight if admin_weight is None else admin_weight
 
     @property
     def max_connections(self) -> int:
@@ -174,7 +183,10 @@ class Backend:
         return BackendSnapshot(
             name=self.name,
             url=self.url,
-            weight=self.config.weight,
+            weight=self.weight,
+            file_weight=self.config.weight,
+            admin_weight=self.admin_weight,
+            drain=self.drained,
             source=self.source,
             healthy=self.health.up,
             health=self.health.state,

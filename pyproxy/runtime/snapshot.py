@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 import urllib3
 
@@ -31,27 +31,32 @@ def attempt_timeout(connect: float, read: float) -> urllib3.Timeout:
 
 
 RATE_BUCKET_EMPTY = "per-backend rate bucket empty"
+DRAINED = "drained (admin)"
 
 
 def why_unavailable(backend: Backend, limiter: BackendLimiter | None = None) -> str | None:
     """Why `backend` may not take a new request now, or None if it may.
 
     The one judge of availability; everything else keeps facts. A backend is
-    available when it is still in the running set, its health is up (when checked),
-    its circuit admits a request, its weight is above 0, it is under its
-    max_connections, and (with a per-backend limit) its rate bucket has a token.
+    available when it is still in the running set, the admin has not drained it,
+    its health is up (when checked), its circuit admits a request, its (effective)
+    weight is above 0, it is under its max_connections, and (with a per-backend
+    limit) its rate bucket has a token.
     Reads without locks (plain attribute loads, a closed circuit without the clock):
     selection calls it for every backend on every request.
     """
     if backend.removed:
         return "removed"
+    if backend.drained:  # before health: the admin's decision is the reason to show
+        return DRAINED
     if backend.health_checked and not backend.health.up:
         return f"health {backend.health.state}"
     if not backend.breaker.allows_request():
         return f"circuit {backend.breaker.state.value}"
-    config = backend.config
-    if config.weight <= 0:
-        return "weight 0 (draining)"
+    config, admin_weight = backend.config, backend.admin_weight
+    # Backend.weight, read inline: a property call here costs ~35 ns per backend judged.
+    if (config.weight if admin_weight is None else admin_weight) <= 0:
+        return "weight 0 (draining)" if admin_weight is None else "weight 0 (admin)"
     cap = config.max_connections
     if cap and backend.in_flight >= cap:
         return f"at max_connections ({cap})"
@@ -95,12 +100,50 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class BackendOverride:
+    """What POST /admin/set-backend set on one backend (HAProxy's `set server ...
+    weight` and `set server ... state drain`): a weight that wins over the configured
+    one until cleared (None: the configured weight), and drain."""
+
+    weight: int | None = None
+    drain: bool = False
+
+    def is_empty(self) -> bool:
+        return self.weight is None and not self.drain
+
+    def describe(self) -> str:
+        weight = "configured weight" if self.weight is None else f"weight {self.weight}"
+        return f"{weight}, {'drained' if self.drain else 'not drained'}"
+
+
+NO_OVERRIDE = BackendOverride()
+
+
+@dataclass(frozen=True)
 class AdminChanges:
     """Backends changed through the admin API; they outlive reloads: a reload applies
-    the file, and the admin's additions and removals on top of it."""
+    the file, and the admin's additions, removals and overrides on top of it.
+
+    `overrides` is keyed by URL, the identity a Backend keeps across reloads; an
+    override lasts as long as its backend is in the running set."""
 
     added: tuple[BackendConfig, ...] = ()
     removed_urls: frozenset[str] = frozenset()
+    overrides: Mapping[str, BackendOverride] = field(default_factory=dict)
+
+    def overrides_only_for(self, urls: Collection[str]) -> AdminChanges:
+        """These changes without the overrides of backends not in `urls`."""
+        kept = {url: o for url, o in self.overrides.items() if url in urls}
+        return self if len(kept) == len(self.overrides) else replace(self, overrides=kept)
+
+    def removed_from(self, config: Config) -> list[tuple[BackendConfig, str]]:
+        """The file's backends the admin removed, each with the name of its pool."""
+        return [
+            (backend, pool.name)
+            for pool in config.pools
+            for backend in pool.backends
+            if backend.url in self.removed_urls
+        ]
 
     def desired(self, config: Config) -> list[tuple[BackendConfig, str]]:
         """The running set: the file's backends, minus admin-removed, plus admin-added."""
@@ -148,6 +191,7 @@ def build_runtime(
     keep_selector = previous is not None and previous.config.strategy == config.strategy
     selector = previous.selector if previous and keep_selector else make_selector(config.strategy)
     client_limiter, backend_limiter = _limiters(config.rate_limit, previous, on_store_error, clock)
+    apply_overrides(backends, admin)
     runtime = Runtime(
         config=config,
         client_limiter=client_limiter,
@@ -158,6 +202,16 @@ def build_runtime(
         default_timeout=attempt_timeout(config.timeouts.connect, config.timeouts.read),
     )
     return runtime, list(old.values())
+
+
+def apply_overrides(backends: Iterable[Backend], admin: AdminChanges) -> None:
+    """Set (or clear) on each backend what the admin set through set-backend: the one
+    place overrides reach the Backends, after every build. Two plain attribute stores
+    per backend, so a request reading them never sees a torn value."""
+    for backend in backends:
+        override = admin.overrides.get(backend.url, NO_OVERRIDE)
+        backend.admin_weight = override.weight
+        backend.drained = override.drain
 
 
 def _limiters(

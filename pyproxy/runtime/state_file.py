@@ -1,5 +1,7 @@
-"""The admin state file: the backends the admin API added or removed, kept on disk so
-they survive restarts (`admin.state_file`; docs/admin-api.md).
+"""The admin state file: the backends the admin API added or removed, and the weights
+and drains it set, kept on disk so they survive restarts (`admin.state_file`;
+docs/admin-api.md). A file written before set-backend existed has no "overrides"
+and loads as having none.
 
 `save_state` writes after every admin change (RuntimeSwap calls it under the swap
 lock), `load_state` reads at start, and `restorable` applies the admin API's own URL
@@ -18,8 +20,9 @@ import tempfile
 
 from pyproxy.config.load import ConfigError, parse_backend
 from pyproxy.config.schema import Config
+from pyproxy.config.values import backend_weight
 from pyproxy.pool.urlguard import keep_allowed
-from pyproxy.runtime.snapshot import AdminChanges
+from pyproxy.runtime.snapshot import AdminChanges, BackendOverride
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,10 @@ def save_state(path: str, admin: AdminChanges) -> None:
     payload = {
         "added": [dataclasses.asdict(b) for b in admin.added],
         "removed_urls": sorted(admin.removed_urls),
+        "overrides": [
+            {"url": url, "weight": override.weight, "drain": override.drain}
+            for url, override in sorted(admin.overrides.items())
+        ],
     }
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(prefix=".pyproxy-state-", dir=directory)
@@ -53,11 +60,24 @@ def load_state(path: str | None) -> AdminChanges:
             payload = json.load(handle)
         added = tuple(parse_backend(entry) for entry in payload.get("added", []))
         removed = frozenset(str(url) for url in payload.get("removed_urls", []))
-    except (OSError, ValueError, ConfigError, AttributeError, TypeError) as error:
+        overrides = dict(_override(entry) for entry in payload.get("overrides", []))
+    except (OSError, ValueError, ConfigError, AttributeError, TypeError, KeyError) as error:
         log.error("admin state file %s ignored: %s", path, error)
         return AdminChanges()
-    log.info("admin state: %d added and %d removed backend(s) restored", len(added), len(removed))
-    return AdminChanges(added=added, removed_urls=removed)
+    log.info("admin state: %d added, %d removed and %d overridden backend(s) restored",
+             len(added), len(removed), len(overrides))  # fmt: skip
+    return AdminChanges(added=added, removed_urls=removed, overrides=overrides)
+
+
+def _override(entry: dict[str, object]) -> tuple[str, BackendOverride]:
+    """One saved override, checked as set-backend checks it (ValueError if invalid)."""
+    url, weight, drain = entry["url"], entry.get("weight"), entry.get("drain", False)
+    if not isinstance(url, str) or not isinstance(drain, bool):
+        raise ValueError(f"invalid override {entry!r}")
+    try:
+        return url, BackendOverride(None if weight is None else backend_weight(weight), drain)
+    except ValueError as error:
+        raise ValueError(f"override of {url}: weight {error}") from None
 
 
 def restorable(changes: AdminChanges, config: Config) -> AdminChanges:

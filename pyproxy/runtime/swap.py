@@ -11,13 +11,15 @@ new config comes from is the `ConfigSource` it was given: the config file
 (`FileSource`), or a config built in code that a reload re-applies as it is
 (`FixedSource`, for `--demo`). See docs/reload.md.
 
-Backends the admin API added or removed are kept in `AdminChanges`, which every
-rebuild applies on top of the file, and (with `admin.state_file`) on disk
-(state_file.py), so they survive reloads and restarts.
+Backends the admin API added, removed or overrode (weight, drain) are kept in
+`AdminChanges`, which every rebuild applies on top of the file, and (with
+`admin.state_file`) on disk (state_file.py), so they survive reloads and restarts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import threading
 import time
@@ -31,7 +33,13 @@ from pyproxy.config.schema import BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import url_identity
-from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.snapshot import (
+    NO_OVERRIDE,
+    AdminChanges,
+    BackendOverride,
+    RuntimeHolder,
+    build_runtime,
+)
 from pyproxy.runtime.state_file import save_state
 from pyproxy.runtime.watcher import file_digest
 
@@ -43,6 +51,15 @@ class ReloadResult:
     ok: bool
     changes: list[str]  # what changed, when ok
     problems: list[str]  # why nothing changed, when not ok
+
+
+class Keep(enum.Enum):
+    """`set_backend`'s "leave this as it is" (None already means "clear the weight")."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 
 class ConfigSource(Protocol):
@@ -190,7 +207,8 @@ class RuntimeSwap:
                         f"a backend named {existing.name} with url {existing.url} exists"
                     )
             admin = self.holder.admin
-            admin = AdminChanges(
+            admin = dataclasses.replace(
+                admin,
                 added=(*admin.added, backend),
                 removed_urls=admin.removed_urls - {backend.url},
             )
@@ -211,12 +229,37 @@ class RuntimeSwap:
             if target is None:
                 return None
             admin = self.holder.admin
-            admin = AdminChanges(
+            admin = dataclasses.replace(
+                admin,
                 added=tuple(b for b in admin.added if b.url != target.url),
                 removed_urls=admin.removed_urls | {target.url},
             )
             self._swap(runtime.config, admin)
         log.info("admin: removed backend %s (%s)", target.name, target.url)
+        return target
+
+    def set_backend(
+        self, name: str, *, weight: int | Keep | None = KEEP, drain: bool | None = None
+    ) -> Backend | None:
+        """Override a running backend's weight (None: back to the configured one) and
+        drain it or undo that; None if there is no backend by that name. Drain stops
+        new requests at once (the judge reads it); in-flight ones finish."""
+        with self.holder.swap_lock:
+            target = self.holder.runtime.find(name=name)
+            if target is None:
+                return None
+            admin = self.holder.admin
+            old = admin.overrides.get(target.url, NO_OVERRIDE)
+            new = BackendOverride(
+                weight=old.weight if weight is KEEP else weight,
+                drain=old.drain if drain is None else drain,
+            )
+            overrides = {url: o for url, o in admin.overrides.items() if url != target.url}
+            if not new.is_empty():
+                overrides[target.url] = new
+            self._swap(self.holder.runtime.config, dataclasses.replace(admin, overrides=overrides))
+        log.info("admin: set backend %s (%s): %s (configured weight %d)",
+                 target.name, target.url, new.describe(), target.config.weight)  # fmt: skip
         return target
 
     # -- the swap ------------------------------------------------------------------
@@ -229,6 +272,12 @@ class RuntimeSwap:
             admin=admin,
             on_store_error=self.holder.on_store_error,
         )
+        for backend in gone:
+            if backend.url in admin.overrides:
+                log.info("admin: backend %s (%s) left the running set; its override (%s) "
+                         "is dropped", backend.name, backend.url,
+                         admin.overrides[backend.url].describe())  # fmt: skip
+        admin = admin.overrides_only_for({b.url for b in runtime.backends})
         self.holder.runtime = runtime
         self.holder.admin = admin
         for backend in gone:
@@ -271,5 +320,10 @@ def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
             added.name, added.url, backend.url,
         )  # fmt: skip
         dropped.add(added.url)
-    kept = tuple(b for b in admin.added if b.url not in dropped)
-    return AdminChanges(added=kept, removed_urls=admin.removed_urls)
+    kept = dataclasses.replace(admin, added=tuple(b for b in admin.added if b.url not in dropped))
+    running = {b.url for b, _ in kept.desired(config)}
+    for url, override in kept.overrides.items():
+        if url not in running:
+            log.warning("admin state: dropped the override of %s (%s): it is not in the "
+                        "running set", url, override.describe())  # fmt: skip
+    return kept.overrides_only_for(running)
