@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from backends import (
+    Blackhole,
     EchoBackend,
     ScriptedBackend,
     closed_port,
@@ -233,6 +234,26 @@ def test_a_refused_probe_hints_at_the_port(caplog: pytest.LogCaptureFixture) -> 
             f"backend web1 down: GET http://127.0.0.1:{port}/health -> connection refused "
             "(1 failure in a row); is the backend running, and listening on that port? "
             "(health_check.port)",
+        )
+    ]
+
+
+def test_a_connect_timeout_hints_at_reachability(caplog: pytest.LogCaptureFixture) -> None:
+    """A host that drops SYNs (a firewall) is not slow: the hint says so."""
+    hole = Blackhole()
+    check = HealthCheckConfig(unhealthy_threshold=1, timeout=0.3)
+    backend = make_backend(hole.url, health=check)
+    caplog.set_level(logging.INFO, logger=CHECKER_LOG)
+    try:
+        checker_for(backend, check).probe_once(backend, check)
+    finally:
+        backend.close()
+        hole.close()
+    assert checker_lines(caplog) == [
+        (
+            logging.WARNING,
+            f"backend web1 down: GET {hole.url}/health -> connect timeout (1 failure in a row); "
+            "no connection within health_check.timeout; is the host reachable (a firewall)?",
         )
     ]
 

@@ -68,6 +68,8 @@ def hint(result: ProbeResult, settings: HealthCheckConfig) -> str:
         )
     if result.cause == "refused":
         return "is the backend running, and listening on that port? (health_check.port)"
+    if result.detail == "connect timeout":
+        return "no connection within health_check.timeout; is the host reachable (a firewall)?"
     if result.cause == "timeout":
         return (
             f"no answer within health_check.timeout ({settings.timeout:g}s); "

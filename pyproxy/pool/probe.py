@@ -60,7 +60,7 @@ class ProbeResult:
     body: bytes = b""  # the first MAX_PROBE_BODY bytes of the answer's body at most
     timed_out: bool = False  # it used its whole timeout (the scheduler keeps such apart)
     status: int | None = None  # the final answer's status, if one came
-    cause: Cause = "passed"
+    cause: Cause = "error"
 
 
 def probe_url(backend: Backend, settings: HealthCheckConfig) -> str:
@@ -156,7 +156,7 @@ def _judge(status: int, body: bytes, settings: HealthCheckConfig) -> ProbeResult
         # `http-check expect string` searches only its check buffer.
         shown = expected if len(expected) <= 40 else expected[:37] + "..."
         return ProbeResult(False, f"body lacks {shown!r}", body, status=status, cause="body")
-    return ProbeResult(True, str(status), body, status=status)
+    return ProbeResult(True, str(status), body, status=status, cause="passed")
 
 
 class Probe:
