@@ -122,6 +122,12 @@ def pages() -> Iterator[ScriptedBackend]:
             "/starting": answering(b'{"status": "starting"}\n'),
             "/late": answering(pattern_bytes(MAX_PROBE_BODY) + b"ok"),
             "/gone": answering(b"ok", status=404),
+            "/chunked": [  # the marker in the second chunk: the prefix read spans chunks
+                send(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"9\r\n{\"status\"\r\n7\r\n: \"ok\"}\r\n0\r\n\r\n"
+                )
+            ],
         }
     )
     yield backend
@@ -137,6 +143,11 @@ def paged(pages: ScriptedBackend) -> Iterator[Backend]:
 
 def test_expect_body_passes_when_the_body_contains_it(paged: Backend) -> None:
     result = probe(paged, path="/ok", expect_body='"ok"')
+    assert (result.passed, result.detail) == (True, "200")
+
+
+def test_expect_body_is_found_across_chunks(paged: Backend) -> None:
+    result = probe(paged, path="/chunked", expect_body='"status": "ok"')
     assert (result.passed, result.detail) == (True, "200")
 
 
