@@ -210,7 +210,9 @@ def test_injected_failures_open_the_circuit_when_the_status_counts_as_a_failure(
 
     refused = http.get(proxy.proxy_url, timeout=WAIT)  # now nothing is available
     assert refused.status_code == 503
-    assert refused.text == "503 Service Unavailable: no backend available\n"
+    assert refused.text == (
+        "503 Service Unavailable: no backend available in pool default: echo circuit open\n"
+    )
     assert "Retry-After" in refused.headers
     assert registry_value(proxy, "proxy_errors_total", backend="", reason="no_backend") == 1
     assert registry_value(proxy, "proxy_errors_total", backend="echo", reason="chaos") == 3
@@ -252,7 +254,10 @@ def test_retries_and_the_breaker_together_move_traffic_off_a_chaotic_backend(
     states = [registry_value(proxy, "proxy_circuit_state", backend=b.name) for b in backends]
     assert states == [2, 2, 2]
     last = http.get(proxy.proxy_url, timeout=WAIT)
-    assert last.text == "503 Service Unavailable: no backend available\n"
+    assert last.text == (
+        "503 Service Unavailable: no backend available in pool default: "
+        "b0 circuit open, b1 circuit open, b2 circuit open\n"
+    )
     assert total(proxy, "proxy_errors_total", reason="chaos") == 2 * 3
     assert registry_value(proxy, "proxy_errors_total", backend="", reason="no_backend") == 2
     assert total(proxy, "proxy_retries_total") == 2 * 2

@@ -186,14 +186,16 @@ def test_the_status_must_be_in_expected_status(
     probed: Backend, status: int, expected: tuple[int, int], passes: bool
 ) -> None:
     result = check_backend(probed, settings(f"/status/{status}", expected_status=expected))
-    assert result == (passes, str(status))
+    assert result == (passes, str(status) if passes else f"{status} on /status/{status}")
 
 
 @pytest.mark.parametrize(("expected", "passes"), [((200, 299), False), ((200, 399), True)])
 def test_a_redirect_is_judged_by_its_own_status_not_followed(
     probed: Backend, echo_backend: EchoBackend, expected: tuple[int, int], passes: bool
 ) -> None:
-    assert check_backend(probed, settings("/redirect", expected_status=expected)) == (passes, "302")
+    detail = "302" if passes else "302 on /redirect"  # a failure says where
+    result = check_backend(probed, settings("/redirect", expected_status=expected))
+    assert result == (passes, detail)
     assert [r.target for r in echo_backend.requests()] == ["/redirect"]  # not /elsewhere
 
 
@@ -301,7 +303,12 @@ def test_probe_once_logs_and_reports_only_real_transitions(
         backend.close()
     assert transitions == ["down", "up"]
     lines = [r.getMessage() for r in caplog.records if r.name == "pyproxy.pool.health_checker"]
-    assert lines == ["backend probed is down (500)", "backend probed is up (200)"]
+    url = f"{flip.url}/health"
+    assert lines == [
+        f"backend probed down: GET {url} -> 500 (2 failures in a row); the status is outside "
+        "health_check.expected_status (200-399); fix the page or widen expected_status",
+        f"backend probed up: GET {url} -> 200",
+    ]
     assert [r.levelno for r in caplog.records if r.name == "pyproxy.pool.health_checker"] == [
         logging.WARNING,
         logging.INFO,
@@ -366,7 +373,7 @@ def test_a_failing_backend_goes_down_gets_no_traffic_and_comes_back(
     assert {get(proxy).headers["X-Backend"] for _ in range(4)} == {"flip", "good"}
 
     messages = [r.getMessage() for r in caplog.records if r.name == "pyproxy.pool.health_checker"]
-    assert [m.split(" (")[0] for m in messages] == ["backend flip is down", "backend flip is up"]
+    assert [m.split(": ")[0] for m in messages] == ["backend flip down", "backend flip up"]
 
 
 def test_the_first_probe_runs_at_start(

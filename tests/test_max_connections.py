@@ -68,7 +68,10 @@ def test_with_every_backend_full_the_client_gets_503_at_once(
     reply = get(proxy)
     assert time.monotonic() - started < 0.5  # no waiting in a queue, no connect attempt
     assert reply.status_code == 503
-    assert reply.text == "503 Service Unavailable: no backend available\n"
+    assert reply.text == (
+        "503 Service Unavailable: no backend available in pool default: "
+        "echo at max_connections (1)\n"
+    )
     assert int(reply.headers["Retry-After"]) >= 1
     assert reply.headers["X-Request-ID"]
     assert len(echo_backend.requests()) == 1 and echo_backend.connections == 1

@@ -653,7 +653,9 @@ def test_with_every_circuit_open_the_client_gets_503_without_an_attempt(
     connections = flaky.connections
     reply = get(proxy)
     assert reply.status_code == 503
-    assert reply.text == "503 Service Unavailable: no backend available\n"
+    assert reply.text == (
+        "503 Service Unavailable: no backend available in pool default: flaky circuit open\n"
+    )
     assert int(reply.headers["Retry-After"]) >= 1
     assert len(flaky.traffic()) == 2 and flaky.connections == connections
     assert requests.get(proxy.admin_url + "/readyz", timeout=WAIT).status_code == 503

@@ -1,16 +1,20 @@
-"""Active health checks: `HealthChecker` schedules probes; one probe is in healthprobe.py.
+"""Active health checks: `HealthChecker` schedules probes; one probe is in probe.py.
 
 Each backend is probed at start, then `interval` (with ~10% jitter) after its
 previous probe ended, so probes of many backends (or of many pyproxy instances) do
 not fall into lockstep. Every backend keeps its own schedule: no backend waits for
-another's probe to end. Only real transitions are logged.
+another's probe to end.
+
+Only real transitions are logged, one line each (a backend down for an hour is not
+one line per probe): going down at WARNING with the URL probed, what came back, the
+streak, and a hint at the usual cause (`hint()`); coming back up at INFO.
 
 Threads: one scheduler, `pyproxy-health`, which never does network I/O, and at most
 `max_workers` probe workers, `pyproxy-probe-N`, started as they are needed. Three
 rules keep a slow backend from delaying anyone else, with bounded threads however
 many backends there are:
 
-1. A probe takes at most `timeout` (healthprobe.py), so a worker is never held longer.
+1. A probe takes at most `timeout` (probe.py), so a worker is never held longer.
 2. A backend has at most one probe queued or running: a backend that hangs occupies
    one worker, never more, and is not probed again until that probe ends.
 3. Backends whose last probe used its whole timeout ("slow") may hold at most half
@@ -33,7 +37,7 @@ from collections.abc import Callable, Sequence
 
 from pyproxy.config.schema import HealthCheckConfig
 from pyproxy.pool.backend import Backend
-from pyproxy.pool.probe import Probe, ProbeResult, check_backend
+from pyproxy.pool.probe import MAX_PROBE_BODY, Probe, ProbeResult, check_backend, probe_url
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,49 @@ log = logging.getLogger(__name__)
 # backends (a few ms each) every 5 s with room to spare.
 PROBE_WORKERS = 32
 IDLE_WAIT = 1.0  # the scheduler looks again at least this often (settings may change)
+
+
+def hint(result: ProbeResult, settings: HealthCheckConfig) -> str:
+    """What to look at when a backend goes down, by what its last probe met."""
+    low, high = settings.expected_status
+    if result.cause == "status" and result.status in (404, 405):
+        return (
+            f"set health_check.path to a page that answers {low}-{high}, "
+            "or health_check.enabled: false"
+        )
+    if result.cause == "status":
+        return (
+            f"the status is outside health_check.expected_status ({low}-{high}); "
+            "fix the page or widen expected_status"
+        )
+    if result.cause == "body":
+        return (
+            f"health_check.expect_body is not in the first {MAX_PROBE_BODY // 1024} KiB "
+            "of the answer; check the page or expect_body"
+        )
+    if result.cause == "refused":
+        return "is the backend running, and listening on that port? (health_check.port)"
+    if result.detail == "connect timeout":
+        return "no connection within health_check.timeout; is the host reachable (a firewall)?"
+    if result.cause == "timeout":
+        return (
+            f"no answer within health_check.timeout ({settings.timeout:g}s); "
+            "raise the timeout or check why the backend is slow"
+        )
+    return "is the backend speaking HTTP on that port (http:// vs https://)?"
+
+
+def _what_came_back(result: ProbeResult) -> str:
+    """The log's words after the arrow: "404", "200, body lacks 'ok'", "connection refused"."""
+    if result.cause == "status":
+        return str(result.status)  # the URL beside it already names the path
+    if result.cause == "body":
+        return f"{result.status}, {result.detail}"
+    return result.detail
+
+
+def _failures(count: int) -> str:
+    return f"{count} failure" if count == 1 else f"{count} failures"
 
 
 class HealthChecker:
@@ -98,15 +145,21 @@ class HealthChecker:
 
     def probe_once(self, backend: Backend, settings: HealthCheckConfig) -> bool:
         """Probe in the calling thread and record; True if the verdict changed."""
-        passed, detail = check_backend(backend, settings)
-        return self._record(backend, ProbeResult(passed, detail))
+        return self._record(backend, Probe(backend, settings).run(), settings)
 
-    def _record(self, backend: Backend, result: ProbeResult) -> bool:
-        changed = backend.health.record(result.passed, result.detail, self._clock())
+    def _record(self, backend: Backend, result: ProbeResult, settings: HealthCheckConfig) -> bool:
+        health = backend.health
+        changed = health.record(result.passed, result.detail, self._clock())
         if changed:
-            level = logging.INFO if backend.health.up else logging.WARNING
-            state = backend.health.state
-            log.log(level, "backend %s is %s (%s)", backend.name, state, result.detail)
+            url = probe_url(backend, settings)
+            seen = _what_came_back(result)
+            if health.up:
+                log.info("backend %s up: GET %s -> %s", backend.name, url, seen)
+            else:
+                log.warning(
+                    "backend %s down: GET %s -> %s (%s in a row); %s",
+                    backend.name, url, seen, _failures(health.fail_streak), hint(result, settings),
+                )  # fmt: skip
             self._on_transition(backend)
         return changed
 
@@ -175,7 +228,7 @@ class HealthChecker:
             try:
                 result = probe.run()
                 if not probe.aborted:
-                    self._record(probe.backend, result)
+                    self._record(probe.backend, result, probe.settings)
             except Exception:
                 log.exception("health probe of %s crashed", probe.backend.name)
                 result = ProbeResult(False, "crashed")
@@ -192,3 +245,6 @@ class HealthChecker:
             else:
                 self._slow.discard(backend)
         self._wake.set()
+
+
+__all__ = ["HealthChecker", "check_backend", "hint"]

@@ -12,9 +12,10 @@ each address tried, and an https backend's TLS handshake, get the time that was 
 when the connect began; the DNS lookup has the system resolver's own timeouts.
 
 The body is read only up to `MAX_PROBE_BODY` bytes: enough to see that a short
-answer arrived whole (and for a future check of the body's content), never a large
-or endless one. The connection is then closed: a probe never returns a connection
-to the pool the client traffic uses, whatever state the answer left it in.
+answer arrived whole and to look for `expect_body` in it, never a large or endless
+one (so `expect_body` is searched for in that prefix only). The connection is then
+closed: a probe never returns a connection to the pool the client traffic uses,
+whatever state the answer left it in.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
+from urllib.parse import urlsplit
 
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ProtocolError
@@ -42,16 +44,34 @@ from pyproxy.pool.errors import classify
 MAX_PROBE_BODY = 16 * 1024
 MAX_INTERIM = 8  # 1xx answers accepted before the final one (each within the deadline)
 
+# What kind of failure a probe met; the log's hint is chosen by it (health_checker.py).
+Cause = Literal["passed", "status", "body", "refused", "timeout", "error"]
+
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What one probe saw. `detail` is a few words for the log and /admin/backends:
-    the status ("200"), or why it failed ("connection refused", "no response in time")."""
+    """What one probe saw. `detail` is a few words for the log, /admin/backends and the
+    503 body: the status of a pass ("200"), the status and path of a failing answer
+    ("404 on /health"), or why it failed ("connection refused", "body lacks 'ok'").
+    It never holds an address: the 503 body that repeats it may go to anyone."""
 
     passed: bool
     detail: str
     body: bytes = b""  # the first MAX_PROBE_BODY bytes of the answer's body at most
     timed_out: bool = False  # it used its whole timeout (the scheduler keeps such apart)
+    status: int | None = None  # the final answer's status, if one came
+    cause: Cause = "error"
+
+
+def probe_url(backend: Backend, settings: HealthCheckConfig) -> str:
+    """The URL a probe of `backend` requests: its scheme and host, `health_check.port`
+    if set, and `health_check.path` (for the log; the Host header may differ)."""
+    parts = urlsplit(backend.url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal (RFC 3986 §3.2.2)
+    port = settings.port or parts.port
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}{settings.path}"
 
 
 def _time_left(deadline: float) -> float:
@@ -109,14 +129,34 @@ def _read_body(answer: http.client.HTTPResponse) -> bytes:
     return body
 
 
-def _describe(exc: Exception) -> str:
-    """The hot path's words for what went wrong (errors.classify)."""
+def _describe(exc: Exception) -> tuple[str, Cause]:
+    """The hot path's words for what went wrong (errors.classify), and its kind."""
     if isinstance(exc, http.client.HTTPException | ConnectionError):
         exc = ProtocolError("health answer", exc)  # as urllib3 wraps these
     try:
-        return classify(exc).detail
+        detail = classify(exc).detail
     except Exception:
-        return type(exc).__name__
+        return type(exc).__name__, "error"
+    if detail == "connection refused":  # also a name that does not resolve
+        return detail, "refused"
+    if detail in ("connect timeout", "no response in time"):
+        return detail, "timeout"
+    return detail, "error"
+
+
+def _judge(status: int, body: bytes, settings: HealthCheckConfig) -> ProbeResult:
+    """Pass or fail a complete answer by its status, then by `expect_body`."""
+    low, high = settings.expected_status
+    if not low <= status <= high:
+        detail = f"{status} on {settings.path}"
+        return ProbeResult(False, detail, body, status=status, cause="status")
+    expected = settings.expect_body
+    if expected is not None and expected.encode() not in body:
+        # Only the prefix read (MAX_PROBE_BODY) is searched, as HAProxy's
+        # `http-check expect string` searches only its check buffer.
+        shown = expected if len(expected) <= 40 else expected[:37] + "..."
+        return ProbeResult(False, f"body lacks {shown!r}", body, status=status, cause="body")
+    return ProbeResult(True, str(status), body, status=status, cause="passed")
 
 
 class Probe:
@@ -145,6 +185,10 @@ class Probe:
         # urllib3's own factory: the same connection class, TLS settings and socket
         # options as the connections of the pool the client traffic uses.
         conn = cast(HTTPConnection, self.backend.pool._new_conn())
+        if settings.port:
+            # Set before connecting: the class's connect reads `port`, so an admin-added
+            # backend's SSRF check (connection.py) runs on this port's addresses too.
+            conn.port = settings.port
         with self._lock:
             if self.aborted:
                 return ProbeResult(False, "aborted")
@@ -163,19 +207,19 @@ class Probe:
             status = answer.status
             body = _read_body(answer)
         except Exception as exc:
-            detail = _describe(exc)
+            detail, cause = _describe(exc)
             if status is not None:
                 detail = f"{status}, body failed: {detail}"
             timed_out = time.monotonic() >= deadline
-            return ProbeResult(False, detail, timed_out=timed_out)
+            return ProbeResult(False, detail, timed_out=timed_out, status=status, cause=cause)
         finally:
             conn.close()
-        low, high = settings.expected_status
-        return ProbeResult(low <= status <= high, str(status), body)
+        return _judge(status, body, settings)
 
     def _headers(self) -> dict[str, str]:
         return {
-            "Host": self.backend.netloc,
+            # As given: a virtual host the backend serves its health page under.
+            "Host": self.settings.host or self.backend.netloc,
             "User-Agent": f"pyproxy-health/{__version__}",
             "Accept-Encoding": SKIP_HEADER,  # else http.client adds "identity"
             "Connection": "close",  # one probe, one connection: say so

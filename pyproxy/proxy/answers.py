@@ -4,21 +4,58 @@ Each is a short `text/plain` body `<code> <reason>: <why>` with the X-Request-ID
 for the statuses that invite a retry (429, 503) a `Retry-After` (RFC 9110 §10.2.3).
 Each answer is counted in `proxy_requests_total` like a relayed one. Which failure
 becomes which status is decided in errors.py; this module only writes the answer.
+
+The 503 for "nothing available" says why, backend by backend
+(`no_backend_available_in_pool`), so that an operator meeting it for the first time
+(a backend without the default `/health` page, say) sees the cause in the answer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.ratelimit import rate_limit_headers
+from pyproxy.pool.backend import Backend
 from pyproxy.pool.errors import Failure, error_body, reason_phrase
 from pyproxy.proxy.request import Outcome, Request
 from pyproxy.runtime.snapshot import Runtime
 from pyproxy.wsgi import ExcInfo, StartResponse
 
 Headers = list[tuple[str, str]]
+
+MAX_LISTED = 10  # backends named in a 503 body at most; the rest are counted
+MAX_DETAIL = 60  # characters of a probe's detail repeated there (it holds the health path)
+
+
+def no_backend_available_in_pool(
+    pool: str, backends: Sequence[Backend], judge: Callable[[Backend], str | None]
+) -> str:
+    """One line for the 503 when no backend of `pool` may take the request: each
+    backend and why not, in `judge`'s words (the runtime's `why_unavailable`), with
+    the last probe's detail for a health verdict:
+
+        no backend available in pool web: web1 health down (404 on /health), web2 circuit open
+
+    The body goes to whoever sent the request, so it names backends only, never their
+    URLs or addresses (probe details hold a status, a path or a few fixed words), and
+    it stays short however many backends the pool has.
+    """
+    reasons = []
+    for backend in backends[:MAX_LISTED]:
+        why = judge(backend)
+        if why is None:
+            why = "busy"  # available again by now, or it lost a race for its last slot
+        elif why.startswith("health") and backend.health.last_result:
+            detail = backend.health.last_result
+            if len(detail) > MAX_DETAIL:
+                detail = detail[: MAX_DETAIL - 3] + "..."
+            why = f"{why} ({detail})"
+        reasons.append(f"{backend.name} {why}")
+    if len(backends) > MAX_LISTED:
+        reasons.append(f"and {len(backends) - MAX_LISTED} more")
+    return f"no backend available in pool {pool}: " + (", ".join(reasons) or "none configured")
 
 
 class OwnAnswers:
@@ -78,19 +115,23 @@ class OwnAnswers:
         request: Request,
         outcome: Outcome,
         start_response: StartResponse,
+        pool: str = "default",
+        backends: Sequence[Backend] | None = None,
     ) -> Iterable[bytes]:
-        """503 + Retry-After when nothing is available, with no upstream attempt."""
+        """503 + Retry-After when nothing in `pool` is available (`backends`: its
+        backends, all of the runtime's by default), with no upstream attempt."""
+        backends = runtime.backends if backends is None else backends
         wait = 1.0
         limiter = runtime.backend_limiter
         if limiter is not None:
             judge = runtime.why_unavailable  # without the bucket: who waits only for a token
-            ready = [b for b in runtime.backends if judge(b, rate_bucket=False) is None]
+            ready = [b for b in backends if judge(b, rate_bucket=False) is None]
             if ready:  # otherwise fine, but every bucket is empty
                 self.metrics.rate_limited.labels("backend").inc()
                 wait = max(wait, limiter.seconds_until_token(b.name for b in ready))
         self.metrics.count_error("", "no_backend")
         retry_after = [("Retry-After", str(math.ceil(min(wait, 3600.0))))]
-        why = "no backend available"
+        why = no_backend_available_in_pool(pool, backends, runtime.why_unavailable)
         return self.answer(request, outcome, start_response, 503, why, retry_after)
 
     def over_client_limit(
