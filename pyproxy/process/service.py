@@ -81,7 +81,7 @@ class Service:
         )
         self.holder = RuntimeHolder(runtime, admin_changes, on_store_error=store_error)
         # The per-backend gauges are read from the running backends at each scrape.
-        self.metrics.read_backends_from(lambda: self.holder.runtime.backends)
+        self.metrics.read_backends_from(lambda: self.holder.runtime.members())
         self._access_log_stream = access_log_stream  # kept for rebuilds on reload
         self.access_log = (
             AccessLog(config.access_log, stream=access_log_stream)
@@ -120,6 +120,7 @@ class Service:
         self.health_checker = HealthChecker(
             backends=lambda: self.holder.runtime.backends,
             settings=lambda: self.holder.runtime.config.health_check,
+            settings_for=lambda backend: self.holder.runtime.health_settings(backend),
             # Nothing to publish: the backend gauges are read at each scrape (metrics.py).
             on_transition=lambda backend: None,
             clock=clock,

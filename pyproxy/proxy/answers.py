@@ -15,6 +15,7 @@ from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.ratelimit import rate_limit_headers
 from pyproxy.pool.errors import Failure, error_body, reason_phrase
 from pyproxy.proxy.request import Outcome, Request
+from pyproxy.runtime.pools import Pool
 from pyproxy.runtime.snapshot import Runtime
 from pyproxy.wsgi import ExcInfo, StartResponse
 
@@ -56,8 +57,9 @@ class OwnAnswers:
             *([exc_info] if exc_info else []),
         )
         self.metrics.observe_request(
-            outcome.backend_name, request.method, status, self.clock() - request.started
-        )
+            outcome.backend_name, request.method, status, self.clock() - request.started,
+            outcome.pool_name,
+        )  # fmt: skip
         return [body]
 
     def failed(
@@ -74,7 +76,7 @@ class OwnAnswers:
 
     def no_backend(
         self,
-        runtime: Runtime,
+        runtime: Runtime | Pool,
         request: Request,
         outcome: Outcome,
         start_response: StartResponse,
@@ -88,7 +90,7 @@ class OwnAnswers:
             if ready:  # otherwise fine, but every bucket is empty
                 self.metrics.rate_limited.labels("backend").inc()
                 wait = max(wait, limiter.seconds_until_token(b.name for b in ready))
-        self.metrics.count_error("", "no_backend")
+        self.metrics.count_error("", "no_backend", outcome.pool_name)
         retry_after = [("Retry-After", str(math.ceil(min(wait, 3600.0))))]
         why = "no backend available"
         return self.answer(request, outcome, start_response, 503, why, retry_after)

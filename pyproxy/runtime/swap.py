@@ -18,6 +18,7 @@ rebuild applies on top of the file, and (with `admin.state_file`) on disk
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -173,10 +174,13 @@ class RuntimeSwap:
 
     # -- admin changes -------------------------------------------------------------
 
-    def add_backend(self, backend: BackendConfig) -> Backend:
-        """Add a backend (already validated); raises KeyError if its name or URL exists."""
+    def add_backend(self, backend: BackendConfig, pool: str | None = None) -> Backend:
+        """Add a backend (already validated) to `pool` (None: the only pool); raises
+        KeyError if its name or URL exists, ValueError if the pool is unknown or must
+        be named (more than one pool)."""
         with self.holder.swap_lock:
             runtime = self.holder.runtime
+            pool = pool_for_added(runtime.config, pool)
             identity = url_identity(backend.url)
             for existing in runtime.backends:
                 if existing.name == backend.name or url_identity(existing.url) == identity:
@@ -184,9 +188,14 @@ class RuntimeSwap:
                         f"a backend named {existing.name} with url {existing.url} exists"
                     )
             admin = self.holder.admin
-            admin = AdminChanges(
+            admin = dataclasses.replace(
+                admin,
                 added=(*admin.added, backend),
                 removed_urls=admin.removed_urls - {backend.url},
+                added_pools=(
+                    *((url, name) for url, name in admin.added_pools if url != backend.url),
+                    (backend.url, pool),
+                ),
             )
             self._swap(runtime.config, admin)
             added = self.holder.runtime.find(url=backend.url)
@@ -205,9 +214,11 @@ class RuntimeSwap:
             if target is None:
                 return None
             admin = self.holder.admin
-            admin = AdminChanges(
+            admin = dataclasses.replace(
+                admin,
                 added=tuple(b for b in admin.added if b.url != target.url),
                 removed_urls=admin.removed_urls | {target.url},
+                added_pools=tuple(p for p in admin.added_pools if p[0] != target.url),
             )
             self._swap(runtime.config, admin)
         log.info("admin: removed backend %s (%s)", target.name, target.url)
@@ -227,11 +238,25 @@ class RuntimeSwap:
         self.holder.admin = admin
         for backend in gone:
             backend.retire()
-            if runtime.backend_limiter is not None:
-                runtime.backend_limiter.forget(backend.name)
+            for pool in runtime.pools.values():
+                if pool.backend_limiter is not None:
+                    pool.backend_limiter.forget(backend.name)
         state_file = config.admin.state_file
         if state_file:
             save_state(state_file, admin)
+
+
+def pool_for_added(config: Config, pool: str | None) -> str:
+    """The pool an admin-added backend goes to: the one named, or the only one.
+    ValueError (a 400 for the admin API) when it is unknown or must be named."""
+    names = [p.name for p in config.pools]
+    if pool is None:
+        if len(names) > 1:
+            raise ValueError(f"'pool' is required: there are pools {', '.join(names)}")
+        return names[0]
+    if pool not in names:
+        raise ValueError(f"unknown pool {pool!r} (pools: {', '.join(names)})")
+    return pool
 
 
 def _clashes(config: Config, admin: AdminChanges) -> list[tuple[int, BackendConfig, BackendConfig]]:
@@ -266,4 +291,4 @@ def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
         )  # fmt: skip
         dropped.add(added.url)
     kept = tuple(b for b in admin.added if b.url not in dropped)
-    return AdminChanges(added=kept, removed_urls=admin.removed_urls)
+    return dataclasses.replace(admin, added=kept)
