@@ -109,7 +109,7 @@ class OwnAnswers:
         if decision.allowed:
             return None
         self.metrics.rate_limited.labels("client").inc()
-        self.metrics.count_error("", "rate_limited")
+        self.metrics.count_error("", "rate_limited", outcome.pool_name)
         burst = settings.burst or settings.per_client.count
         extra = rate_limit_headers(decision, settings.per_client, burst)
         return self.answer(request, outcome, start_response, 429, "rate limit exceeded", extra)

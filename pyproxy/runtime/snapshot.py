@@ -9,6 +9,7 @@ keep a server's health and counters across a reload too). Pools live in pools.py
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -93,6 +94,13 @@ class Runtime:
         pool = self.pool_of.get(backend)
         limiter = pool.backend_limiter if pool is not None and rate_bucket else None
         return why_unavailable(backend, limiter)
+
+    def replacing_pool(self, pool: Pool) -> Runtime:
+        """This snapshot with `pool` in place of its namesake (a test swaps a pool's
+        rate limiter this way, as a reload would)."""
+        pools = {**self.pools, pool.name: pool}
+        pool_of = {**self.pool_of, **dict.fromkeys(pool.backends, pool)}
+        return dataclasses.replace(self, pools=pools, pool_of=pool_of)
 
     def members(self) -> list[tuple[str, Backend]]:
         """(pool name, backend) for every running backend, pool by pool."""

@@ -194,7 +194,8 @@ class RuntimeSwap:
                 removed_urls=admin.removed_urls - {backend.url},
                 added_pools=(
                     *((url, name) for url, name in admin.added_pools if url != backend.url),
-                    (backend.url, pool),
+                    # the first pool is where an added backend goes anyway
+                    *([(backend.url, pool)] if pool != runtime.config.pools[0].name else []),
                 ),
             )
             self._swap(runtime.config, admin)
