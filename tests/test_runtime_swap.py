@@ -48,8 +48,9 @@ def make_swap(config: Config, admin: AdminChanges | None = None) -> tuple[Runtim
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
-    """A sample of the one pool these tests run (`default`)."""
-    return metrics.registry.get_sample_value(name, {"pool": "default", **labels})
+    """A sample; a backend's series are those of the one pool these tests run."""
+    pool = {"pool": "default"} if "backend" in labels else {}
+    return metrics.registry.get_sample_value(name, {**pool, **labels})
 
 
 def write_yaml(path: Path, backends: list[BackendConfig], **extra: Any) -> None:
