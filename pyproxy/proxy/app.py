@@ -21,14 +21,14 @@ from typing import Any
 from pyproxy.headers import downstream_response_headers
 from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
-from pyproxy.policy.retry import RetryBudget, retry_verdict
+from pyproxy.policy.retry import RetryBudget
 from pyproxy.policy.routes import request_host
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.errors import Failure
 from pyproxy.proxy.admission import Admission
 from pyproxy.proxy.answers import OwnAnswers
-from pyproxy.proxy.attempt import AttemptContext, UpstreamSend, try_backend
+from pyproxy.proxy.attempt import AttemptContext, UpstreamSend, try_backend, why_not_retry
 from pyproxy.proxy.choice import BackendChoice
 from pyproxy.proxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.proxy.request import ALLOWED_METHODS, Outcome, Request, edge_refusal_record
@@ -198,7 +198,8 @@ class ProxyApp:
                 admission.end_attempt()
                 return self._not_sent(request, outcome, start_response, failure)
             self.metrics.count_error(backend.name, failure.reason, pool.name)
-            why_not = self._why_not_retry(pool, request, outcome, failure, deadline, admission)
+            left = None if deadline is None else deadline - self.clock()
+            why_not = why_not_retry(pool, request, outcome.attempts, failure, left, admission)
             if outcome.explanation is not None:
                 verdict = "retry" if why_not is None else f"no retry: {why_not}"
                 outcome.explanation.outcome(f"{failure.status} {failure.detail}, {verdict}")
@@ -235,33 +236,6 @@ class ProxyApp:
             if failure.status >= 500:  # pyproxy could not build its own request: a bug
                 log.error("request %s not forwarded: %s", request.request_id, failure.detail)
         return self.own_answers.failed(request, outcome, start_response, failure)
-
-    def _why_not_retry(
-        self,
-        pool: Pool,
-        request: Request,
-        outcome: Outcome,
-        failure: Failure,
-        deadline: float | None,
-        admission: Admission,
-    ) -> str | None:
-        """None to retry; else the reason not to (kept for the access log)."""
-        why_not = retry_verdict(
-            failure,
-            method=request.method,
-            retries_done=outcome.attempts - 1,
-            settings=pool.config.retries,
-            body_replayable=request.replayable,
-            seconds_left=None if deadline is None else deadline - self.clock(),
-        )
-        if why_not is None and not pool.candidates():
-            why_not = "no backend available for a retry"
-        # The budget stops retries multiplying the load on failing backends. A retry
-        # after a connect error adds none (nothing was sent), so it needs no token.
-        percent = pool.config.retries.budget_percent
-        if why_not is None and failure.request_sent and not admission.take_retry_token(percent):
-            why_not = "retry budget spent"
-        return why_not
 
     # -- answers ---------------------------------------------------------------
 

@@ -22,12 +22,13 @@ from typing import IO
 
 import urllib3
 
+from pyproxy.policy.retry import retry_verdict
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.connection import attempt_context
 from pyproxy.pool.deadline import DEADLINE_WATCHDOG, DeadlineWatchdog
 from pyproxy.pool.errors import Failure, chaos_failure, classify, status_failure
-from pyproxy.proxy.admission import BackendLease
+from pyproxy.proxy.admission import Admission, BackendLease
 from pyproxy.proxy.request import Request
 from pyproxy.runtime.pools import Pool
 from pyproxy.runtime.snapshot import Runtime, attempt_timeout
@@ -138,3 +139,36 @@ def try_backend(
     if failed or status in settings.retries.retry_on:
         return response, status_failure(status)
     return response, None
+
+
+def why_not_retry(
+    pool: Pool,
+    request: Request,
+    attempts: int,
+    failure: Failure,
+    seconds_left: float | None,
+    admission: Admission,
+) -> str | None:
+    """None to retry after `failure` (attempt number `attempts`); else the reason not
+    to (kept for the access log). The pool's retry settings decide."""
+    settings = pool.config.retries
+    why_not = retry_verdict(
+        failure,
+        method=request.method,
+        retries_done=attempts - 1,
+        settings=settings,
+        # Buffered up to any pool's max_body; replayed only up to this pool's.
+        body_replayable=request.replayable and (request.body_length or 0) <= settings.max_body,
+        seconds_left=seconds_left,
+    )
+    if why_not is None and not pool.candidates():
+        why_not = "no backend available for a retry"
+    # The budget stops retries multiplying the load on failing backends. A retry
+    # after a connect error adds none (nothing was sent), so it needs no token.
+    if (
+        why_not is None
+        and failure.request_sent
+        and not admission.take_retry_token(settings.budget_percent)
+    ):
+        why_not = "retry budget spent"
+    return why_not
