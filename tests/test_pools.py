@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from backends import EchoBackend
 from conftest import admin_get, metric_value
 from prometheus_client import CollectorRegistry
 from rawhttp import RawClient
 
-from pyproxy.config.load import parse_config
+from pyproxy.config.load import load_config, parse_config
 from pyproxy.config.schema import Address, AdminConfig, BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.process.service import Service
@@ -325,3 +326,78 @@ def test_admin_backends_lists_pools_and_routes(
         "strip_prefix": True,
     }
     assert listing["strategy"] == "round_robin"
+
+
+def parse_file(path: Any) -> Config:
+    return load_config(str(path))
+
+
+def admin_post(service: Service, path: str, payload: dict[str, Any]) -> requests.Response:
+    with requests.Session() as session:
+        session.trust_env = False
+        return session.post(
+            service.admin_url + path,
+            json=payload,
+            headers={"Authorization": "Bearer secret"},
+            timeout=WAIT,
+        )
+
+
+def test_add_backend_through_the_admin_api_takes_a_pool(
+    start_pools: Callable[[Config], Service],
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+) -> None:
+    web1, api1, api2 = (make_echo_backend(n) for n in ("web1", "api1", "api2"))
+    proxy = start_pools(two_pools([web1], [api1]))
+
+    missing = admin_post(proxy, "/admin/add-backend", {"url": api2.url, "name": "api2"})
+    assert missing.status_code == 400 and "'pool' is required" in missing.text
+    unknown = admin_post(proxy, "/admin/add-backend", entry(api2) | {"pool": "nope"})
+    assert unknown.status_code == 400 and "unknown pool" in unknown.text
+
+    added = admin_post(proxy, "/admin/add-backend", entry(api2) | {"pool": "api"})
+    assert added.status_code == 201, added.text
+    assert added.json()["pool"] == "api"
+    seen = {get(http, proxy, "/v1/", "api.example.com").headers["X-Backend"] for _ in range(4)}
+    assert seen == {"api1", "api2"}
+    assert {get(http, proxy, "/", "www.example.com").headers["X-Backend"] for _ in range(3)} == {
+        "web1"
+    }
+
+
+def test_a_reload_applies_new_routes_and_keeps_state_of_backends_that_stay(
+    tmp_path: Any,
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+) -> None:
+    web1, api1 = make_echo_backend("web1"), make_echo_backend("api1")
+    path = tmp_path / "pyproxy.yaml"
+
+    def write(routes: list[dict[str, Any]]) -> None:
+        document = {
+            "listen": "127.0.0.1:0",
+            "admin": {"listen": "127.0.0.1:0"},
+            "health_check": {"enabled": False},
+            "pools": {"web": {"backends": [entry(web1)]}, "api": {"backends": [entry(api1)]}},
+            "routes": routes,
+        }
+        path.write_text(yaml.safe_dump(document), encoding="utf-8")
+
+    write([{"name": "all", "pool": "web"}])
+    service = Service(parse_file(path), registry=CollectorRegistry())
+    service.start()
+    try:
+        assert service.watcher is not None
+        service.watcher.stop()  # the reload below is the only one
+        before = service.holder.runtime.find(name="web1")
+        assert get(http, service, "/v1/x", "h").headers["X-Backend"] == "web1"
+        write([{"name": "api", "match": {"path_prefix": "/v1"}, "pool": "api"},
+               {"name": "all", "pool": "web"}])  # fmt: skip
+        assert service.reload("test").ok
+        assert get(http, service, "/v1/x", "h").headers["X-Backend"] == "api1"
+        assert get(http, service, "/", "h").headers["X-Backend"] == "web1"
+        assert service.holder.runtime.find(name="web1") is before
+        assert metric_value(service, "proxy_route_requests_total", route="api", pool="api") == 1
+    finally:
+        service.close()
