@@ -24,7 +24,8 @@ from pyproxy.config.load import load_config, parse_config
 from pyproxy.config.schema import Address, AdminConfig, BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.process.service import Service
-from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.state_file import load_state, save_state
 from pyproxy.runtime.swap import RuntimeSwap
 
 WAIT = 10.0  # generous bound for anything that happens in the background
@@ -401,3 +402,13 @@ def test_a_reload_applies_new_routes_and_keeps_state_of_backends_that_stay(
         assert metric_value(service, "proxy_route_requests_total", route="api", pool="api") == 1
     finally:
         service.close()
+
+
+def test_the_pool_of_an_admin_added_backend_survives_a_restart(tmp_path: Any) -> None:
+    state = str(tmp_path / "state.json")
+    added = BackendConfig(url="http://127.0.0.1:9104", name="kept")
+    save_state(state, AdminChanges(added=(added,), added_pools=((added.url, "b"),)))
+    restored = load_state(state)
+    config = pools_config({"a": {"backends": []}, "b": {"backends": []}}, [{"pool": "a"}])
+    runtime, _ = build_runtime(config, admin=restored)
+    assert [b.name for b in runtime.pools["b"].backends] == ["kept"]

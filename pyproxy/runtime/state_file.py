@@ -29,6 +29,7 @@ def save_state(path: str, admin: AdminChanges) -> None:
     payload = {
         "added": [dataclasses.asdict(b) for b in admin.added],
         "removed_urls": sorted(admin.removed_urls),
+        "added_pools": dict(admin.added_pools),  # url -> pool, for added backends
     }
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(prefix=".pyproxy-state-", dir=directory)
@@ -53,11 +54,12 @@ def load_state(path: str | None) -> AdminChanges:
             payload = json.load(handle)
         added = tuple(parse_backend(entry) for entry in payload.get("added", []))
         removed = frozenset(str(url) for url in payload.get("removed_urls", []))
+        pools = tuple((str(u), str(p)) for u, p in payload.get("added_pools", {}).items())
     except (OSError, ValueError, ConfigError, AttributeError, TypeError) as error:
         log.error("admin state file %s ignored: %s", path, error)
         return AdminChanges()
     log.info("admin state: %d added and %d removed backend(s) restored", len(added), len(removed))
-    return AdminChanges(added=added, removed_urls=removed)
+    return AdminChanges(added=added, removed_urls=removed, added_pools=pools)
 
 
 def restorable(changes: AdminChanges, config: Config) -> AdminChanges:
