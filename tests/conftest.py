@@ -309,8 +309,16 @@ def metric(service_or_url: HasAdminUrl | str, name: str, **labels: str) -> float
 
 
 def registry_value(service: Service, name: str, **labels: str) -> float:
-    """One sample from the service's own registry, without HTTP (0 if never observed)."""
-    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+    """One sample from the service's own registry, without HTTP (0 if never observed).
+    Labels left out match anything (a `pool` label, say), as in `metric_value`."""
+    found = [
+        sample
+        for family in service.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name and sample.labels.items() >= labels.items()
+    ]
+    assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples: {found}"
+    return float(found[0].value) if found else 0.0
 
 
 def admin_backends(service_or_url: HasAdminUrl | str) -> dict[str, dict[str, Any]]:

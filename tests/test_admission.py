@@ -39,7 +39,7 @@ from pyproxy.pool.breaker import CircuitBreaker, CircuitState
 from pyproxy.process.service import Service
 from pyproxy.proxy import app as proxy_module
 from pyproxy.proxy.admission import BackendLease
-from pyproxy.runtime.snapshot import Runtime
+from pyproxy.runtime.pools import Pool
 
 OPEN_FOR = 30.0
 
@@ -137,7 +137,7 @@ def test_a_content_length_list_never_costs_the_backend_its_slot(
 
 # (name, owner, attribute, once per attempt): where the request path is broken.
 STEPS: list[tuple[str, Any, str, bool]] = [
-    ("selection", Runtime, "candidates", True),
+    ("selection", Pool, "candidates", True),
     ("breaker admission", CircuitBreaker, "try_acquire", True),
     ("rate token", BackendLimiter, "take", True),
     ("upstream send", None, "send", True),  # None: the app's injected send (below)

@@ -45,16 +45,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The documented series (docs/metrics.md), as a table: name -> (type, label names).
 DOCUMENTED: dict[str, tuple[str, frozenset[str]]] = {
-    "proxy_requests_total": ("counter", frozenset({"backend", "method", "code"})),
-    "proxy_request_duration_seconds": ("histogram", frozenset({"backend"})),
-    "proxy_errors_total": ("counter", frozenset({"backend", "reason"})),
-    "proxy_retries_total": ("counter", frozenset({"backend"})),
+    "proxy_requests_total": ("counter", frozenset({"backend", "pool", "method", "code"})),
+    "proxy_request_duration_seconds": ("histogram", frozenset({"backend", "pool"})),
+    "proxy_errors_total": ("counter", frozenset({"backend", "pool", "reason"})),
+    "proxy_retries_total": ("counter", frozenset({"backend", "pool"})),
     "proxy_in_flight_requests": ("gauge", frozenset()),
-    "proxy_backend_in_flight": ("gauge", frozenset({"backend"})),
-    "proxy_backend_up": ("gauge", frozenset({"backend"})),
-    "proxy_circuit_state": ("gauge", frozenset({"backend"})),
-    "proxy_circuit_opens_total": ("counter", frozenset({"backend"})),
+    "proxy_backend_in_flight": ("gauge", frozenset({"backend", "pool"})),
+    "proxy_backend_up": ("gauge", frozenset({"backend", "pool"})),
+    "proxy_circuit_state": ("gauge", frozenset({"backend", "pool"})),
+    "proxy_circuit_opens_total": ("counter", frozenset({"backend", "pool"})),
     "proxy_rate_limited_total": ("counter", frozenset({"scope"})),
+    "proxy_route_requests_total": ("counter", frozenset({"route", "pool"})),
     "proxy_config_reloads_total": ("counter", frozenset({"result"})),
     "proxy_config_last_reload_successful": ("gauge", frozenset()),
 }
@@ -71,6 +72,7 @@ REASONS = frozenset(
         "deadline_exceeded",
         "client_disconnected",
         "rate_limit_store",
+        "no_route",
     }
 )
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -104,17 +106,25 @@ def families(text: str) -> dict[str, tuple[str, list[Sample]]]:
 
 
 def value(text: str, name: str, **labels: str) -> float | None:
-    """The value of the one sample `name{labels}`, None if absent."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return None
+    """The value of the one sample `name{labels}`, None if absent. Labels left out
+    match anything (a backend's `pool`), but must leave one sample."""
+    found = [
+        float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and sample.labels.items() >= labels.items()
+    ]
+    assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples"
+    return found[0] if found else None
 
 
 def series(text: str, name: str) -> list[dict[str, str]]:
+    """The label sets of `name`, without `pool` (these tests run a v1 file's one pool)."""
     return [
-        s.labels for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
+        {k: v for k, v in s.labels.items() if k != "pool"}
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name
     ]
 
 
@@ -251,13 +261,20 @@ def test_label_values_are_bounded(
     for method in ("FOO", "XQZZY1", "GETX", "get"):
         http.request(method, faulty_proxy.proxy_url + "/weird/path?x=1", timeout=10)
     text = scrape(faulty_proxy)
-    names = {b.name for b in faulty_proxy.holder.runtime.backends} | {""}
+    runtime = faulty_proxy.holder.runtime
+    names = {b.name for b in runtime.backends} | {""}
+    pools = set(runtime.pools) | {""}
+    routes = {route.name for route in runtime.config.routes}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             for label, got in sample.labels.items():
                 where = f"{sample.name}{sample.labels}"
                 if label == "backend":
                     assert got in names, where
+                elif label == "pool":
+                    assert got in pools, where
+                elif label == "route":
+                    assert got in routes, where
                 elif label == "method":
                     assert got in METHODS | {"other"}, where
                 elif label == "code":

@@ -39,11 +39,12 @@ def use_limiters(
 ) -> None:
     """Swap the running snapshot's limiters (the way a reload swaps a runtime)."""
     runtime = service.holder.runtime
-    service.holder.runtime = dataclasses.replace(
-        runtime,
-        client_limiter=client if client is not None else runtime.client_limiter,
-        backend_limiter=backend if backend is not None else runtime.backend_limiter,
-    )
+    if client is not None:
+        runtime = dataclasses.replace(runtime, client_limiter=client)
+    if backend is not None:
+        pool = dataclasses.replace(runtime.default_pool, backend_limiter=backend)
+        runtime = runtime.replacing_pool(pool)
+    service.holder.runtime = runtime
 
 
 def limited_proxy(

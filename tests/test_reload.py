@@ -500,7 +500,7 @@ def test_a_request_begun_before_a_reload_that_replaced_every_backend_is_served(
     assert service.watcher is not None
     service.watcher.stop()  # the hook below reloads, at the chosen moment
     write_config(path, [cfg(app2)])
-    old = service.holder.runtime
+    old = service.holder.runtime.default_pool  # the request's pool in that snapshot
     original = old.candidates
     reloaded = threading.Event()
 

@@ -43,12 +43,14 @@ def make_swap(config: Config, admin: AdminChanges | None = None) -> tuple[Runtim
     runtime, _ = build_runtime(config, admin=admin)
     metrics = Metrics(CollectorRegistry())
     holder = RuntimeHolder(runtime, admin)
-    metrics.read_backends_from(lambda: holder.runtime.backends)  # as the Service wires it
+    metrics.read_backends_from(lambda: holder.runtime.members())  # as the Service wires it
     return RuntimeSwap(holder, metrics), metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)
+    """A sample; a backend's series are those of the one pool these tests run."""
+    pool = {"pool": "default"} if "backend" in labels else {}
+    return metrics.registry.get_sample_value(name, {**pool, **labels})
 
 
 def write_yaml(path: Path, backends: list[BackendConfig], **extra: Any) -> None:

@@ -49,25 +49,27 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "proxy_requests_total",
-            "Requests answered, by backend, method and status code",
-            ["backend", "method", "code"],
+            "Requests answered, by backend (and its pool), method and status code",
+            ["backend", "pool", "method", "code"],
             registry=r,
         )
         self.duration = Histogram(
             "proxy_request_duration_seconds",
             "Time from request received to response headers sent, by backend",
-            ["backend"],
+            ["backend", "pool"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.errors = Counter(
             # reason: errors.Failure.reason, or no_backend, rate_limited,
             # client_disconnected, rate_limit_store (the table in docs/metrics.md)
-            "proxy_errors_total", "Failures, by backend and reason", ["backend", "reason"],
+            "proxy_errors_total", "Failures, by backend (and pool) and reason",
+            ["backend", "pool", "reason"],
             registry=r,
         )  # fmt: skip
         self.retries = Counter(
-            "proxy_retries_total", "Retries, by the backend whose attempt failed", ["backend"],
+            "proxy_retries_total", "Retries, by the backend whose attempt failed",
+            ["backend", "pool"],
             registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("proxy_in_flight_requests", "Requests being served now", registry=r)
@@ -75,8 +77,13 @@ class Metrics:
         self.backend_gauges = BackendGauges()
         r.register(self.backend_gauges)
         self.circuit_opens = Counter(
-            "proxy_circuit_opens_total", "Times the circuit opened", ["backend"], registry=r
-        )
+            "proxy_circuit_opens_total", "Times the circuit opened", ["backend", "pool"],
+            registry=r,
+        )  # fmt: skip
+        self.route_requests = Counter(
+            "proxy_route_requests_total", "Requests a route sent to its pool", ["route", "pool"],
+            registry=r,
+        )  # fmt: skip
         self.rate_limited = Counter(
             "proxy_rate_limited_total", "Requests refused by a rate limit", ["scope"], registry=r
         )
@@ -98,21 +105,33 @@ class Metrics:
 
     # -- hot path ------------------------------------------------------------
 
-    def observe_request(self, backend: str, method: str, code: int, seconds: float) -> None:
+    # `pool` is the backend's pool; for a request that reached no backend, "" (with
+    # backend "") or the pool its route chose.
+
+    def observe_request(
+        self, backend: str, method: str, code: int, seconds: float, pool: str = ""
+    ) -> None:
         method = method if method in KNOWN_METHODS else "other"
-        self._child(self.requests, backend, method, str(code)).inc()
-        self._child(self.duration, backend).observe(seconds)
+        self._child(self.requests, backend, pool, method, str(code)).inc()
+        self._child(self.duration, backend, pool).observe(seconds)
 
-    def count_error(self, backend: str, reason: str) -> None:
-        self._child(self.errors, backend, reason).inc()
+    def count_error(self, backend: str, reason: str, pool: str = "") -> None:
+        self._child(self.errors, backend, pool, reason).inc()
 
-    def count_retry(self, backend: str) -> None:
-        self._child(self.retries, backend).inc()
+    def count_retry(self, backend: str, pool: str = "") -> None:
+        self._child(self.retries, backend, pool).inc()
+
+    def count_route(self, route: str, pool: str) -> None:
+        self._child(self.route_requests, route, pool).inc()
+
+    def count_circuit_open(self, backend: str, pool: str) -> None:
+        self._child(self.circuit_opens, backend, pool).inc()
 
     # -- state changes -------------------------------------------------------
 
-    def read_backends_from(self, backends: Callable[[], Iterable[Backend]]) -> None:
-        """Say where the running backends are; their gauges are read there at each scrape."""
+    def read_backends_from(self, backends: Callable[[], Iterable[tuple[str, Backend]]]) -> None:
+        """Say where the running backends are, as (pool name, backend); their gauges are
+        read there at each scrape."""
         self.backend_gauges.backends = backends
 
     def reload_result(self, ok: bool) -> None:
@@ -130,7 +149,8 @@ class BackendGauges(Collector):
     """
 
     def __init__(self) -> None:
-        self.backends: Callable[[], Iterable[Backend]] = tuple  # none until told where
+        # (pool name, backend) pairs; none until told where
+        self.backends: Callable[[], Iterable[tuple[str, Backend]]] = tuple
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # The names only, so the registry can refuse a duplicate at registration.
@@ -138,23 +158,25 @@ class BackendGauges(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up, circuit, in_flight = families = self._families()
-        for backend in self.backends():
-            name = backend.name
-            up.add_metric([name], 1 if backend.health.up else 0)
-            circuit.add_metric([name], backend.breaker.state.gauge_value)
-            in_flight.add_metric([name], backend.in_flight)
+        for pool, backend in self.backends():
+            labels = [backend.name, pool]
+            up.add_metric(labels, 1 if backend.health.up else 0)
+            circuit.add_metric(labels, backend.breaker.state.gauge_value)
+            in_flight.add_metric(labels, backend.in_flight)
         return iter(families)
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily(
-                "proxy_backend_up", "1 when the backend's health is up", labels=["backend"]
+                "proxy_backend_up", "1 when the backend's health is up", labels=["backend", "pool"]
             ),
             GaugeMetricFamily(
-                "proxy_circuit_state", "0 closed, 1 half-open, 2 open", labels=["backend"]
+                "proxy_circuit_state", "0 closed, 1 half-open, 2 open", labels=["backend", "pool"]
             ),
             GaugeMetricFamily(
-                "proxy_backend_in_flight", "Requests in flight per backend", labels=["backend"]
+                "proxy_backend_in_flight",
+                "Requests in flight per backend",
+                labels=["backend", "pool"],
             ),
         )

@@ -191,8 +191,9 @@ class AdminApp:
         # see why one of them is not serving.
         removed = [{"name": b.name, "url": b.url, "pool": pool}
                    for b, pool in admin.removed_from(runtime.config)]  # fmt: skip
-        return json_reply(200, {"strategy": runtime.config.strategy, "backends": backends,
-                                "removed": removed})  # fmt: skip
+        return json_reply(200, {"strategy": runtime.default_pool.config.strategy,
+                                "backends": backends, "removed": removed,
+                                **pools_json(runtime)})  # fmt: skip
 
     def status_page(self, environ: dict[str, Any]) -> Reply:
         page = render_status(
@@ -227,6 +228,9 @@ class AdminApp:
     def add_backend(self, payload: Any) -> Reply:
         if not isinstance(payload, dict) or "url" not in payload:
             return text(400, '400 Bad Request: expected a JSON object with "url"')
+        pool = payload.pop("pool", None)
+        if pool is not None and not isinstance(pool, str):
+            return text(400, '400 Bad Request: "pool" must be a pool\'s name')
         try:
             backend = parse_backend(payload)
         except ConfigError as error:
@@ -235,9 +239,11 @@ class AdminApp:
         if why is not None:
             return text(400, f"400 Bad Request: {why}")
         try:
-            added = self.swap.add_backend(backend)
+            added = self.swap.add_backend(backend, pool)
         except KeyError as error:
             return text(409, f"409 Conflict: {error.args[0]}")
+        except ValueError as error:  # an unknown pool, or none named among several
+            return text(400, f"400 Bad Request: {error}")
         return json_reply(201, backend_json(self.holder.runtime, added))
 
     def remove_backend(self, payload: Any) -> Reply:
@@ -288,7 +294,19 @@ def backend_json(runtime: Runtime, backend: Backend) -> dict[str, Any]:
     """One backend as /admin/backends shows it: its facts, and the judge's verdict."""
     why = runtime.why_unavailable(backend)
     return {**dataclasses.asdict(backend.snapshot()), "available": why is None,
-            "why_unavailable": why}  # fmt: skip
+            "why_unavailable": why, "pool": runtime.pool_name(backend),
+            "backup": backend.config.backup}  # fmt: skip
+
+
+def pools_json(runtime: Runtime) -> dict[str, Any]:
+    """The pools and routes, as /admin/backends shows them next to the backends."""
+    pools = {name: {"strategy": pool.config.strategy} for name, pool in runtime.pools.items()}
+    routes = [
+        {"name": route.name, "pool": route.pool, "strip_prefix": route.strip_prefix,
+         "match": {k: v for k, v in dataclasses.asdict(route.match).items() if v is not None}}
+        for route in runtime.config.routes
+    ]  # fmt: skip
+    return {"pools": pools, "routes": routes}
 
 
 def read_json(environ: dict[str, Any]) -> Any:

@@ -4,7 +4,7 @@ retries from multiplying the load on a pool that is already failing.
 `retry_verdict()` is the decision table of docs/retries.md as one pure function; it
 returns None ("retry") or the reason not to, so logs and the explain header can say
 why. The budget is asked by the proxy only for a retry of a request that was sent
-(a retry after a connect error adds no load anywhere, see `_why_not_retry`).
+(a retry after a connect error adds no load anywhere, see `proxy.attempt.why_not_retry`).
 """
 
 from __future__ import annotations

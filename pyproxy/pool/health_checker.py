@@ -93,7 +93,8 @@ def _failures(count: int) -> str:
 
 class HealthChecker:
     """Probes the backends that `backends()` returns. `settings()` is read on every
-    pass of the scheduler, so a reload takes effect; backends added or removed at
+    pass of the scheduler, so a reload takes effect (with `settings_for`, each
+    backend's own settings, its pool's, are read instead); backends added or removed at
     runtime are picked up the same way (`poke()` makes it at once)."""
 
     def __init__(
@@ -101,12 +102,14 @@ class HealthChecker:
         backends: Callable[[], Sequence[Backend]],
         settings: Callable[[], HealthCheckConfig],
         on_transition: Callable[[Backend], None],
+        settings_for: Callable[[Backend], HealthCheckConfig] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         max_workers: int = PROBE_WORKERS,
     ) -> None:
         self._backends = backends
         self._settings = settings
+        self._settings_for = settings_for
         self._on_transition = on_transition
         self._clock = clock
         self._rng = rng or random.Random()
@@ -169,10 +172,15 @@ class HealthChecker:
         while not self._stop.is_set():
             self._wake.clear()  # before looking: a wake-up from now on is not lost
             settings = self._settings()
-            if not settings.enabled:
+            backends = list(self._backends())
+            if self._settings_for is not None:  # each pool's own health_check settings
+                backends = [b for b in backends if self._settings_for(b).enabled]
+            elif not settings.enabled:
+                backends = []
+            if not backends:
                 self._wake.wait(IDLE_WAIT)
                 continue
-            wait = self._dispatch_due(list(self._backends()), settings)
+            wait = self._dispatch_due(backends, settings)
             self._wake.wait(min(wait, IDLE_WAIT))
 
     def _dispatch_due(self, backends: list[Backend], settings: HealthCheckConfig) -> float:
@@ -200,7 +208,8 @@ class HealthChecker:
                     if slow_running >= self._max_slow:
                         continue
                     slow_running += 1
-                probe = Probe(backend, settings)
+                own = settings if self._settings_for is None else self._settings_for(backend)
+                probe = Probe(backend, own)
                 self._running[backend] = probe
                 self._jobs.put(probe)
             self._start_workers(len(self._running))

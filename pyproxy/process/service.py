@@ -31,6 +31,7 @@ from pyproxy.ops.admin import AdminApp
 from pyproxy.pool.health_checker import HealthChecker
 from pyproxy.process.sdnotify import Notifier
 from pyproxy.proxy.app import ProxyApp
+from pyproxy.runtime.admin_rules import drop_name_clashes
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
 from pyproxy.runtime.state_file import load_state, restorable
 from pyproxy.runtime.swap import (
@@ -38,7 +39,6 @@ from pyproxy.runtime.swap import (
     FileSource,
     ReloadResult,
     RuntimeSwap,
-    drop_name_clashes,
 )
 from pyproxy.runtime.watcher import ConfigWatcher
 
@@ -82,7 +82,7 @@ class Service:
         )
         self.holder = RuntimeHolder(runtime, admin_changes, on_store_error=store_error)
         # The per-backend gauges are read from the running backends at each scrape.
-        self.metrics.read_backends_from(lambda: self.holder.runtime.backends)
+        self.metrics.read_backends_from(lambda: self.holder.runtime.members())
         self._access_log_stream = access_log_stream  # kept for rebuilds on reload
         self.access_log = (
             AccessLog(config.access_log, stream=access_log_stream)
@@ -123,6 +123,7 @@ class Service:
         self.health_checker = HealthChecker(
             backends=lambda: self.holder.runtime.backends,
             settings=lambda: self.holder.runtime.config.health_check,
+            settings_for=lambda backend: self.holder.runtime.health_settings(backend),
             # Nothing to publish: the backend gauges are read at each scrape (metrics.py).
             on_transition=lambda backend: None,
             clock=clock,

@@ -50,10 +50,11 @@ class BackendLease:
     """One attempt's hold on one backend: its slot, its breaker permit, and the
     upstream response until a relay takes it. Made by `Admission.admit()`."""
 
-    __slots__ = ("_holds_slot", "backend", "failed", "metrics", "permit", "response")
+    __slots__ = ("_holds_slot", "backend", "failed", "metrics", "permit", "pool", "response")
 
-    def __init__(self, backend: Backend, metrics: Metrics) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics, pool: str = "") -> None:
         self.backend = backend
+        self.pool = pool  # the backend's pool, for its metric labels
         self.metrics = metrics
         self.permit: Permit | None = None  # until the breaker has its verdict
         self.response: urllib3.BaseHTTPResponse | None = None  # discarded on close if still here
@@ -92,7 +93,7 @@ class BackendLease:
                 "backend %s: circuit open after %d consecutive failures",
                 backend.name, breaker.consecutive_failures,
             )  # fmt: skip
-            self.metrics.circuit_opens.labels(backend.name).inc()
+            self.metrics.count_circuit_open(backend.name, self.pool)
         else:
             log.info("backend %s: circuit %s", backend.name, state.value)
 
@@ -138,11 +139,13 @@ class Admission:
         self._closed = False
         budget.request_started()
 
-    def admit(self, backend: Backend, limiter: BackendLimiter | None) -> BackendLease | None:
-        """Take `backend` for the next attempt, or None (holding nothing of it) if it
-        is at max_connections, its circuit refuses, or its rate bucket is empty."""
+    def admit(
+        self, backend: Backend, limiter: BackendLimiter | None, pool: str = ""
+    ) -> BackendLease | None:
+        """Take `backend` (of `pool`) for the next attempt, or None (holding nothing of
+        it) if it is at max_connections, its circuit refuses, or its bucket is empty."""
         self.end_attempt()
-        lease = self.lease = BackendLease(backend, self.metrics)
+        lease = self.lease = BackendLease(backend, self.metrics, pool)
         if lease._acquire(limiter):
             return lease
         self.end_attempt()

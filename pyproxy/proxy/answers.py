@@ -20,6 +20,7 @@ from pyproxy.policy.ratelimit import rate_limit_headers
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.errors import Failure, error_body, reason_phrase
 from pyproxy.proxy.request import Outcome, Request
+from pyproxy.runtime.pools import Pool
 from pyproxy.runtime.snapshot import Runtime
 from pyproxy.wsgi import ExcInfo, StartResponse
 
@@ -93,8 +94,9 @@ class OwnAnswers:
             *([exc_info] if exc_info else []),
         )
         self.metrics.observe_request(
-            outcome.backend_name, request.method, status, self.clock() - request.started
-        )
+            outcome.backend_name, request.method, status, self.clock() - request.started,
+            outcome.pool_name,
+        )  # fmt: skip
         return [body]
 
     def failed(
@@ -111,27 +113,25 @@ class OwnAnswers:
 
     def no_backend(
         self,
-        runtime: Runtime,
+        pool: Pool,
         request: Request,
         outcome: Outcome,
         start_response: StartResponse,
-        pool: str = "default",
-        backends: Sequence[Backend] | None = None,
     ) -> Iterable[bytes]:
-        """503 + Retry-After when nothing in `pool` is available (`backends`: its
-        backends, all of the runtime's by default), with no upstream attempt."""
-        backends = runtime.backends if backends is None else backends
+        """503 + Retry-After when nothing in the route's `pool` is available, with no
+        upstream attempt; the body says why, backend by backend."""
+        backends = pool.backends
         wait = 1.0
-        limiter = runtime.backend_limiter
+        limiter = pool.backend_limiter
         if limiter is not None:
-            judge = runtime.why_unavailable  # without the bucket: who waits only for a token
+            judge = pool.why_unavailable  # without the bucket: who waits only for a token
             ready = [b for b in backends if judge(b, rate_bucket=False) is None]
             if ready:  # otherwise fine, but every bucket is empty
                 self.metrics.rate_limited.labels("backend").inc()
                 wait = max(wait, limiter.seconds_until_token(b.name for b in ready))
-        self.metrics.count_error("", "no_backend")
+        self.metrics.count_error("", "no_backend", outcome.pool_name)
         retry_after = [("Retry-After", str(math.ceil(min(wait, 3600.0))))]
-        why = no_backend_available_in_pool(pool, backends, runtime.why_unavailable)
+        why = no_backend_available_in_pool(pool.name, backends, pool.why_unavailable)
         return self.answer(request, outcome, start_response, 503, why, retry_after)
 
     def over_client_limit(
@@ -148,7 +148,7 @@ class OwnAnswers:
         if decision.allowed:
             return None
         self.metrics.rate_limited.labels("client").inc()
-        self.metrics.count_error("", "rate_limited")
+        self.metrics.count_error("", "rate_limited", outcome.pool_name)
         burst = settings.burst or settings.per_client.count
         extra = rate_limit_headers(decision, settings.per_client, burst)
         return self.answer(request, outcome, start_response, 429, "rate limit exceeded", extra)

@@ -21,17 +21,19 @@ from typing import Any
 from pyproxy.headers import downstream_response_headers
 from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
-from pyproxy.policy.retry import RetryBudget, retry_verdict
+from pyproxy.policy.retry import RetryBudget
+from pyproxy.policy.routes import request_host
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.errors import Failure
 from pyproxy.proxy.admission import Admission
 from pyproxy.proxy.answers import OwnAnswers
-from pyproxy.proxy.attempt import AttemptContext, UpstreamSend, try_backend
+from pyproxy.proxy.attempt import AttemptContext, UpstreamSend, try_backend, why_not_retry
 from pyproxy.proxy.choice import BackendChoice
 from pyproxy.proxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.proxy.request import ALLOWED_METHODS, Outcome, Request, edge_refusal_record
 from pyproxy.proxy.stream import ResponseStream
+from pyproxy.runtime.pools import Pool
 from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
 from pyproxy.wsgi import EdgeRefusal, StartResponse
 
@@ -74,7 +76,7 @@ class ProxyApp:
         config = runtime.config
         request, headers = Request.from_environ(
             environ,
-            max_replay_body=config.retries.max_body,
+            max_replay_body=runtime.max_replay_body,
             started=self.clock(),
             trusted=config.trusted_proxies,
             instance_name=self.instance_name,
@@ -85,8 +87,15 @@ class ProxyApp:
             extra = [("Allow", ALLOWED_METHODS)] if refusal[0] == 405 else []
             answer = self.own_answers.answer(request, outcome, start_response, *refusal, extra)
             return self._log(request, outcome, answer)
+        route = runtime.routes.match(request.host, request.target)
+        if route is None:
+            return self._log(request, outcome, self._no_route(request, outcome, start_response))
+        pool = runtime.pools[route.pool]  # a validated config routes only to its pools
+        outcome.pool_name = pool.name
+        self.metrics.count_route(route.name, pool.name)
         if wants_explanation(environ.get(REQUEST_HEADER), request.client, config.trusted_proxies):
-            outcome.explanation = Explanation(runtime)
+            named = bool(config.declared_pools)  # a v1 file: one pool, nothing to name
+            outcome.explanation = Explanation(route, pool, name_route=named)
         headers.pop("X-Pyproxy-Explain", None)  # a question for pyproxy, not the backend
         if runtime.client_limiter is not None:
             limited = self.own_answers.over_client_limit(runtime, request, outcome, start_response)
@@ -99,7 +108,10 @@ class ProxyApp:
         admission = Admission(self.budget, self.metrics)
         handed_over = False
         try:
-            result = self._attempts(runtime, request, outcome, headers, start_response, admission)
+            target = route.upstream_path(request.target)
+            result = self._attempts(
+                runtime, pool, target, request, outcome, headers, start_response, admission
+            )
             handed_over = isinstance(result, ResponseStream)
             return result
         finally:
@@ -132,36 +144,52 @@ class ProxyApp:
 
     # -- the attempt loop ------------------------------------------------------
 
+    def _no_route(
+        self, request: Request, outcome: Outcome, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """404: no route takes this host and path (nginx answers a request no server
+        block takes from its default server; pyproxy has no default to fall back on)."""
+        self.metrics.count_error("", "no_route")
+        path = request.target.partition("?")[0]
+        why = f"no route for {request_host(request.host)}{path}"
+        return self.own_answers.answer(request, outcome, start_response, 404, why)
+
     def _attempts(
         self,
         runtime: Runtime,
+        pool: Pool,
+        target: str,
         request: Request,
         outcome: Outcome,
         headers: dict[str, str],
         start_response: StartResponse,
         admission: Admission,
     ) -> Iterable[bytes]:
+        """Try `pool`'s backends (sending `target`) until one answers or the retry rules
+        of the pool say stop. Retries stay inside the pool."""
         config = runtime.config
         deadline = request.started + config.timeouts.total if config.timeouts.total else None
         tried: list[Backend] = []
         while True:
-            lease = self.choice.lease(runtime, request, outcome, tried, admission)
+            lease = self.choice.lease(pool, request, outcome, tried, admission)
             if lease is None and self.holder.runtime is not runtime:
                 # A reload or an admin change replaced this snapshot's backends while the
-                # request waited: the new snapshot's backends are the ones to try.
+                # request waited: the new snapshot's backends (of the same pool, if it is
+                # still there) are the ones to try.
                 runtime = self.holder.runtime
-                lease = self.choice.lease(runtime, request, outcome, tried, admission)
+                pool = runtime.pools.get(pool.name, pool)
+                lease = self.choice.lease(pool, request, outcome, tried, admission)
             if lease is None:
                 if outcome.explanation is not None:
-                    outcome.explanation.none_available(runtime, tried, self.clock())
-                return self.own_answers.no_backend(runtime, request, outcome, start_response)
+                    outcome.explanation.none_available(pool, tried, self.clock())
+                return self.own_answers.no_backend(pool, request, outcome, start_response)
             backend = lease.backend
             tried.append(backend)
             outcome.attempts += 1
             outcome.backend_name = backend.name
             attempt_started = self.clock()
             response, failure = try_backend(
-                self.context, runtime, lease, request, headers, deadline
+                self.context, runtime, lease, request, headers, deadline, pool, target
             )
             outcome.upstream_seconds = self.clock() - attempt_started
             if failure is None:
@@ -169,8 +197,9 @@ class ProxyApp:
             if not failure.backend_at_fault:
                 admission.end_attempt()
                 return self._not_sent(request, outcome, start_response, failure)
-            self.metrics.count_error(backend.name, failure.reason)
-            why_not = self._why_not_retry(runtime, request, outcome, failure, deadline, admission)
+            self.metrics.count_error(backend.name, failure.reason, pool.name)
+            left = None if deadline is None else deadline - self.clock()
+            why_not = why_not_retry(pool, request, outcome.attempts, failure, left, admission)
             if outcome.explanation is not None:
                 verdict = "retry" if why_not is None else f"no retry: {why_not}"
                 outcome.explanation.outcome(f"{failure.status} {failure.detail}, {verdict}")
@@ -182,10 +211,11 @@ class ProxyApp:
                 answer = self.own_answers.failed(request, outcome, start_response, failure)
                 outcome.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
                 return answer
-            self.metrics.count_retry(backend.name)
+            self.metrics.count_retry(backend.name, pool.name)
             admission.end_attempt()  # discards the failed response, if any
-            if config.retries.backoff:
-                pause = config.retries.backoff * self.context.rng.uniform(0.5, 1.5)
+            backoff = pool.config.retries.backoff
+            if backoff:
+                pause = backoff * self.context.rng.uniform(0.5, 1.5)
                 left = math.inf if deadline is None else deadline - self.clock()
                 self.context.sleep(max(0.0, min(pause, left)))
 
@@ -200,39 +230,12 @@ class ProxyApp:
         request cannot be written as HTTP/1.1, or the deadline ran out first): no
         verdict, no count against it, no retry (another backend would fare no better)."""
         if failure.reason == "deadline_exceeded":  # the error is still the attempt's
-            self.metrics.count_error(outcome.backend_name, failure.reason)
+            self.metrics.count_error(outcome.backend_name, failure.reason, outcome.pool_name)
         else:
             outcome.backend_name = ""  # no backend saw it
             if failure.status >= 500:  # pyproxy could not build its own request: a bug
                 log.error("request %s not forwarded: %s", request.request_id, failure.detail)
         return self.own_answers.failed(request, outcome, start_response, failure)
-
-    def _why_not_retry(
-        self,
-        runtime: Runtime,
-        request: Request,
-        outcome: Outcome,
-        failure: Failure,
-        deadline: float | None,
-        admission: Admission,
-    ) -> str | None:
-        """None to retry; else the reason not to (kept for the access log)."""
-        why_not = retry_verdict(
-            failure,
-            method=request.method,
-            retries_done=outcome.attempts - 1,
-            settings=runtime.config.retries,
-            body_replayable=request.replayable,
-            seconds_left=None if deadline is None else deadline - self.clock(),
-        )
-        if why_not is None and not runtime.candidates():
-            why_not = "no backend available for a retry"
-        # The budget stops retries multiplying the load on failing backends. A retry
-        # after a connect error adds none (nothing was sent), so it needs no token.
-        percent = runtime.config.retries.budget_percent
-        if why_not is None and failure.request_sent and not admission.take_retry_token(percent):
-            why_not = "retry budget spent"
-        return why_not
 
     # -- answers ---------------------------------------------------------------
 
@@ -270,7 +273,7 @@ class ProxyApp:
             log.warning(
                 "backend %s: response head refused (%s); answering 502", lease.backend.name, exc
             )
-            self.metrics.count_error(lease.backend.name, "bad_response")
+            self.metrics.count_error(lease.backend.name, "bad_response", lease.pool)
             lease.judge(failed=True)
             admission.end_attempt()  # discards the upstream connection
             # PEP 3333: a second start_response before any output must carry exc_info.
@@ -283,8 +286,9 @@ class ProxyApp:
             # first chunk in one write instead of two.
             write(b"")
         self.metrics.observe_request(
-            lease.backend.name, request.method, response.status, self.clock() - request.started
-        )
+            lease.backend.name, request.method, response.status, self.clock() - request.started,
+            lease.pool,
+        )  # fmt: skip
         return ResponseStream(
             admission,
             request,

@@ -22,13 +22,15 @@ from typing import IO
 
 import urllib3
 
+from pyproxy.policy.retry import retry_verdict
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.connection import attempt_context
 from pyproxy.pool.deadline import DEADLINE_WATCHDOG, DeadlineWatchdog
 from pyproxy.pool.errors import Failure, chaos_failure, classify, status_failure
-from pyproxy.proxy.admission import BackendLease
+from pyproxy.proxy.admission import Admission, BackendLease
 from pyproxy.proxy.request import Request
+from pyproxy.runtime.pools import Pool
 from pyproxy.runtime.snapshot import Runtime, attempt_timeout
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,15 @@ def try_backend(
     request: Request,
     headers: dict[str, str],
     deadline: float | None,
+    pool: Pool | None = None,
+    target: str | None = None,
 ) -> tuple[urllib3.BaseHTTPResponse | None, Failure | None]:
+    """Send `request` to the lease's backend once, as `target` (default: as the client
+    sent it; a route's strip_prefix rewrites it). `pool`'s settings (default: the
+    runtime's default pool) say which statuses are failures and which are retried."""
     config = runtime.config
+    settings = (pool or runtime.default_pool).config
+    target = request.target if target is None else target
     chaos = config.chaos
     backend = lease.backend
     if chaos.latency and context.rng.random() < chaos.latency_rate:
@@ -95,7 +104,7 @@ def try_backend(
             return None, DEADLINE_BEFORE_SEND
     if chaos.error_rate and context.rng.random() < chaos.error_rate:
         # What a backend answering error_status would cause: same breaker, same retries.
-        lease.judge(failed=chaos.error_status in config.circuit_breaker.failure_statuses)
+        lease.judge(failed=chaos.error_status in settings.circuit_breaker.failure_statuses)
         return None, chaos_failure(chaos.error_status)
     now = context.clock()
     if deadline is not None and deadline <= now:
@@ -104,9 +113,9 @@ def try_backend(
     if not config.preserve_host:
         headers["Host"] = backend.netloc
     try:
-        with attempt_context(request.target, deadline, context.watchdog):
+        with attempt_context(target, deadline, context.watchdog):
             lease.response = context.send(
-                backend, request.method, request.target, headers, request.body, timeout
+                backend, request.method, target, headers, request.body, timeout
             )
     except Exception as exc:
         failure = classify(exc)
@@ -125,8 +134,41 @@ def try_backend(
         lease.judge(failed=True)
         return None, broken
     status = response.status
-    failed = status in config.circuit_breaker.failure_statuses
+    failed = status in settings.circuit_breaker.failure_statuses
     lease.judge(failed=failed)
-    if failed or status in config.retries.retry_on:
+    if failed or status in settings.retries.retry_on:
         return response, status_failure(status)
     return response, None
+
+
+def why_not_retry(
+    pool: Pool,
+    request: Request,
+    attempts: int,
+    failure: Failure,
+    seconds_left: float | None,
+    admission: Admission,
+) -> str | None:
+    """None to retry after `failure` (attempt number `attempts`); else the reason not
+    to (kept for the access log). The pool's retry settings decide."""
+    settings = pool.config.retries
+    why_not = retry_verdict(
+        failure,
+        method=request.method,
+        retries_done=attempts - 1,
+        settings=settings,
+        # Buffered up to any pool's max_body; replayed only up to this pool's.
+        body_replayable=request.replayable and (request.body_length or 0) <= settings.max_body,
+        seconds_left=seconds_left,
+    )
+    if why_not is None and not pool.candidates():
+        why_not = "no backend available for a retry"
+    # The budget stops retries multiplying the load on failing backends. A retry
+    # after a connect error adds none (nothing was sent), so it needs no token.
+    if (
+        why_not is None
+        and failure.request_sent
+        and not admission.take_retry_token(settings.budget_percent)
+    ):
+        why_not = "retry budget spent"
+    return why_not

@@ -16,7 +16,7 @@ from pyproxy.policy.selection import Random as RandomSelector
 from pyproxy.pool.backend import Backend
 from pyproxy.proxy.admission import Admission, BackendLease
 from pyproxy.proxy.request import Outcome, Request
-from pyproxy.runtime.snapshot import Runtime
+from pyproxy.runtime.pools import Pool
 
 
 class BackendChoice:
@@ -29,26 +29,27 @@ class BackendChoice:
 
     def lease(
         self,
-        runtime: Runtime,
+        pool: Pool,
         request: Request,
         outcome: Outcome,
         tried: list[Backend],
         admission: Admission,
     ) -> BackendLease | None:
-        """A lease on an available backend, one not yet tried when there is one; the
-        sticky rule first, the strategy otherwise; admitted by cap, breaker, bucket."""
-        sticky = runtime.sticky
+        """A lease on an available backend of `pool`, one not yet tried when there is
+        one; the sticky rule first, the strategy otherwise; admitted by cap, breaker,
+        bucket. Backups only while no other backend of the pool is available."""
+        sticky = pool.sticky
         for _ in range(3):  # another thread may take the last slot between look and admit
-            candidates = runtime.candidates(exclude=tried)
+            candidates = pool.candidates(exclude=tried)
             if not candidates and tried:  # every backend was tried: one may take a retry
-                candidates = runtime.candidates()
+                candidates = pool.candidates()
             backend = sticky.pinned(candidates, request.cookie, request.client)
             pinned = backend is not None
             if backend is None:
                 # A retry picks at random among the rest: running it through the strategy
                 # would advance a shared rotation, and with [dead, good] every request
                 # would then start on the dead one.
-                selector = runtime.selector if not tried else self.retry_selector
+                selector = pool.selector if not tried else self.retry_selector
                 backend = selector.choose(candidates)
                 if backend is None:
                     return None
@@ -56,14 +57,14 @@ class BackendChoice:
                     outcome.set_cookie = sticky.set_cookie(backend)
             elif sticky.mode == "cookie":
                 outcome.set_cookie = None  # the client's cookie already names this one
-            lease = admission.admit(backend, runtime.backend_limiter)
+            lease = admission.admit(backend, pool.backend_limiter, pool.name)
             if lease is None:
                 continue
             if outcome.explanation is not None:
                 if pinned:
                     rule = f"sticky {sticky.mode}"
                 else:
-                    rule = "retry (random among untried)" if tried else runtime.config.strategy
-                outcome.explanation.chose(runtime, backend, rule, tried, self.clock())
+                    rule = "retry (random among untried)" if tried else pool.config.strategy
+                outcome.explanation.chose(pool, backend, rule, tried, self.clock())
             return lease
         return None

@@ -27,9 +27,10 @@ from collections.abc import Sequence
 
 from pyproxy.config.schema import Network
 from pyproxy.headers import is_trusted
+from pyproxy.policy.routes import Route
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.breaker import CircuitState
-from pyproxy.runtime.snapshot import Runtime
+from pyproxy.runtime.pools import Pool
 
 REQUEST_HEADER = "HTTP_X_PYPROXY_EXPLAIN"
 RESPONSE_HEADER = "X-PyProxy-Explain"
@@ -50,13 +51,13 @@ def wants_explanation(flag: str | None, client: str, trusted: Sequence[Network])
     return is_trusted(client, trusted)
 
 
-def why_excluded(runtime: Runtime, backend: Backend, tried: Sequence[Backend], now: float) -> str:
+def why_excluded(pool: Pool, backend: Backend, tried: Sequence[Backend], now: float) -> str:
     """Why `backend` is not a candidate, in a few words; "" when it is one."""
     if backend in tried:
         return "already tried"
-    reason = runtime.why_unavailable(backend)
+    reason = pool.why_unavailable(backend)
     if reason is None:
-        return ""
+        return "backup, not needed" if backend.config.backup else ""
     breaker = backend.breaker
     if breaker.state is CircuitState.OPEN and breaker.reopens_at is not None:
         return f"{reason}, reopens in {max(0.0, breaker.reopens_at - now):.0f}s"
@@ -66,16 +67,18 @@ def why_excluded(runtime: Runtime, backend: Backend, tried: Sequence[Backend], n
 class Explanation:
     """Collects the decisions of one request; `header()` renders them."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        sticky = runtime.config.sticky.mode
-        self.parts = [f"strategy={runtime.config.strategy}"]
+    def __init__(self, route: Route, pool: Pool, *, name_route: bool = True) -> None:
+        sticky = pool.config.sticky.mode
+        self.parts = [f"strategy={pool.config.strategy}"]
         if sticky != "none":
             self.parts[0] += f" sticky={sticky}"
+        if name_route:  # a v1 file has one pool and one catch-all: nothing to tell
+            self.parts.insert(0, f"route={route.name} pool={pool.name}")
         self.attempts = 0
 
     def chose(
         self,
-        runtime: Runtime,
+        pool: Pool,
         backend: Backend,
         rule: str,
         tried: Sequence[Backend],
@@ -84,18 +87,18 @@ class Explanation:
         self.attempts += 1
         skipped = [
             f"{other.name} ({why})"
-            for other in runtime.backends
-            if other is not backend and (why := why_excluded(runtime, other, tried, now))
+            for other in pool.backends
+            if other is not backend and (why := why_excluded(pool, other, tried, now))
         ]
         line = f"#{self.attempts} {backend.name} by {rule}"
         if skipped:
             line += ", skipped " + ", ".join(skipped)
         self.parts.append(line)
 
-    def none_available(self, runtime: Runtime, tried: Sequence[Backend], now: float) -> None:
+    def none_available(self, pool: Pool, tried: Sequence[Backend], now: float) -> None:
         skipped = [
-            f"{b.name} ({why_excluded(runtime, b, tried, now) or 'lost a race for its last slot'})"
-            for b in runtime.backends
+            f"{b.name} ({why_excluded(pool, b, tried, now) or 'lost a race for its last slot'})"
+            for b in pool.backends
         ]
         self.parts.append("no backend available: " + (", ".join(skipped) or "none configured"))
 

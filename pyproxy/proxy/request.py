@@ -180,6 +180,7 @@ class Outcome:
     go, read by the access log and the metrics at the end."""
 
     backend_name: str = ""  # the backend of the last attempt ("" when none was made)
+    pool_name: str = ""  # the pool its route chose ("" before a route matched)
     attempts: int = 0
     status: int = 0
     bytes_sent: int = 0

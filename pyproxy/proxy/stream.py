@@ -55,7 +55,7 @@ class ResponseStream:
                 "backend %s failed mid-response (%s); cutting the client's response short",
                 backend.name, failure.detail,
             )  # fmt: skip
-            self.metrics.count_error(backend.name, failure.reason)
+            self.metrics.count_error(backend.name, failure.reason, self.lease.pool)
             self.lease.judge(failed=True)
             if not self.relay.bytes_sent:
                 # The head waits for the first body byte; without it the client would
@@ -75,7 +75,9 @@ class ResponseStream:
             outcome.bytes_sent = relay.bytes_sent
             if not relay.complete and relay.failure is None:
                 outcome.detail = "client disconnected"
-                self.metrics.count_error(self.lease.backend.name, "client_disconnected")
+                self.metrics.count_error(
+                    self.lease.backend.name, "client_disconnected", self.lease.pool
+                )
         finally:
             try:
                 self.admission.close()

@@ -2,13 +2,14 @@
 
 A request reads `holder.runtime` once and uses that snapshot to the end, so a reload
 or an admin change never shows it half a configuration. Building a new snapshot
-reuses the previous one's Backend objects (matched by URL): their health, circuit
-and in-flight counts are state that must survive a reload (nginx and HAProxy keep
-a server's health and counters across a reload too).
+reuses the previous one's Backend objects (matched by pool and URL): their health,
+circuit and in-flight counts are state that must survive a reload (nginx and HAProxy
+keep a server's health and counters across a reload too). Pools live in pools.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -16,13 +17,33 @@ from dataclasses import dataclass, field, replace
 
 import urllib3
 
-from pyproxy.config.schema import BackendConfig, Config, RateLimitConfig
+from pyproxy.config.schema import (
+    DEFAULT_POOL,
+    BackendConfig,
+    Config,
+    HealthCheckConfig,
+    PoolConfig,
+    RateLimitConfig,
+)
 from pyproxy.policy.ratelimit import BackendLimiter, ClientLimiter
 from pyproxy.policy.ratelimit_store import make_client_limiter
-from pyproxy.policy.selection import Selector, make_selector
+from pyproxy.policy.routes import RouteTable
+from pyproxy.policy.selection import Selector
 from pyproxy.policy.sticky import Sticky
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import url_identity
+from pyproxy.runtime.pools import RATE_BUCKET_EMPTY, Pool, build_pool, why_unavailable
+
+__all__ = [
+    "RATE_BUCKET_EMPTY",
+    "AdminChanges",
+    "Pool",
+    "Runtime",
+    "RuntimeHolder",
+    "attempt_timeout",
+    "build_runtime",
+    "why_unavailable",
+]
 
 
 def attempt_timeout(connect: float, read: float) -> urllib3.Timeout:
@@ -30,65 +51,74 @@ def attempt_timeout(connect: float, read: float) -> urllib3.Timeout:
     return urllib3.Timeout(connect=connect or None, read=read or None)
 
 
-RATE_BUCKET_EMPTY = "per-backend rate bucket empty"
-DRAINED = "drained (admin)"
-
-
-def why_unavailable(backend: Backend, limiter: BackendLimiter | None = None) -> str | None:
-    """Why `backend` may not take a new request now, or None if it may.
-
-    The one judge of availability; everything else keeps facts. A backend is
-    available when it is still in the running set, the admin has not drained it,
-    its health is up (when checked), its circuit admits a request, its (effective)
-    weight is above 0, it is under its max_connections, and (with a per-backend
-    limit) its rate bucket has a token.
-    Reads without locks (plain attribute loads, a closed circuit without the clock):
-    selection calls it for every backend on every request.
-    """
-    if backend.removed:
-        return "removed"
-    if backend.drained:  # before health: the admin's decision is the reason to show
-        return DRAINED
-    if backend.health_checked and not backend.health.up:
-        return f"health {backend.health.state}"
-    if not backend.breaker.allows_request():
-        return f"circuit {backend.breaker.state.value}"
-    config, admin_weight = backend.config, backend.admin_weight
-    # Backend.weight, read inline: a property call here costs ~35 ns per backend judged.
-    if (config.weight if admin_weight is None else admin_weight) <= 0:
-        return "weight 0 (draining)" if admin_weight is None else "weight 0 (admin)"
-    cap = config.max_connections
-    if cap and backend.in_flight >= cap:
-        return f"at max_connections ({cap})"
-    if limiter is not None and not limiter.has_token(backend.name):
-        return RATE_BUCKET_EMPTY
-    return None
-
-
 @dataclass(frozen=True)
 class Runtime:
+    """The running snapshot: every pool (by name, file order), the route table, and
+    `backends`, every pool's backends in one tuple (names are unique across pools)."""
+
     config: Config
     backends: tuple[Backend, ...]
-    selector: Selector
-    sticky: Sticky
+    pools: Mapping[str, Pool]
+    routes: RouteTable
     default_timeout: urllib3.Timeout  # built once: most attempts are not near the deadline
     client_limiter: ClientLimiter | None = None  # None: no per-client limit
-    backend_limiter: BackendLimiter | None = None  # None: no per-backend limit
+    # The largest `retries.max_body` of any pool: the body is read before the route is
+    # known, so it is buffered for replay up to what any pool might replay.
+    max_replay_body: int = 0
+    pool_of: Mapping[Backend, Pool] = field(default_factory=dict, compare=False)
+
+    @property
+    def default_pool(self) -> Pool:
+        """The pool named "default", else the first: what the v1 view shows."""
+        return self.pools.get(DEFAULT_POOL) or next(iter(self.pools.values()))
+
+    # The v1 view (one group of backends): the default pool's balancing.
+    @property
+    def selector(self) -> Selector:
+        return self.default_pool.selector
+
+    @property
+    def sticky(self) -> Sticky:
+        return self.default_pool.sticky
+
+    @property
+    def backend_limiter(self) -> BackendLimiter | None:
+        return self.default_pool.backend_limiter
 
     def why_unavailable(self, backend: Backend, *, rate_bucket: bool = True) -> str | None:
         """Why `backend` may not take a new request now, or None if it may: the one
-        judge (`why_unavailable` below, with this runtime's rate buckets). Selection,
-        the explain header, /admin/backends, the status page and /readyz all ask it.
-        `rate_bucket=False` judges everything but the bucket (the 503's Retry-After
-        asks which backends wait only for a token)."""
-        return why_unavailable(backend, self.backend_limiter if rate_bucket else None)
+        judge (`why_unavailable`, with the rate buckets of the backend's pool).
+        Selection, the explain header, /admin/backends, the status page and /readyz
+        all ask it. `rate_bucket=False` judges everything but the bucket (the 503's
+        Retry-After asks which backends wait only for a token)."""
+        pool = self.pool_of.get(backend)
+        limiter = pool.backend_limiter if pool is not None and rate_bucket else None
+        return why_unavailable(backend, limiter)
+
+    def replacing_pool(self, pool: Pool) -> Runtime:
+        """This snapshot with `pool` in place of its namesake (a test swaps a pool's
+        rate limiter this way, as a reload would)."""
+        pools = {**self.pools, pool.name: pool}
+        pool_of = {**self.pool_of, **dict.fromkeys(pool.backends, pool)}
+        return dataclasses.replace(self, pools=pools, pool_of=pool_of)
+
+    def members(self) -> list[tuple[str, Backend]]:
+        """(pool name, backend) for every running backend, pool by pool."""
+        return [(pool.name, b) for pool in self.pools.values() for b in pool.backends]
+
+    def pool_name(self, backend: Backend) -> str:
+        """The name of `backend`'s pool ("" for one no longer in this snapshot)."""
+        pool = self.pool_of.get(backend)
+        return pool.name if pool is not None else ""
+
+    def health_settings(self, backend: Backend) -> HealthCheckConfig:
+        """The health_check settings `backend` is probed with: its pool's."""
+        pool = self.pool_of.get(backend)
+        return pool.config.health_check if pool is not None else self.config.health_check
 
     def candidates(self, exclude: Collection[Backend] = ()) -> list[Backend]:
-        """The backends that may take a new request now."""
-        limiter = self.backend_limiter
-        return [
-            b for b in self.backends if b not in exclude and why_unavailable(b, limiter) is None
-        ]
+        """The backends of any pool that may take a new request now."""
+        return [b for pool in self.pools.values() for b in pool.candidates(exclude)]
 
     def find(self, name: str | None = None, url: str | None = None) -> Backend | None:
         """The backend with this name, or at this URL (http://h and http://h:80 are one)."""
@@ -144,16 +174,32 @@ class AdminChanges:
             for backend in pool.backends
             if backend.url in self.removed_urls
         ]
+    # (url, pool) of added backends that went to a named pool; any other goes to the
+    # first pool. A pool that a reload dropped sends its added backends there too.
+    added_pools: tuple[tuple[str, str], ...] = ()
 
     def desired(self, config: Config) -> list[tuple[BackendConfig, str]]:
         """The running set: the file's backends, minus admin-removed, plus admin-added."""
+        return [entry for entries in self.desired_by_pool(config).values() for entry in entries]
+
+    def desired_by_pool(self, config: Config) -> dict[str, list[tuple[BackendConfig, str]]]:
+        """The running set of each pool (file order): the file's backends, minus
+        admin-removed, plus admin-added."""
         added_urls = {b.url for b in self.added}
-        wanted = [
-            (b, "config")
-            for b in config.backends
-            if b.url not in self.removed_urls and b.url not in added_urls
-        ]
-        return wanted + [(b, "admin") for b in self.added]
+        wanted = {
+            pool.name: [
+                (b, "config")
+                for b in pool.backends
+                if b.url not in self.removed_urls and b.url not in added_urls
+            ]
+            for pool in config.pools
+        }
+        first = config.pools[0].name
+        chosen = dict(self.added_pools)
+        for backend in self.added:
+            pool = chosen.get(backend.url, first)
+            wanted.get(pool, wanted[first]).append((backend, "admin"))
+        return wanted
 
 
 def build_runtime(
@@ -165,41 +211,37 @@ def build_runtime(
 ) -> tuple[Runtime, list[Backend]]:
     """A new snapshot for `config`, and the Backends of `previous` that are gone.
 
-    Callers mark the gone ones removed and close them once idle; requests holding
-    the previous snapshot keep using them until they finish.
+    A backend that stays in its pool at the same URL is the same Backend object, so
+    its health, circuit and in-flight count carry over; one that moved to another
+    pool is a new backend there (its old self is gone from the old pool). Callers
+    mark the gone ones removed and close them once idle; requests holding the
+    previous snapshot keep using them until they finish.
     """
     admin = admin or AdminChanges()
-    old = {b.url: b for b in previous.backends} if previous else {}
-    backends: list[Backend] = []
-    for backend_config, source in admin.desired(config):
-        existing = old.pop(backend_config.url, None)
-        if existing is not None:
-            existing.reconfigure(backend_config, config.health_check, config.circuit_breaker)
-            existing.source = source
-            backends.append(existing)
-        else:
-            backends.append(
-                Backend(
-                    backend_config,
-                    pool_size=config.threads,
-                    health=config.health_check,
-                    breaker=config.circuit_breaker,
-                    source=source,
-                    clock=clock,
-                )
-            )
-    keep_selector = previous is not None and previous.config.strategy == config.strategy
-    selector = previous.selector if previous and keep_selector else make_selector(config.strategy)
-    client_limiter, backend_limiter = _limiters(config.rate_limit, previous, on_store_error, clock)
-    apply_overrides(backends, admin)
+    old = {}
+    if previous is not None:
+        old = {(pool.name, b.url): b for pool in previous.pools.values() for b in pool.backends}
+    pools: dict[str, Pool] = {}
+    pool_of: dict[Backend, Pool] = {}
+    desired = admin.desired_by_pool(config)
+    for pool_config in config.pools:
+        backends = tuple(
+            _backend(config, pool_config, backend_config, source, old, clock)
+            for backend_config, source in desired[pool_config.name]
+        )
+        before = previous.pools.get(pool_config.name) if previous is not None else None
+        pool = pools[pool_config.name] = build_pool(pool_config, backends, before, clock)
+        pool_of.update((backend, pool) for backend in backends)
+    apply_overrides(pool_of, admin)  # the admin's weights and drains, on every pool
     runtime = Runtime(
         config=config,
-        client_limiter=client_limiter,
-        backend_limiter=backend_limiter,
-        backends=tuple(backends),
-        selector=selector,
-        sticky=Sticky(config.sticky),
+        backends=tuple(pool_of),
+        pools=pools,
+        routes=RouteTable.build(config.routes),
         default_timeout=attempt_timeout(config.timeouts.connect, config.timeouts.read),
+        client_limiter=_client_limiter(config.rate_limit, previous, on_store_error, clock),
+        max_replay_body=max(pool.retries.max_body for pool in config.pools),
+        pool_of=pool_of,
     )
     return runtime, list(old.values())
 
@@ -214,30 +256,49 @@ def apply_overrides(backends: Iterable[Backend], admin: AdminChanges) -> None:
         backend.drained = override.drain
 
 
-def _limiters(
+def _backend(
+    config: Config,
+    pool: PoolConfig,
+    backend_config: BackendConfig,
+    source: str,
+    old: dict[tuple[str, str], Backend],
+    clock: Callable[[], float],
+) -> Backend:
+    """The pool's Backend for `backend_config`: the running one, reconfigured (taken
+    out of `old`), or a new one."""
+    existing = old.pop((pool.name, backend_config.url), None)
+    if existing is not None:
+        existing.reconfigure(backend_config, pool.health_check, pool.circuit_breaker)
+        existing.source = source
+        return existing
+    return Backend(
+        backend_config,
+        pool_size=config.threads,
+        health=pool.health_check,
+        breaker=pool.circuit_breaker,
+        source=source,
+        clock=clock,
+    )
+
+
+def _client_limiter(
     settings: RateLimitConfig,
     previous: Runtime | None,
     on_store_error: Callable[[], None],
     clock: Callable[[], float],
-) -> tuple[ClientLimiter | None, BackendLimiter | None]:
-    """Rate limiters for `settings`, reusing the previous ones when their settings did
-    not change: a reload must not hand every client a fresh, full bucket."""
+) -> ClientLimiter | None:
+    """The per-client limiter for `settings`, reusing the previous one when its settings
+    did not change: a reload must not hand every client a fresh, full bucket."""
+    if settings.per_client is None:
+        return None
     old = previous.config.rate_limit if previous else None
-    client: ClientLimiter | None = None
-    if settings.per_client is not None:
-        same = old is not None and (
-            (old.per_client, old.burst, old.max_clients, old.store, old.client_key)
-            == (settings.per_client, settings.burst, settings.max_clients, settings.store,
-                settings.client_key)
-        )  # fmt: skip
-        client = previous.client_limiter if same and previous else None
-        client = client or make_client_limiter(settings, on_store_error, clock)
-    backend: BackendLimiter | None = None
-    if settings.per_backend is not None:
-        same = old is not None and old.per_backend == settings.per_backend
-        backend = previous.backend_limiter if same and previous else None
-        backend = backend or BackendLimiter(settings.per_backend, clock=clock)
-    return client, backend
+    same = old is not None and (
+        (old.per_client, old.burst, old.max_clients, old.store, old.client_key)
+        == (settings.per_client, settings.burst, settings.max_clients, settings.store,
+            settings.client_key)
+    )  # fmt: skip
+    client = previous.client_limiter if same and previous else None
+    return client or make_client_limiter(settings, on_store_error, clock)
 
 
 class RuntimeHolder:

@@ -36,6 +36,7 @@ def save_state(path: str, admin: AdminChanges) -> None:
             {"url": url, "weight": override.weight, "drain": override.drain}
             for url, override in sorted(admin.overrides.items())
         ],
+        "added_pools": dict(admin.added_pools),  # url -> pool, for added backends
     }
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(prefix=".pyproxy-state-", dir=directory)
@@ -61,12 +62,15 @@ def load_state(path: str | None) -> AdminChanges:
         added = tuple(parse_backend(entry) for entry in payload.get("added", []))
         removed = frozenset(str(url) for url in payload.get("removed_urls", []))
         overrides = dict(_override(entry) for entry in payload.get("overrides", []))
+        pools = tuple((str(u), str(p)) for u, p in payload.get("added_pools", {}).items())
     except (OSError, ValueError, ConfigError, AttributeError, TypeError, KeyError) as error:
         log.error("admin state file %s ignored: %s", path, error)
         return AdminChanges()
     log.info("admin state: %d added, %d removed and %d overridden backend(s) restored",
              len(added), len(removed), len(overrides))  # fmt: skip
-    return AdminChanges(added=added, removed_urls=removed, overrides=overrides)
+    return AdminChanges(
+        added=added, removed_urls=removed, overrides=overrides, added_pools=pools
+    )
 
 
 def _override(entry: dict[str, object]) -> tuple[str, BackendOverride]:

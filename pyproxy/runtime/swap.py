@@ -33,6 +33,7 @@ from pyproxy.config.schema import BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import url_identity
+from pyproxy.runtime.admin_rules import name_clashes, pool_for_added
 from pyproxy.runtime.snapshot import (
     NO_OVERRIDE,
     AdminChanges,
@@ -196,10 +197,13 @@ class RuntimeSwap:
 
     # -- admin changes -------------------------------------------------------------
 
-    def add_backend(self, backend: BackendConfig) -> Backend:
-        """Add a backend (already validated); raises KeyError if its name or URL exists."""
+    def add_backend(self, backend: BackendConfig, pool: str | None = None) -> Backend:
+        """Add a backend (already validated) to `pool` (None: the only pool); raises
+        KeyError if its name or URL exists, ValueError if the pool is unknown or must
+        be named (more than one pool)."""
         with self.holder.swap_lock:
             runtime = self.holder.runtime
+            pool = pool_for_added(runtime.config, pool)
             identity = url_identity(backend.url)
             for existing in runtime.backends:
                 if existing.name == backend.name or url_identity(existing.url) == identity:
@@ -211,6 +215,11 @@ class RuntimeSwap:
                 admin,
                 added=(*admin.added, backend),
                 removed_urls=admin.removed_urls - {backend.url},
+                added_pools=(
+                    *((url, name) for url, name in admin.added_pools if url != backend.url),
+                    # the first pool is where an added backend goes anyway
+                    *([(backend.url, pool)] if pool != runtime.config.pools[0].name else []),
+                ),
             )
             self._swap(runtime.config, admin)
             added = self.holder.runtime.find(url=backend.url)
@@ -233,6 +242,7 @@ class RuntimeSwap:
                 admin,
                 added=tuple(b for b in admin.added if b.url != target.url),
                 removed_urls=admin.removed_urls | {target.url},
+                added_pools=tuple(p for p in admin.added_pools if p[0] != target.url),
             )
             self._swap(runtime.config, admin)
         log.info("admin: removed backend %s (%s)", target.name, target.url)
@@ -272,58 +282,20 @@ class RuntimeSwap:
             admin=admin,
             on_store_error=self.holder.on_store_error,
         )
+        running = {b.url for b in runtime.backends}
         for backend in gone:
-            if backend.url in admin.overrides:
+            if backend.url in admin.overrides and backend.url not in running:
                 log.info("admin: backend %s (%s) left the running set; its override (%s) "
                          "is dropped", backend.name, backend.url,
                          admin.overrides[backend.url].describe())  # fmt: skip
-        admin = admin.overrides_only_for({b.url for b in runtime.backends})
+        admin = admin.overrides_only_for(running)
         self.holder.runtime = runtime
         self.holder.admin = admin
         for backend in gone:
             backend.retire()
-            if runtime.backend_limiter is not None:
-                runtime.backend_limiter.forget(backend.name)
+            for pool in runtime.pools.values():
+                if pool.backend_limiter is not None:
+                    pool.backend_limiter.forget(backend.name)
         state_file = config.admin.state_file
         if state_file:
             save_state(state_file, admin)
-
-
-def _clashes(config: Config, admin: AdminChanges) -> list[tuple[int, BackendConfig, BackendConfig]]:
-    """(index, file backend, admin-added backend) sharing a name but not a URL: names
-    label metrics and address remove-backend, so they must stay unique."""
-    added = {b.name: b for b in admin.added}
-    return [
-        (index, backend, added[backend.name])
-        for index, backend in enumerate(config.backends)
-        if backend.name in added
-        and backend.url != added[backend.name].url
-        and backend.url not in admin.removed_urls
-    ]
-
-
-def name_clashes(config: Config, admin: AdminChanges) -> list[str]:
-    """On reload the running admin changes win: the clashing file is refused."""
-    return [
-        f"backends[{index}].name: {backend.name!r} is already used by the backend "
-        f"{added.url} added through the admin API"
-        for index, backend, added in _clashes(config, admin)
-    ]
-
-
-def drop_name_clashes(config: Config, admin: AdminChanges) -> AdminChanges:
-    """At start the file wins: clashing admin-added backends are dropped, with a warning."""
-    dropped = set()
-    for _, backend, added in _clashes(config, admin):
-        log.warning(
-            "admin state: dropped added backend %s (%s): the config file now names %s so",
-            added.name, added.url, backend.url,
-        )  # fmt: skip
-        dropped.add(added.url)
-    kept = dataclasses.replace(admin, added=tuple(b for b in admin.added if b.url not in dropped))
-    running = {b.url for b, _ in kept.desired(config)}
-    for url, override in kept.overrides.items():
-        if url not in running:
-            log.warning("admin state: dropped the override of %s (%s): it is not in the "
-                        "running set", url, override.describe())  # fmt: skip
-    return kept.overrides_only_for(running)
