@@ -92,10 +92,6 @@ class Poller:
         if self._epoll:
             self._poll.close()
 
-    def watched(self) -> dict[int, int]:
-        """fd -> the events it is registered for (for tests and debugging)."""
-        return {fd: events for fd, (_, events) in self._registered.items()}
-
     def _refresh(self) -> None:
         fds = set(self._busy)
         fds.update(self._fired)
