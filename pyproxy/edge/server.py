@@ -13,9 +13,10 @@ worker threads. As an edge server facing untrusted clients it needs, on top of t
 - AbortResponse (pyproxy/wsgi.py), to cut a response short on purpose without a
   logged traceback.
 
-The loop runs in whichever thread calls `serve_forever()`; the connections and the
-deadlines are in listener.py (`EdgeChannel`, `EdgeListener`), enforced on that thread
-between two polls.
+The loop runs in whichever thread calls `serve_forever()`, one turn at a time through
+poller.py (a poll set kept for the life of the loop: idle connections cost nothing per
+turn); the connections and the deadlines are in listener.py (`EdgeChannel`,
+`EdgeListener`), enforced on that thread between two polls.
 """
 
 from __future__ import annotations
