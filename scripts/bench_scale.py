@@ -763,6 +763,10 @@ def part_idle(
             "idle_failed": failed_open,
             "rps_alone": alone.rps,
             "rps_with_idle": loaded.rps,
+            "p50_ms_alone": alone.p50_ms,
+            "p50_ms_with_idle": loaded.p50_ms,
+            "cpu_us_per_request_alone": cpu_per_request(alone),
+            "cpu_us_per_request_with_idle": cpu_per_request(loaded),
             "errors_with_idle": loaded.errors,
             "idle_served_after_load": still_served,
             "proxy_threads": threads_with_idle,
@@ -772,13 +776,26 @@ def part_idle(
         rows.append(row)
         say(
             f"{kind:<8} {opened:,}/{idle:,} idle connections opened; req/s with them "
-            f"{loaded.rps / alone.rps:.2f}x of without; {loaded.errors} load errors; "
+            f"{loaded.rps / alone.rps:.2f}x of without; p50 {ratio(loaded.p50_ms, alone.p50_ms)}; "
+            f"CPU/request {ratio(cpu_per_request(loaded), cpu_per_request(alone))}; "
+            f"{loaded.errors} load errors; "
             f"{still_served:,} idle connections still served afterwards; "
             f"{threads_with_idle} threads; peak RSS "
             + (f"{rss:.0f} MiB" if rss else "n/a (proxy died)")
         )
     procs.stop(backend.proc)
     results["idle"] = rows
+
+
+def cpu_per_request(load: bench.LoadResult) -> float | None:
+    """The proxy's CPU microseconds per completed request during one wrk run."""
+    if load.proxy_cpu_s is None or not load.requests:
+        return None
+    return load.proxy_cpu_s / load.requests * 1e6
+
+
+def ratio(with_idle: float | None, alone: float | None) -> str:
+    return f"{with_idle / alone:.2f}x" if with_idle and alone else "n/a"
 
 
 def thread_count(pid: int) -> int:

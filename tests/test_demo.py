@@ -35,9 +35,9 @@ import requests
 import yaml
 from backends import EchoBackend, wait_for
 from conftest import REPO, admin_backends, admin_reload
-from waitress import wasyncore
 
 from pyproxy.demo import DemoBackends
+from pyproxy.edge import poller
 
 # Several times the watcher's debounce (0.25 s): the window in which a watched file's
 # change would have been applied.
@@ -239,7 +239,7 @@ def test_a_second_signal_during_the_drain_exits_at_once_without_a_traceback(
 
 
 class HeldLoop:
-    """Stands in for the `select` module inside waitress's event loop: the loop thread
+    """Stands in for the `select` module inside the edge server's loop: the loop thread
     named `thread_name` stops right before it waits on its descriptors (select() or
     poll()), having already listed them, until `release` is set."""
 
@@ -260,16 +260,23 @@ class HeldLoop:
         return select.select(*args)
 
     def poll(self) -> Any:
-        pollster, hold = select.poll(), self._hold
+        return self._held(select.poll())
 
-        class Poll:
-            register = pollster.register
+    def epoll(self) -> Any:
+        return self._held(select.epoll())
+
+    def _held(self, pollster: Any) -> Any:
+        hold = self._hold
+
+        class Held:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pollster, name)  # register, modify, unregister, close
 
             def poll(self, *args: Any) -> Any:
                 hold()
                 return pollster.poll(*args)
 
-        return Poll()
+        return Held()
 
 
 def test_closing_the_demo_backends_never_pulls_a_socket_from_under_their_loop(
@@ -283,7 +290,7 @@ def test_closing_the_demo_backends_never_pulls_a_socket_from_under_their_loop(
         threading, "excepthook", lambda hook: died.append(f"{hook.thread}: {hook.exc_value!r}")
     )
     held = HeldLoop("pyproxy-demo-app1")
-    monkeypatch.setattr(wasyncore, "select", held)
+    monkeypatch.setattr(poller, "select", held)
     backends = DemoBackends(ports=(0, 0, 0))
     closer = threading.Thread(target=backends.close, name="closer")
     try:

@@ -68,6 +68,10 @@ class EdgeListener(TcpWSGIServer):
 
     channel_class = EdgeChannel
     draining = False
+    # waitress runs its idle check (maintenance, O(connections)) from this socket's
+    # readable(); enforce_deadlines() runs it once per tick instead, so never from here:
+    # the poller asks the listener readable() on every turn.
+    next_channel_cleanup = float("inf")
     on_refused: Callable[[EdgeRefusal], None] | None = None
 
     def __init__(self, application: Any, limits: LimitsConfig, **kw: Any) -> None:
@@ -93,12 +97,21 @@ class EdgeListener(TcpWSGIServer):
         if self.socket is not None:
             wasyncore.dispatcher.close(self)
 
+    def maintenance(self, now: float) -> None:
+        """waitress's idle check (channel_timeout), telling the poller about each channel
+        it closes: an idle channel's interest is otherwise asked only when it has an event."""
+        cutoff = now - self.adj.channel_timeout
+        for fd, channel in list(self.active_channels.items()):
+            if not channel.requests and channel.last_activity < cutoff:
+                channel.will_close = True
+                self._map.touch(fd)
+
     def enforce_deadlines(self) -> None:
         """Close connections that missed a deadline. Loop thread only, between polls."""
         now = time.time()
         send_timeout, header_timeout = self.limits.send_timeout, self.limits.header_timeout
-        # waitress runs its idle check (channel_timeout) from the listening socket's
-        # readable(), which stops being called once we stop accepting: run it here too.
+        # The idle check (channel_timeout) runs here, never from the listener's
+        # readable(), which is not called at all once we stop accepting.
         self.maintenance(now)
         for channel in list(self.active_channels.values()):
             if _send_stalled(channel, send_timeout, now):

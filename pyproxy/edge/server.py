@@ -13,9 +13,10 @@ worker threads. As an edge server facing untrusted clients it needs, on top of t
 - AbortResponse (pyproxy/wsgi.py), to cut a response short on purpose without a
   logged traceback.
 
-The loop runs in whichever thread calls `serve_forever()`; the connections and the
-deadlines are in listener.py (`EdgeChannel`, `EdgeListener`), enforced on that thread
-between two polls.
+The loop runs in whichever thread calls `serve_forever()`, one turn at a time through
+poller.py (a poll set kept for the life of the loop: idle connections cost nothing per
+turn); the connections and the deadlines are in listener.py (`EdgeChannel`,
+`EdgeListener`), enforced on that thread between two polls.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from waitress.task import ThreadedTaskDispatcher
 
 from pyproxy.config.schema import LimitsConfig
 from pyproxy.edge.listener import OUTPUT_BUFFER, EdgeListener
+from pyproxy.edge.poller import Poller, SocketMap
 from pyproxy.wsgi import EdgeRefusal
 
 __all__ = ["EdgeServer"]
 
 logger = logging.getLogger(__name__)
+
 
 class _NamedDispatcher(ThreadedTaskDispatcher):
     """waitress's worker pool, with threads named `<prefix>-N` instead of `waitress-N`."""
@@ -97,7 +100,7 @@ class EdgeServer:
         # streamed chunks must not wait for a buffer to fill (waitress's old default was
         # 18000 bytes; 3.0 defaults to 1 but deprecates the knob, so pin it here).
         adj.send_bytes = 1
-        self._map: dict[int, Any] = {}
+        self._map = SocketMap()
         self._dispatcher = _NamedDispatcher(f"pyproxy-{name}")
         try:
             self._server = EdgeListener(
@@ -113,6 +116,7 @@ class EdgeServer:
         self.address: tuple[str, int] = (server.effective_host, int(server.effective_port))
         deadlines = [t for t in (limits.header_timeout, limits.send_timeout) if t > 0]
         self._tick = max(0.05, min([1.0] + [t / 4 for t in deadlines]))
+        self._poller = Poller(self._map)
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._loop_exited = threading.Event()
@@ -163,8 +167,9 @@ class EdgeServer:
         try:
             next_check = 0.0
             while not self._stopping.is_set():
-                # poll(), not select(): select() cannot watch fds above 1023.
-                wasyncore.poll2(self._tick, self._map)
+                # Not wasyncore.poll2, which asks every connection for its interest on
+                # every turn (see poller.py), nor select(), which cannot watch fds above 1023.
+                self._poller.poll(self._tick)
                 while not self._calls.empty():
                     self._calls.get()()
                 now = time.monotonic()
@@ -174,6 +179,7 @@ class EdgeServer:
                     self._server.enforce_deadlines()
                     next_check = now + self._tick
         finally:
+            self._poller.close()
             self._loop_exited.set()
 
     def stop_accepting(self) -> None:
@@ -202,6 +208,8 @@ class EdgeServer:
         self._dispatcher.shutdown(cancel_pending=True, timeout=1.0)
         self._server.close_trigger()
         self._map.clear()
+        if self._loop_thread is None:
+            self._poller.close()  # else the loop closes it as it exits
 
     def _on_loop(self, call: Callable[[], None]) -> None:
         """Run `call` on the loop thread between polls (now, if no loop is running)."""

@@ -41,7 +41,9 @@ class _EdgeHead(Task):
         own = ("Via: " if app_sent_server else "Server: ") + server.adj.ident
         head = head.replace(f"\r\n{own}\r\n".encode("latin-1"), b"\r\n", 1)
         if self._bodiless():
-            head = self._fix_bodiless(head, keep_alive)
+            head = self._drop_chunked(head)
+        if keep_alive and self.close_on_finish and (self.chunked_response or self._bodiless()):
+            head = self._keep_open(head)
         return head
 
     def _bodiless(self) -> bool:
@@ -54,18 +56,22 @@ class _EdgeHead(Task):
         connection = self.request.headers.get("CONNECTION", "").lower()
         return self.version == "1.1" and connection != "close" and not self.close_on_finish
 
-    def _fix_bodiless(self, head: bytes, keep_alive: bool) -> bytes:
+    def _drop_chunked(self, head: bytes) -> bytes:
         """waitress treats a response without Content-Length as one whose body runs to a
-        chunked end or to the close: for a bodiless answer it would send a stray
-        `0 CRLF CRLF` after a HEAD response (read by the client as the start of the
-        next response) and close every 204/304. Both are wrong; undo them."""
+        chunked end: for a bodiless answer it would send a stray `0 CRLF CRLF` after a
+        HEAD response, read by the client as the start of the next response. Undo it."""
         if self.chunked_response:
             self.chunked_response = False
             head = head.replace(b"\r\nTransfer-Encoding: chunked\r\n", b"\r\n", 1)
-        if keep_alive and self.close_on_finish:
-            self.close_on_finish = False
-            head = head.replace(b"\r\nConnection: close\r\n", b"\r\n", 1)
         return head
+
+    def _keep_open(self, head: bytes) -> bytes:
+        """waitress closes the connection after every HTTP/1.1 response without a
+        Content-Length, even a chunked one or a bodiless one (task.py,
+        build_response_header). Both are framed, so the next request can follow on the
+        same connection (RFC 9112 §6.3, §9.3), as nginx and HAProxy keep it."""
+        self.close_on_finish = False
+        return head.replace(b"\r\nConnection: close\r\n", b"\r\n", 1)
 
 
 class EdgeTask(_EdgeHead, WSGITask):
