@@ -362,9 +362,18 @@ def test_reload_names_the_pools_and_routes_that_changed() -> None:
     assert "pools: added extra (0 backend(s))" in lines
     assert "pools.web: changed" in lines
     assert (
-        "routes: [api -> api, routes[1] -> web] -> [api -> api, x -> extra, routes[2] -> web]"
-        in lines
-    )
+        "routes: [api: host api.example.com -> api, routes[1]: everything -> web]"
+        " -> [api: host api.example.com -> api, x: path /x -> extra,"
+        " routes[2]: everything -> web]"
+    ) in lines
+
+
+def test_a_reload_that_changes_only_a_match_says_so() -> None:
+    old = parse(two_pools())
+    data = two_pools()
+    data["routes"][0]["match"] = {"host": "api.example.org"}
+    (line,) = [line for line in describe_changes(old, parse(data)) if line.startswith("routes")]
+    assert "host api.example.com -> api" in line and "host api.example.org -> api" in line
 
 
 def test_the_commented_pools_example_in_config_yaml_is_valid() -> None:

@@ -127,4 +127,15 @@ def _count(pool: PoolConfig) -> str:
 
 
 def _show_routes(routes: tuple[RouteConfig, ...]) -> str:
-    return "[" + ", ".join(f"{route.name} -> {route.pool}" for route in routes) + "]"
+    """Each route as it matches, `api: host api.example.com path /v1 -> api (strip)`, so
+    a change to a match or to strip_prefix shows in the reload line, not only a pool."""
+    return "[" + ", ".join(_show_route(route) for route in routes) + "]"
+
+
+def _show_route(route: RouteConfig) -> str:
+    host, prefix = route.match.host, route.match.path_prefix
+    matches = " ".join(
+        [*([f"host {host}"] if host else []), *([f"path {prefix}"] if prefix else [])]
+    )
+    strip = " (strip)" if route.strip_prefix else ""
+    return f"{route.name}: {matches or 'everything'} -> {route.pool}{strip}"
