@@ -384,3 +384,66 @@ def test_a_routes_reload_applies_live_without_failing_a_request(
     assert metric_value(service, "proxy_route_requests_total", route="v1", pool="new") == len(
         new.requests()
     )
+
+
+def test_a_request_waiting_through_a_reload_that_drops_its_pool_follows_the_new_route(
+    tmp_path: Path,
+    start_service: Callable[[Path], Service],
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+    busy_switching: None,
+) -> None:
+    """Each reload sends /v1 to the other pool and drops the one it left. A request
+    that matched its route just before a swap finds that pool's backends removed;
+    it must go where the new routes send it, not answer 503 "old1 removed"."""
+    backends = {"old": make_echo_backend("old1"), "new": make_echo_backend("new1")}
+    path = tmp_path / "pyproxy.yaml"
+
+    def document(pool: str) -> str:
+        backend = backends[pool]
+        return yaml.safe_dump(
+            {
+                "listen": "127.0.0.1:0",
+                "admin": {"listen": "127.0.0.1:0", "token": "secret"},
+                "health_check": {"enabled": False},
+                "circuit_breaker": {"enabled": False},
+                "retries": {"max_retries": 0},
+                "pools": {pool: {"backends": [{"url": backend.url, "name": backend.name}]}},
+                "routes": [{"name": "v1", "match": {"path_prefix": "/v1"}, "pool": pool}],
+            }
+        )
+
+    path.write_text(document("old"), encoding="utf-8")
+    service = start_service(path)
+    assert service.watcher is not None
+    service.watcher.stop()  # the admin API's reloads are the only ones
+    stop = threading.Event()
+    errors: list[str] = []
+    answered = [0] * 4
+
+    def client(index: int) -> None:
+        with requests.Session() as session:
+            session.trust_env = False
+            for _ in range(5000):
+                if stop.is_set():
+                    return
+                response = session.get(service.proxy_url + "/v1/x", timeout=WAIT)
+                answered[index] += 1
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text.strip()}")
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"client{i}") for i in range(4)]
+    runner = threading.Thread(target=run_to_end, args=(threads, 60.0), name="load")
+    runner.start()
+    try:
+        assert wait_for(lambda: min(answered) >= 1, timeout=WAIT), answered
+        for reload in range(40):
+            replace_file(path, document("new" if reload % 2 == 0 else "old"))
+            answer = admin_reload(http, service, "secret")
+            assert answer.status_code == 200, answer.text
+    finally:
+        stop.set()
+        runner.join(timeout=90.0)
+    assert not runner.is_alive()
+    assert errors == []
+    assert backends["old"].requests() and backends["new"].requests()
