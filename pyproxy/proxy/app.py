@@ -174,10 +174,10 @@ class ProxyApp:
             lease = self.choice.lease(pool, request, outcome, tried, admission)
             if lease is None and self.holder.runtime is not runtime:
                 # A reload or an admin change replaced this snapshot's backends while the
-                # request waited: the new snapshot's backends (of the same pool, if it is
-                # still there) are the ones to try.
+                # request waited: it goes where the new snapshot routes it (a reload may
+                # have moved its route and dropped this pool with its backends).
                 runtime = self.holder.runtime
-                pool = runtime.pools.get(pool.name, pool)
+                pool, target = self._rerouted(runtime, request, outcome, pool, target)
                 lease = self.choice.lease(pool, request, outcome, tried, admission)
             if lease is None:
                 if outcome.explanation is not None:
@@ -218,6 +218,18 @@ class ProxyApp:
                 pause = backoff * self.context.rng.uniform(0.5, 1.5)
                 left = math.inf if deadline is None else deadline - self.clock()
                 self.context.sleep(max(0.0, min(pause, left)))
+
+    @staticmethod
+    def _rerouted(
+        runtime: Runtime, request: Request, outcome: Outcome, pool: Pool, target: str
+    ) -> tuple[Pool, str]:
+        """The pool and upstream target the new snapshot `runtime` gives the request;
+        the old ones (and so their 503) when no route of it takes the request."""
+        route = runtime.routes.match(request.host, request.target)
+        if route is None:
+            return pool, target
+        outcome.pool_name = route.pool
+        return runtime.pools[route.pool], route.upstream_path(request.target)
 
     def _not_sent(
         self,
