@@ -133,8 +133,27 @@ def check(path: str, listen: Address | None = None) -> int:
         return 1
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
+    refused = not_served(config)
+    if refused:
+        print(refused, file=sys.stderr)
+        print(f"{path}: cannot be served by this version", file=sys.stderr)
+        return 1
     print(f"{path}: ok ({len(config.backends)} backend(s))")
     return 0
+
+
+def not_served(config: Config) -> str | None:
+    """Why this version cannot serve a valid config, or None.
+
+    Several worker processes are not implemented yet: starting one process for
+    `workers: 4` would quietly serve a quarter of the capacity the file asks for, so
+    pyproxy refuses instead (as nginx refuses a directive its build lacks)."""
+    if config.workers > 1:
+        return (
+            f"workers: {config.workers}: this version serves with one process only;"
+            " set workers: 1 (and raise `threads` for more concurrency)"
+        )
+    return None
 
 
 def dump(path: str, listen: Address | None = None) -> int:
@@ -221,6 +240,10 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     for warning in config_warnings(config):
         log.warning("config: %s", warning)
+    refused = not_served(config)
+    if refused:
+        log.error("%s; not starting", refused)
+        return 1
     try:
         service = Service(config)
     except OSError as exc:
