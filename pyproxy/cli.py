@@ -133,27 +133,8 @@ def check(path: str, listen: Address | None = None) -> int:
         return 1
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
-    refused = not_served(config)
-    if refused:
-        print(refused, file=sys.stderr)
-        print(f"{path}: cannot be served by this version", file=sys.stderr)
-        return 1
     print(f"{path}: ok ({len(config.backends)} backend(s))")
     return 0
-
-
-def not_served(config: Config) -> str | None:
-    """Why this version cannot serve a valid config, or None.
-
-    Several worker processes are not implemented yet: starting one process for
-    `workers: 4` would quietly serve a quarter of the capacity the file asks for, so
-    pyproxy refuses instead (as nginx refuses a directive its build lacks)."""
-    if config.workers > 1:
-        return (
-            f"workers: {config.workers}: this version serves with one process only;"
-            " set workers: 1 (and raise `threads` for more concurrency)"
-        )
-    return None
 
 
 def dump(path: str, listen: Address | None = None) -> int:
@@ -240,10 +221,8 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     for warning in config_warnings(config):
         log.warning("config: %s", warning)
-    refused = not_served(config)
-    if refused:
-        log.error("%s; not starting", refused)
-        return 1
+    if config.workers > 1:
+        return serve_workers(config)
     try:
         service = Service(config)
     except OSError as exc:
@@ -252,6 +231,38 @@ def run(argv: list[str] | None = None) -> int:
     serve(service)
     log.info("stopped")
     return 0
+
+
+def serve_workers(config: Config) -> int:
+    """`workers: N > 1`: a master and N worker processes (process/master.py)."""
+    from pyproxy.process.master import Master
+
+    try:
+        master = Master(config)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc.strerror or exc)
+        return 1
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second %s: killing the workers, exiting now", signal.Signals(signum).name)
+            master.kill_workers()
+            os._exit(1)
+        log.info("%s received: draining every worker", signal.Signals(signum).name)
+        master.request_shutdown()
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=master.reload, args=("SIGHUP",), name="pyproxy-sighup").start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
+    code = master.serve()
+    log.info("stopped")
+    return code
 
 
 def demo() -> int:
