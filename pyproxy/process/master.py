@@ -42,6 +42,7 @@ from pyproxy.edge.server import EdgeServer
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops.admin import AdminApp
 from pyproxy.process.master_admin import MasterAdmin
+from pyproxy.process.sdnotify import Notifier
 from pyproxy.process.worker_gauges import worker_gauges
 from pyproxy.runtime.admin_rules import drop_name_clashes
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
@@ -89,7 +90,11 @@ class Master:
         self.holder = RuntimeHolder(runtime, restored)
         own_metrics = Metrics()  # the master's reload counts are the workers' too: unexposed
         self.swap = RuntimeSwap(self.holder, own_metrics)
-        self.view = MasterAdmin(AdminApp(self.holder, own_metrics, self, self.swap), self)
+        own = AdminApp(self.holder, own_metrics, self, self.swap, self._own_addresses)
+        self.view = MasterAdmin(own, self)
+        # systemd hears from the master only: it is the service's main PID
+        # (NotifyAccess=main refuses a worker's READY=1).
+        self.notifier = Notifier()
         self.metrics_dir = tempfile.mkdtemp(prefix="pyproxy-metrics-")
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=self.metrics_dir)
@@ -108,6 +113,11 @@ class Master:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             raise
         self.watcher: ConfigWatcher | None = None
+
+    def _own_addresses(self) -> list[tuple[str, int]]:
+        """Where this pyproxy listens: add-backend refuses a backend that is itself."""
+        host, port = self.listener.getsockname()[:2]
+        return [(host, port), self.admin_server.address[:2]]
 
     # -- what the admin API reads (ops/admin.py's Instance, master_admin's Workers) --
 
@@ -145,6 +155,7 @@ class Master:
         host, port = self.listener.getsockname()[:2]
         log.info("master serving on http://%s:%d with %d workers (admin %s:%d)", host, port,
                  len(self.slots), *self.admin_server.address[:2])  # fmt: skip
+        self.notifier.ready()
         while not self._stopping.wait(0.2):
             self._supervise()
         return self._drain()
@@ -155,11 +166,13 @@ class Master:
     def reload(self, trigger: str) -> ReloadResult:
         """Validate the file once, here; then every worker applies it (SIGHUP, the watch)."""
         with self.changes_lock:
+            self.notifier.reloading()
             result = self.swap.reload(trigger)
             if result.ok:
                 for answer in self.view.tell_workers("/admin/reload"):
                     log.error("reload (%s): worker %d did not apply it: %s", trigger,
                               answer.pid, answer.problem or answer.body[:200])  # fmt: skip
+            self.notifier.ready()
             return result
 
     def _start(self, slot: Slot) -> None:
@@ -169,7 +182,8 @@ class Master:
         # The worker says on this pipe when it serves; its stdout (the access log) and
         # stderr are the master's.
         said, say = os.pipe()
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+        env = {**{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+               "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
                "PYPROXY_LOG_LEVEL": logging.getLevelName(log.getEffectiveLevel())}  # fmt: skip
         try:
             process = subprocess.Popen(
@@ -207,6 +221,7 @@ class Master:
 
     def _drain(self) -> int:
         log.info("shutdown: every worker drains")
+        self.notifier.stopping()
         if self.watcher is not None:
             self.watcher.stop()
         processes = [s.process for s in self.slots if s.process is not None]

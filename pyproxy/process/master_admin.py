@@ -59,6 +59,8 @@ class MasterAdmin:
             reply = self.backends()
         elif method in ("GET", "HEAD") and path == "/metrics":
             reply = self.metrics()
+        elif method in ("GET", "HEAD") and path == "/readyz" and not self.own.instance.ready():
+            reply = text(503, "shutting down")
         elif method in ("GET", "HEAD") and path in ("/readyz", "/admin/status"):
             reply = self.first_worker(path)
         else:
