@@ -25,6 +25,8 @@ import requests
 from backends import EchoBackend, free_ports
 from test_cli import assert_no_traceback, cli_env, write
 
+from pyproxy.process.master import backoff
+
 TOKEN = "test-token"
 CONFIG = """\
 listen: "127.0.0.1:{port}"
@@ -162,6 +164,12 @@ def test_both_workers_serve_the_shared_socket(start_master: Callable[[], Master]
     assert sorted(master.served_by()) == sorted(workers)
     assert sorted(_children(master.process.pid)) == sorted(workers)
     assert master.process.pid not in workers
+    page = _session().get(master.admin + "/admin/status", timeout=20).text
+    assert "app1: available in 2 of 2 workers" in page
+
+
+def test_replacement_backoff_doubles_from_1s_to_30s() -> None:
+    assert [backoff(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
 
 
 def test_metrics_sum_the_request_counters_of_both_workers(

@@ -10,11 +10,13 @@
   multiprocess mode), the master's `proxy_worker_restarts_total`, and the
   per-backend gauges of each worker with a `worker` label.
 - /livez is the master's own; /readyz is 200 while one worker is ready.
-- /admin/status: one worker's page (its health checks are its own).
+- /admin/status: one worker's page (its health checks are its own), headed by each
+  backend's availability in every worker.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import threading
@@ -61,8 +63,10 @@ class MasterAdmin:
             reply = self.metrics()
         elif method in ("GET", "HEAD") and path == "/readyz" and not self.own.instance.ready():
             reply = text(503, "shutting down")
-        elif method in ("GET", "HEAD") and path in ("/readyz", "/admin/status"):
+        elif method in ("GET", "HEAD") and path == "/readyz":
             reply = self.first_worker(path)
+        elif method in ("GET", "HEAD") and path == "/admin/status":
+            reply = self.status_page()
         else:
             return self.own(environ, start_response)
         status, content_type, body, extra = reply
@@ -138,6 +142,23 @@ class MasterAdmin:
         pages = [(a.pid, a.body) for a in self._ask_all("GET", "/metrics") if a.ok]
         body = self.workers.metrics_page(pages)
         return 200, "text/plain; version=0.0.4; charset=utf-8", body, []
+
+    def status_page(self) -> Reply:
+        """One worker's page, with each backend's availability in every worker on top."""
+        status, content_type, body, extra = self.first_worker("/admin/status")
+        listing = self.backends()
+        if status != 200 or listing[0] != 200:
+            return status, content_type, body, extra
+        view = json.loads(listing[2])
+        rows = "".join(
+            f"<li>{html.escape(b['name'])}: available in {b['workers']['available']}"
+            f" of {b['workers']['of']} workers</li>"
+            for b in view["backends"]
+        )
+        section = (f"<section><h2>Workers: {len(view['workers'])}</h2>"
+                   f"<p>This page is one worker's view.</p><ul>{rows}</ul></section>")  # fmt: skip
+        page = body.replace(b"</header>", b"</header>" + section.encode(), 1)
+        return status, content_type, page, extra
 
     def first_worker(self, path: str) -> Reply:
         answers = self._ask_all("GET", path)
