@@ -306,6 +306,23 @@ def test_sigterm_drains_both_workers_and_the_master_exits_0(
     assert_no_traceback(subprocess.CompletedProcess([], 0, "", master.log()))
 
 
+def test_workers_drain_and_exit_when_the_master_is_killed(
+    start_master: Callable[[], Master],
+) -> None:
+    master = start_master()
+    workers = master.workers()
+    try:
+        os.kill(master.process.pid, signal.SIGKILL)
+        master.process.wait(timeout=10)
+
+        _until(lambda: not any(_alive(pid) for pid in workers), "the orphaned workers gone")
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert "the master process exited: draining" in master.log()
+
+
 def _by_pid(master: Master) -> dict[str, dict[str, int]]:
     (app1,) = [b for b in master.backends()["backends"] if b["name"] == "app1"]  # type: ignore[attr-defined]
     return dict(app1["workers"]["by_pid"])

@@ -113,6 +113,10 @@ class Master:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             raise
         self.watcher: ConfigWatcher | None = None
+        # Never written: a worker reading it sees end-of-file when the master is gone
+        # (even by SIGKILL) and drains, rather than serve on, orphaned, with no
+        # supervisor and no admin API.
+        self._alive_r, self._alive_w = os.pipe()
 
     def _own_addresses(self) -> list[tuple[str, int]]:
         """Where this pyproxy listens: add-backend refuses a backend that is itself."""
@@ -127,13 +131,15 @@ class Master:
     def requests_in_flight(self) -> int:
         return 0  # the master serves no proxy requests
 
-    def ports(self) -> dict[int, int]:
+    def ports(self, *, starting: bool) -> dict[int, int]:
         ports = {}
         for slot in self.slots:
             process = slot.process
             if process is not None and process.poll() is None:
-                slot.ready.wait(max(0.0, slot.started_at + STARTUP - self.clock()))
-                ports[process.pid] = slot.port  # 0: not serving yet, reported as no answer
+                if starting:  # a change must reach it: wait until it can be told
+                    slot.ready.wait(max(0.0, slot.started_at + STARTUP - self.clock()))
+                if starting or slot.ready.is_set():
+                    ports[process.pid] = slot.port  # 0: not serving yet: "no answer"
         return ports
 
     def metrics_page(self, worker_pages: list[tuple[int, bytes]]) -> bytes:
@@ -187,8 +193,9 @@ class Master:
                "PYPROXY_LOG_LEVEL": logging.getLevelName(log.getEffectiveLevel())}  # fmt: skip
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "pyproxy.process.worker", str(fd), str(say)],
-                pass_fds=(fd, say), stdin=subprocess.PIPE, env=env,
+                [sys.executable, "-m", "pyproxy.process.worker", str(fd), str(say),
+                 str(self._alive_r)],
+                pass_fds=(fd, say, self._alive_r), stdin=subprocess.PIPE, env=env,
             )  # fmt: skip
         finally:
             os.close(say)

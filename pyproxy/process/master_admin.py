@@ -40,8 +40,9 @@ class Workers(Protocol):
     # worker either starts with a change or is sent it, and changes arrive in order.
     changes_lock: threading.Lock
 
-    def ports(self) -> dict[int, int]:
-        """{pid: admin port} of the workers serving now (waits for starting ones)."""
+    def ports(self, *, starting: bool) -> dict[int, int]:
+        """{pid: admin port} of the workers serving now; `starting`: and of those
+        starting, waiting until they serve."""
         ...
 
     def metrics_page(self, worker_pages: list[tuple[int, bytes]]) -> bytes: ...
@@ -86,7 +87,9 @@ class MasterAdmin:
         headers = {"Authorization": f"Bearer {self.workers.token}"}
         if body:
             headers["Content-Type"] = "application/json"
-        return fan_out(self.workers.ports(), method, path, body=body, headers=headers)
+        # A change must reach the workers still starting too; a read needs only those serving.
+        ports = self.workers.ports(starting=method == "POST")
+        return fan_out(ports, method, path, body=body, headers=headers)
 
     def change(self, environ: dict[str, Any]) -> Reply:
         """Applied by the master (which refuses what is invalid), then by every worker."""

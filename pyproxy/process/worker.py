@@ -1,6 +1,6 @@
 """One worker process of a master (process/master.py): a full proxy on an inherited socket.
 
-    python -m pyproxy.process.worker LISTEN_FD READY_FD   (started by the master only)
+    python -m pyproxy.process.worker LISTEN_FD READY_FD ALIVE_FD   (the master starts it)
 
 The master writes, pickled on the worker's stdin, what the worker serves: the
 config the master validated and the admin changes it keeps. The worker then serves
@@ -14,11 +14,13 @@ state query), with the same bearer token.
 Only the master writes the admin state file (several writers would race on it), so
 the worker's config has none; on a reload the worker reads the file the master has
 just validated, without its state file either (`WorkerSource`). SIGTERM drains as a
-single pyproxy does (docs/shutdown.md); SIGHUP and SIGINT are the master's.
+single pyproxy does (docs/shutdown.md); SIGHUP and SIGINT are the master's. A worker
+whose master exited (ALIVE_FD reads end-of-file) drains too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,6 +28,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 from types import FrameType
 
 from pyproxy.config.load import load_config
@@ -79,11 +82,22 @@ def main() -> int:
         service.request_shutdown()
 
     signal.signal(signal.SIGTERM, on_term)
+    threading.Thread(target=_drain_when_orphaned, args=(int(sys.argv[3]), service),
+                     name="pyproxy-master-watch", daemon=True).start()  # fmt: skip
     service.start()
     with open(int(sys.argv[2]), "w") as master:
         master.write(f"admin {service.admin_server.address[1]}\n")
     service.serve()
     return 0
+
+
+def _drain_when_orphaned(alive_fd: int, service: Service) -> None:
+    """The master never writes to this pipe: end-of-file means it exited."""
+    with contextlib.suppress(OSError):
+        while os.read(alive_fd, 1):
+            pass
+    log.error("the master process exited: draining")
+    service.request_shutdown()
 
 
 if __name__ == "__main__":
