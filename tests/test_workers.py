@@ -278,6 +278,50 @@ def test_an_admin_change_reaches_both_workers_and_a_replacement(
     assert sorted(master.served_by("added")) == sorted(master.workers())
 
 
+def _add_backend(master: Master, name: str) -> requests.Response:
+    url = f"http://127.0.0.1:{free_ports(1)[0]}"
+    return _session().post(master.admin + "/admin/add-backend", timeout=60,
+                           headers={"Authorization": f"Bearer {TOKEN}"},
+                           data=json.dumps({"url": url, "name": name}))  # fmt: skip
+
+
+def test_a_paused_worker_is_named_not_killed_and_applies_the_change_when_resumed(
+    start_master: Callable[[], Master],
+) -> None:
+    master = start_master()
+    paused, running = master.workers()
+    os.kill(paused, signal.SIGSTOP)
+    try:
+        response = _add_backend(master, "late")
+
+        assert response.status_code == 502, response.text
+        (missing,) = response.json()["not_applied_by_workers"]
+        assert missing["pid"] == paused
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    # Its admin socket queued the request: it applies it once it runs again.
+    _until(lambda: sorted(master.served_by("late")) == sorted([paused, running]),
+           "the resumed worker has the change")  # fmt: skip
+    assert master.workers() == [paused, running]  # the same processes: nobody was replaced
+
+
+def test_a_reload_the_master_refuses_reaches_no_worker(
+    start_master: Callable[[], Master],
+) -> None:
+    master = start_master()
+    write(master.config, master.config.read_text().replace("strategy: round_robin",
+                                                          "strategy: fastest"))  # fmt: skip
+
+    response = _session().post(master.admin + "/admin/reload", timeout=60,
+                               headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+
+    assert response.status_code == 400, response.text
+    assert response.json()["reloaded"] is False
+    assert "reload (admin API)" not in "".join(
+        line for line in master.log().splitlines() if "]: " in line  # the workers' lines
+    )
+
+
 def test_sigterm_drains_both_workers_and_the_master_exits_0(
     start_master: Callable[[], Master],
 ) -> None:

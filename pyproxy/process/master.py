@@ -95,13 +95,6 @@ class Master:
         # systemd hears from the master only: it is the service's main PID
         # (NotifyAccess=main refuses a worker's READY=1).
         self.notifier = Notifier()
-        self.metrics_dir = tempfile.mkdtemp(prefix="pyproxy-metrics-")
-        self.registry = CollectorRegistry()
-        MultiProcessCollector(self.registry, path=self.metrics_dir)
-        self.restarts = Counter(
-            "proxy_worker_restarts_total", "Workers replaced after they exited",
-            registry=self.registry,
-        )  # fmt: skip
         self.listener = bind(config.listen.host, config.listen.port)
         try:
             self.admin_server = EdgeServer(
@@ -110,8 +103,14 @@ class Master:
             )  # fmt: skip
         except OSError:
             self.listener.close()
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
             raise
+        self.metrics_dir = tempfile.mkdtemp(prefix="pyproxy-metrics-")  # removed at exit
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=self.metrics_dir)
+        self.restarts = Counter(
+            "proxy_worker_restarts_total", "Workers replaced after they exited",
+            registry=self.registry,
+        )  # fmt: skip
         self.watcher: ConfigWatcher | None = None
         # Never written: a worker reading it sees end-of-file when the master is gone
         # (even by SIGKILL) and drains, rather than serve on, orphaned, with no
@@ -248,6 +247,8 @@ class Master:
                 code = process.wait()
             clean = clean and code == 0
         self.admin_server.close()
+        for backend in self.holder.runtime.backends:
+            backend.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("shutdown: all workers exited")
         return 0 if clean else 1
