@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 FIRST_BACKOFF, MAX_BACKOFF = 1.0, 30.0
 LIVED_LONG = 30.0  # a worker that ran this long was healthy: the backoff starts over
+# systemd's socket is the master's; an operator's prometheus_multiproc_dir (the old
+# lower-case name, still read) must not point the workers elsewhere than the master reads.
+NOT_FOR_WORKERS = frozenset({"NOTIFY_SOCKET", "prometheus_multiproc_dir"})
 STARTUP = 20.0  # seconds a starting worker has to serve before changes skip it
 
 
@@ -187,7 +190,7 @@ class Master:
         # The worker says on this pipe when it serves; its stdout (the access log) and
         # stderr are the master's.
         said, say = os.pipe()
-        env = {**{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        env = {**{k: v for k, v in os.environ.items() if k not in NOT_FOR_WORKERS},
                "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
                "PYPROXY_LOG_LEVEL": logging.getLevelName(log.getEffectiveLevel())}  # fmt: skip
         try:
