@@ -270,6 +270,9 @@ def test_an_admin_change_reaches_both_workers_and_a_replacement(
                                data=json.dumps({"url": url, "name": "added"}))  # fmt: skip
 
     assert response.status_code == 201, response.text
+    wrong = _session().post(master.admin + "/admin/add-backend", timeout=30,
+                            headers={"Authorization": "Bearer wrong"}, data="{}")  # fmt: skip
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
     assert sorted(master.served_by("added")) == sorted(master.workers())
     victim = master.workers()[0]
     os.kill(victim, signal.SIGKILL)

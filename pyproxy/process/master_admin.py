@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 StartResponse = Callable[..., Any]
 # What /admin/backends shows of each backend in each worker.
 BY_WORKER = ("available", "health", "circuit", "in_flight", "requests_total")
+OWN_HEADERS = ("Content-Type", "Content-Length", "X-Content-Type-Options")  # set in __call__
 CHANGES = ("/admin/add-backend", "/admin/remove-backend", "/admin/set-backend", "/admin/reload")
 
 
@@ -93,9 +94,10 @@ class MasterAdmin:
 
     def change(self, environ: dict[str, Any]) -> Reply:
         """Applied by the master (which refuses what is invalid), then by every worker."""
-        length = int(environ.get("CONTENT_LENGTH") or 0) if environ.get(
-            "CONTENT_LENGTH", "").isdigit() else 0  # fmt: skip
-        raw = environ["wsgi.input"].read(length) if length else b""
+        # Read once here (waitress bounds it by limits.max_request_body), replayed to
+        # the master's own AdminApp, then sent to each worker.
+        length = environ.get("CONTENT_LENGTH") or ""
+        raw = environ["wsgi.input"].read(int(length)) if length.isdigit() else b""
         captured: list[Any] = []
 
         def keep(status: str, headers: list[tuple[str, str]], *args: Any) -> None:
@@ -105,11 +107,12 @@ class MasterAdmin:
         body = b"".join(self.own(environ, keep))
         status, headers = captured
         content_type = dict(headers).get("Content-Type", "application/json")
+        extra = [(k, v) for k, v in headers if k not in OWN_HEADERS]  # WWW-Authenticate
         if not 200 <= status < 300:
-            return status, content_type, body, []  # refused in the master: nowhere
+            return status, content_type, body, extra  # refused in the master: nowhere
         failed = [a for a in self._ask_all("POST", environ["PATH_INFO"], raw) if not a.ok]
         if not failed:
-            return status, content_type, body, []
+            return status, content_type, body, extra
         for answer in failed:
             log.error("worker %d did not apply %s: %s", answer.pid, environ["PATH_INFO"],
                       answer.problem or answer.body.decode(errors="replace")[:200])  # fmt: skip
