@@ -92,7 +92,7 @@ class Master:
         runtime, _ = build_runtime(config, admin=restored)
         self.holder = RuntimeHolder(runtime, restored)
         own_metrics = Metrics()  # the master's reload counts are the workers' too: unexposed
-        self.swap = RuntimeSwap(self.holder, own_metrics)
+        self.swap = RuntimeSwap(self.holder, own_metrics, on_settings=self._publish)
         own = AdminApp(self.holder, own_metrics, self, self.swap, self._own_addresses)
         self.view = MasterAdmin(own, self)
         # systemd hears from the master only: it is the service's main PID
@@ -107,7 +107,13 @@ class Master:
         except OSError:
             self.listener.close()
             raise
-        self.metrics_dir = tempfile.mkdtemp(prefix="pyproxy-metrics-")  # removed at exit
+        # Private (0700) and removed at exit: the workers' metric files, and the config
+        # the master validated last, which a worker's reload applies (worker.py).
+        self.run_dir = tempfile.mkdtemp(prefix="pyproxy-")
+        self.metrics_dir = os.path.join(self.run_dir, "metrics")
+        os.mkdir(self.metrics_dir)
+        self.config_file = os.path.join(self.run_dir, "config.pickle")
+        self._publish(self.holder.runtime.config)
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=self.metrics_dir)
         self.restarts = Counter(
@@ -119,6 +125,14 @@ class Master:
         # (even by SIGKILL) and drains, rather than serve on, orphaned, with no
         # supervisor and no admin API.
         self._alive_r, self._alive_w = os.pipe()
+
+    def _publish(self, config: Config) -> None:
+        """Keep the config the master runs now where its workers' reloads read it: a
+        reload is validated once, here, and every worker applies exactly that."""
+        partial = self.config_file + ".new"
+        with open(partial, "wb") as file:
+            pickle.dump(config, file)
+        os.replace(partial, self.config_file)  # a reader sees the old or the new, whole
 
     def _own_addresses(self) -> list[tuple[str, int]]:
         """Where this pyproxy listens: add-backend refuses a backend that is itself."""
@@ -196,7 +210,7 @@ class Master:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pyproxy.process.worker", str(fd), str(say),
-                 str(self._alive_r)],
+                 str(self._alive_r), self.config_file],
                 pass_fds=(fd, say, self._alive_r), stdin=subprocess.PIPE, env=env,
             )  # fmt: skip
         finally:
@@ -252,7 +266,7 @@ class Master:
         self.admin_server.close()
         for backend in self.holder.runtime.backends:
             backend.close()
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("shutdown: all workers exited")
         return 0 if clean else 1
 

@@ -1,21 +1,22 @@
 """One worker process of a master (process/master.py): a full proxy on an inherited socket.
 
-    python -m pyproxy.process.worker LISTEN_FD READY_FD ALIVE_FD   (the master starts it)
+    python -m pyproxy.process.worker LISTEN_FD READY_FD ALIVE_FD CONFIG   (the master starts it)
 
 The master writes, pickled on the worker's stdin, what the worker serves: the
 config the master validated and the admin changes it keeps. The worker then serves
 the proxy socket the master bound (file descriptor LISTEN_FD, inherited), with its own
 health checks, breaker states, least-connections counts and rate buckets, and answers
 its master on an admin listener of its own on 127.0.0.1, an ephemeral port. It
-writes that port on the pipe READY_FD ("admin PORT") once it serves: the master's control
-channel is plain HTTP to the worker's own admin API (a reload, an admin change, a
-state query), with the same bearer token.
+writes that port on the pipe READY_FD ("admin PORT") once it serves: the master's
+control channel is plain HTTP to the worker's own admin API (a reload, an admin
+change, a state query), with a random bearer token only the master knows.
 
 Only the master writes the admin state file (several writers would race on it), so
-the worker's config has none; on a reload the worker reads the file the master has
-just validated, without its state file either (`WorkerSource`). SIGTERM drains as a
-single pyproxy does (docs/shutdown.md); SIGHUP and SIGINT are the master's. A worker
-whose master exited (ALIVE_FD reads end-of-file) drains too.
+the worker's config has none. On a reload the worker applies the config the master
+has just validated and applied, which the master keeps in the file CONFIG
+(`WorkerSource`): the file is validated once, and every worker runs what the master
+runs. SIGTERM drains as a single pyproxy does (docs/shutdown.md); SIGHUP and SIGINT
+are the master's. A worker whose master exited (ALIVE_FD reads end-of-file) drains.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import sys
 import threading
 from types import FrameType
 
-from pyproxy.config.load import load_config
 from pyproxy.config.schema import Address, Config
 from pyproxy.process.service import Service
 from pyproxy.runtime.snapshot import AdminChanges
@@ -49,15 +49,19 @@ def worker_config(config: Config, token: str) -> Config:
 
 
 class WorkerSource:
-    """Where a worker's reload reads its config: the master's file, which the master
-    validated just before it asked, run as a worker runs it."""
+    """Where a worker's reload reads its config: the one its master validated and
+    runs (pickled in the master's private directory), run as a worker runs it."""
 
     def __init__(self, path: str, token: str) -> None:
-        self.path = self.name = path
+        self.path = path
+        self.name = "the master's config"
         self.token = token
 
     def read(self) -> Config:
-        return worker_config(load_config(self.path), self.token)
+        with open(self.path, "rb") as file:
+            config = pickle.load(file)
+        assert isinstance(config, Config)
+        return worker_config(config, self.token)
 
 
 def main() -> int:
@@ -73,7 +77,7 @@ def main() -> int:
     config, admin, token = pickle.load(sys.stdin.buffer)
     assert isinstance(config, Config) and isinstance(admin, AdminChanges)
     listen = socket.socket(fileno=int(sys.argv[1]))
-    source = WorkerSource(config.source_path, token) if config.source_path else None
+    source = WorkerSource(sys.argv[4], token)
     service = Service(
         worker_config(config, token), source=source, listen_socket=listen, restored=admin
     )
