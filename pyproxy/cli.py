@@ -221,6 +221,8 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     for warning in config_warnings(config):
         log.warning("config: %s", warning)
+    if config.workers > 1:
+        return serve_workers(config)
     try:
         service = Service(config)
     except OSError as exc:
@@ -229,6 +231,38 @@ def run(argv: list[str] | None = None) -> int:
     serve(service)
     log.info("stopped")
     return 0
+
+
+def serve_workers(config: Config) -> int:
+    """`workers: N > 1`: a master and N worker processes (process/master.py)."""
+    from pyproxy.process.master import Master
+
+    try:
+        master = Master(config)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc.strerror or exc)
+        return 1
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second %s: killing the workers, exiting now", signal.Signals(signum).name)
+            master.kill_workers()
+            os._exit(1)
+        log.info("%s received: draining every worker", signal.Signals(signum).name)
+        master.request_shutdown()
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=master.reload, args=("SIGHUP",), name="pyproxy-sighup").start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
+    code = master.serve()
+    log.info("stopped")
+    return code
 
 
 def demo() -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ class EdgeServer:
         threads: int,
         limits: LimitsConfig,
         name: str = "proxy",
+        sock: socket.socket | None = None,
     ) -> None:
         adj = Adjustments(
             host=host,
@@ -102,11 +104,16 @@ class EdgeServer:
         adj.send_bytes = 1
         self._map = SocketMap()
         self._dispatcher = _NamedDispatcher(f"pyproxy-{name}")
+        # `sock`: a socket already bound (by a master process, inherited by its
+        # workers), served as waitress's create_server(sockets=[...]) serves one.
+        inherited: dict[str, Any] = {"sockinfo": adj.listen[0]}
+        if sock is not None:
+            info = (sock.family, sock.type, sock.proto, sock.getsockname())
+            inherited = {"_sock": sock, "bind_socket": False, "sockinfo": info}
         try:
             self._server = EdgeListener(
-                app, limits, map=self._map, dispatcher=self._dispatcher, adj=adj,
-                sockinfo=adj.listen[0],
-            )  # fmt: skip
+                app, limits, map=self._map, dispatcher=self._dispatcher, adj=adj, **inherited
+            )
         except OSError as exc:
             wasyncore.close_all(self._map)  # the trigger and the unbound socket
             # Name the address, as asyncio's create_server() does: there are two listeners.

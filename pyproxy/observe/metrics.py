@@ -72,7 +72,12 @@ class Metrics:
             ["backend", "pool"],
             registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge("proxy_in_flight_requests", "Requests being served now", registry=r)
+        # multiprocess_mode: how a master adds up its workers' values (workers: N; only
+        # read when PROMETHEUS_MULTIPROC_DIR is set, see docs/workers.md).
+        self.in_flight = Gauge(
+            "proxy_in_flight_requests", "Requests being served now", registry=r,
+            multiprocess_mode="livesum",  # the workers' requests now, together
+        )  # fmt: skip
         # proxy_backend_up, proxy_circuit_state, proxy_backend_in_flight
         self.backend_gauges = BackendGauges()
         r.register(self.backend_gauges)
@@ -91,7 +96,8 @@ class Metrics:
             "proxy_config_reloads_total", "Config reloads, by result", ["result"], registry=r
         )
         self.last_reload_ok = Gauge(
-            "proxy_config_last_reload_successful", "1 if the last reload succeeded", registry=r
+            "proxy_config_last_reload_successful", "1 if the last reload succeeded", registry=r,
+            multiprocess_mode="livemin",  # 0 as long as one live worker's last reload failed
         )
         self.last_reload_ok.set(1)
         self._children: dict[tuple[Any, ...], Any] = {}

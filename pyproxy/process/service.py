@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from pyproxy.pool.health_checker import HealthChecker
 from pyproxy.process.sdnotify import Notifier
 from pyproxy.proxy.app import ProxyApp
 from pyproxy.runtime.admin_rules import drop_name_clashes
-from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
 from pyproxy.runtime.state_file import load_state, restorable
 from pyproxy.runtime.swap import (
     ConfigSource,
@@ -63,7 +64,11 @@ class Service:
         registry: CollectorRegistry | None = None,
         access_log_stream: IO[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        listen_socket: socket.socket | None = None,
+        restored: AdminChanges | None = None,
     ) -> None:
+        """`listen_socket` and `restored`: a worker process serves the proxy socket its
+        master bound, with the admin changes the master keeps (process/worker.py)."""
         self.config = config
         self.clock = clock
         self.metrics = Metrics(registry)
@@ -71,7 +76,8 @@ class Service:
         # Unique per instance, so two pyproxies chained on purpose are not a "loop".
         self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
         # A tampered state file must not add what the admin API refuses (urlguard.py).
-        restored = restorable(load_state(config.admin.state_file), config)
+        if restored is None:
+            restored = restorable(load_state(config.admin.state_file), config)
         admin_changes = drop_name_clashes(config, restored)
 
         def store_error() -> None:
@@ -99,7 +105,7 @@ class Service:
         self.notifier = Notifier()  # systemd's $NOTIFY_SOCKET; does nothing without it
         self.proxy_server = EdgeServer(
             self.app, config.listen.host, config.listen.port,
-            threads=config.threads, limits=config.limits, name="proxy",
+            threads=config.threads, limits=config.limits, name="proxy", sock=listen_socket,
         )  # fmt: skip
         self.proxy_server.on_refused = self.app.record_refusal
         self.watcher: ConfigWatcher | None = None

@@ -1,0 +1,306 @@
+"""The master of `workers: N > 1`: binds, starts N worker processes, supervises them.
+
+    bind the proxy and admin listeners -> start N workers -> supervise -> SIGTERM:
+        every worker drains (docs/shutdown.md), the master exits when all have.
+
+Workers are started as new interpreters (`python -m pyproxy.process.worker FD`, fork
+then exec) that inherit the proxy's listening socket, so the kernel spreads the
+connections among them, as nginx's workers share theirs. fork() alone would copy this
+process with its threads' locks held by threads that do not exist in the child (the
+reason Python 3.12 warns about fork() in a threaded process); exec starts clean, so a
+replacement can be started at any time.
+
+The master serves no proxy traffic. It owns the admin listener (process/master_admin.py),
+the config watch and SIGHUP, and a copy of the config with the admin changes (and the
+state file): a replaced worker starts from that copy. A worker that exits is replaced
+after 1 s, doubling to 30 s while replacements keep dying young; a worker that is
+merely slow to answer is left alone. See docs/workers.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import IO
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from pyproxy.config.schema import Config
+from pyproxy.edge.server import EdgeServer
+from pyproxy.observe.metrics import Metrics
+from pyproxy.ops.admin import AdminApp
+from pyproxy.process.master_admin import MasterAdmin
+from pyproxy.process.sdnotify import Notifier
+from pyproxy.process.worker_gauges import worker_gauges
+from pyproxy.runtime.admin_rules import drop_name_clashes
+from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.state_file import load_state, restorable
+from pyproxy.runtime.swap import FileSource, ReloadResult, RuntimeSwap
+from pyproxy.runtime.watcher import ConfigWatcher
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF, MAX_BACKOFF = 1.0, 30.0
+LIVED_LONG = 30.0  # a worker that ran this long was healthy: the backoff starts over
+# systemd's socket is the master's; an operator's prometheus_multiproc_dir (the old
+# lower-case name, still read) must not point the workers elsewhere than the master reads.
+NOT_FOR_WORKERS = frozenset({"NOTIFY_SOCKET", "prometheus_multiproc_dir"})
+STARTUP = 20.0  # seconds a starting worker has to serve before changes skip it
+
+
+def backoff(failures: int) -> float:
+    """Seconds before replacing a worker, after `failures` quick deaths in a row."""
+    return min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** max(0, failures))
+
+
+class Slot:
+    """One worker's place: the process in it now and its restart history."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0  # its admin API, once it said it serves
+        self.ready = threading.Event()
+        self.started_at = 0.0
+        self.failures = 0
+        self.restart_at: float | None = None
+
+
+class Master:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.clock = time.monotonic
+        self.started_at = self.clock()
+        self.instance_name = f"pyproxy-{secrets.token_hex(4)}"
+        self.token = secrets.token_urlsafe(32)  # the workers' admin token; never leaves
+        self.changes_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.slots = [Slot() for _ in range(config.workers)]
+        restored = restorable(load_state(config.admin.state_file), config)
+        restored = drop_name_clashes(config, restored)
+        runtime, _ = build_runtime(config, admin=restored)
+        self.holder = RuntimeHolder(runtime, restored)
+        own_metrics = Metrics()  # the master's reload counts are the workers' too: unexposed
+        self.swap = RuntimeSwap(self.holder, own_metrics, on_settings=self._publish)
+        own = AdminApp(self.holder, own_metrics, self, self.swap, self._own_addresses)
+        self.view = MasterAdmin(own, self)
+        # systemd hears from the master only: it is the service's main PID
+        # (NotifyAccess=main refuses a worker's READY=1).
+        self.notifier = Notifier()
+        self.listener = bind(config.listen.host, config.listen.port)
+        try:
+            self.admin_server = EdgeServer(
+                self.view, config.admin.listen.host, config.admin.listen.port,
+                threads=4, limits=config.limits, name="admin",
+            )  # fmt: skip
+        except OSError:
+            self.listener.close()
+            raise
+        # Private (0700) and removed at exit: the workers' metric files, and the config
+        # the master validated last, which a worker's reload applies (worker.py).
+        self.run_dir = tempfile.mkdtemp(prefix="pyproxy-")
+        self.metrics_dir = os.path.join(self.run_dir, "metrics")
+        os.mkdir(self.metrics_dir)
+        self.config_file = os.path.join(self.run_dir, "config.pickle")
+        self._publish(self.holder.runtime.config)
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=self.metrics_dir)
+        self.restarts = Counter(
+            "proxy_worker_restarts_total", "Workers replaced after they exited",
+            registry=self.registry,
+        )  # fmt: skip
+        self.watcher: ConfigWatcher | None = None
+        # Never written: a worker reading it sees end-of-file when the master is gone
+        # (even by SIGKILL) and drains, rather than serve on, orphaned, with no
+        # supervisor and no admin API.
+        self._alive_r, self._alive_w = os.pipe()
+
+    def _publish(self, config: Config) -> None:
+        """Keep the config the master runs now where its workers' reloads read it: a
+        reload is validated once, here, and every worker applies exactly that."""
+        partial = self.config_file + ".new"
+        with open(partial, "wb") as file:
+            pickle.dump(config, file)
+        os.replace(partial, self.config_file)  # a reader sees the old or the new, whole
+
+    def _own_addresses(self) -> list[tuple[str, int]]:
+        """Where this pyproxy listens: add-backend refuses a backend that is itself."""
+        host, port = self.listener.getsockname()[:2]
+        return [(host, port), self.admin_server.address[:2]]
+
+    # -- what the admin API reads (ops/admin.py's Instance, master_admin's Workers) --
+
+    def ready(self) -> bool:
+        return not self._stopping.is_set()
+
+    def requests_in_flight(self) -> int:
+        return 0  # the master serves no proxy requests
+
+    def ports(self, *, starting: bool) -> dict[int, int]:
+        ports = {}
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.poll() is None:
+                if starting:  # a change must reach it: wait until it can be told
+                    slot.ready.wait(max(0.0, slot.started_at + STARTUP - self.clock()))
+                if starting or slot.ready.is_set():
+                    ports[process.pid] = slot.port  # 0: not serving yet: "no answer"
+        return ports
+
+    def metrics_page(self, worker_pages: list[tuple[int, bytes]]) -> bytes:
+        return generate_latest(self.registry) + worker_gauges(worker_pages)
+
+    # -- life --------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Start the workers and supervise them until SIGTERM; 0 if all drained cleanly."""
+        with self.changes_lock:
+            for slot in self.slots:
+                self._start(slot)
+        admin = threading.Thread(target=self.admin_server.serve_forever,
+                                 name="pyproxy-admin", daemon=True)  # fmt: skip
+        admin.start()
+        if isinstance(self.swap.source, FileSource):
+            self.watcher = ConfigWatcher(self.swap.source, self.reload)
+            self.watcher.start()
+        host, port = self.listener.getsockname()[:2]
+        log.info("master serving on http://%s:%d with %d workers (admin %s:%d)", host, port,
+                 len(self.slots), *self.admin_server.address[:2])  # fmt: skip
+        self.notifier.ready()
+        while not self._stopping.wait(0.2):
+            self._supervise()
+        return self._drain()
+
+    def request_shutdown(self) -> None:
+        self._stopping.set()
+
+    def reload(self, trigger: str) -> ReloadResult:
+        """Validate the file once, here; then every worker applies it (SIGHUP, the watch)."""
+        with self.changes_lock:
+            self.notifier.reloading()
+            result = self.swap.reload(trigger)
+            if result.ok:
+                for answer in self.view.tell_workers("/admin/reload"):
+                    log.error("reload (%s): worker %d did not apply it: %s", trigger,
+                              answer.pid, answer.problem or answer.body[:200])  # fmt: skip
+            self.notifier.ready()
+            return result
+
+    def _start(self, slot: Slot) -> None:
+        """Start a worker in `slot` with the current config and admin changes.
+        The caller holds changes_lock, so no change is between this copy and the next."""
+        fd = self.listener.fileno()
+        # The worker says on this pipe when it serves; its stdout (the access log) and
+        # stderr are the master's.
+        said, say = os.pipe()
+        env = {**{k: v for k, v in os.environ.items() if k not in NOT_FOR_WORKERS},
+               "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+               "PYPROXY_LOG_LEVEL": logging.getLevelName(log.getEffectiveLevel())}  # fmt: skip
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pyproxy.process.worker", str(fd), str(say),
+                 str(self._alive_r), self.config_file],
+                pass_fds=(fd, say, self._alive_r), stdin=subprocess.PIPE, env=env,
+            )  # fmt: skip
+        finally:
+            os.close(say)
+        assert process.stdin is not None
+        with contextlib.suppress(OSError):  # a worker dead at once is seen by _supervise
+            process.stdin.write(pickle.dumps((self.holder.runtime.config, self.holder.admin,
+                                              self.token)))  # fmt: skip
+            process.stdin.close()
+        slot.process, slot.port, slot.started_at = process, 0, self.clock()
+        slot.ready.clear()
+        threading.Thread(target=_await_port, args=(slot, process, os.fdopen(said, "rb")),
+                         name=f"pyproxy-worker-{process.pid}", daemon=True).start()  # fmt: skip
+        log.info("worker %d started", process.pid)
+
+    def _supervise(self) -> None:
+        now = self.clock()
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and slot.restart_at is None and process.poll() is not None:
+                mark_process_dead(process.pid, self.metrics_dir)  # its live gauges go
+                slot.failures = 0 if now - slot.started_at >= LIVED_LONG else slot.failures + 1
+                slot.restart_at = now + backoff(slot.failures - 1)
+                log.error("worker %d exited (%s); a new one in %gs", process.pid,
+                          _exit_reason(process.returncode), slot.restart_at - now)  # fmt: skip
+            if slot.restart_at is not None and now >= slot.restart_at:
+                slot.restart_at = None
+                self.restarts.inc()
+                with self.changes_lock:
+                    self._start(slot)
+
+    def _drain(self) -> int:
+        log.info("shutdown: every worker drains")
+        self.notifier.stopping()
+        if self.watcher is not None:
+            self.watcher.stop()
+        processes = [s.process for s in self.slots if s.process is not None]
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        self.listener.close()  # the workers hold their own copies while they drain
+        settings = self.config.shutdown
+        bound = settings.delay + settings.drain_timeout + 15
+        clean = True
+        for process in processes:
+            try:
+                code = process.wait(timeout=bound)
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not exit within %gs: killed", process.pid, bound)
+                process.kill()
+                code = process.wait()
+            clean = clean and code == 0
+        self.admin_server.close()
+        for backend in self.holder.runtime.backends:
+            backend.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info("shutdown: all workers exited")
+        return 0 if clean else 1
+
+    def kill_workers(self) -> None:
+        """Second signal: nobody waits for a drain."""
+        for slot in self.slots:
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.kill()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The proxy's listening socket, bound once here and inherited by every worker."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+def _await_port(slot: Slot, process: subprocess.Popen[bytes], pipe: IO[bytes]) -> None:
+    """Read the worker's "admin PORT" line: from then on it serves and can be asked."""
+    with pipe:
+        line = pipe.readline().decode(errors="replace").split()
+    if len(line) == 2 and line[0] == "admin" and line[1].isdigit() and slot.process is process:
+        slot.port = int(line[1])
+        slot.ready.set()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
