@@ -19,7 +19,8 @@ Two samplers:
   own time is CPU time. Deterministic, so it shows call counts, but it slows each
   Python call down: compare functions with each other, not with the bench's figures.
 - py-spy: samples the running process from outside (ptrace) 200 times a second,
-  without slowing it; threads waiting in the kernel are left out (py-spy's default).
+  without slowing it much; only the thread holding the GIL is sampled (`--gil`), so
+  threads parked on a lock or a socket are left out.
   "Own" is the share of samples where a function is the innermost frame;
   "cumulative" where it is anywhere on the stack.
 """
@@ -134,7 +135,7 @@ def print_pyspy(raw_path: Path, top: int) -> None:
         own[frames[-1]] += n
         for frame in set(frames):  # once per sample, however deep the recursion
             cumulative[frame] += n
-    print(f"\n{total} samples of running threads")
+    print(f"\n{total} samples of the thread holding the GIL")
     for counter, title in ((own, "own"), (cumulative, "cumulative")):
         print(f"\n=== top {top} by {title} share of samples ===")
         for frame, n in counter.most_common(top):
@@ -190,8 +191,10 @@ def main() -> int:
         run_wrk_for(load, 300)  # warm-up: the upstream pool grows to its size
         spy = None
         if args.sampler == "py-spy":
-            # --function: one row per function, not per line of it.
-            record = [pyspy, "record", "--pid", str(proxy.pid), "--rate", "200", "--function"]
+            # --gil: only the thread holding the GIL, i.e. running Python (threads parked
+            # in a lock otherwise look busy); --function: a row per function, not per line.
+            record = [pyspy, "record", "--pid", str(proxy.pid), "--rate", "200", "--gil"]
+            record.append("--function")
             spy = procs.start([*record, "--format", "raw", "--output", str(raw_path)])
             time.sleep(1)  # py-spy attaches
         script.write_text(STOP_AFTER.format(requests=args.requests))
