@@ -51,8 +51,10 @@ def make_app(backend: str, threads: int):  # type: ignore[no-untyped-def]
         drop = not_forwarded(environ.get("HTTP_CONNECTION")) | {"host"}  # urllib3 sets Host
         headers = {"User-Agent": SKIP_HEADER, "Accept-Encoding": SKIP_HEADER}  # none added
         for key, value in environ.items():
-            if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in drop:
-                headers[key[5:].replace("_", "-")] = value
+            if key.startswith("HTTP_"):
+                name = key[5:].replace("_", "-").title()  # HTTP_USER_AGENT -> User-Agent
+                if name.lower() not in drop:
+                    headers[name] = value
         for key, name in (("CONTENT_TYPE", "Content-Type"), ("CONTENT_LENGTH", "Content-Length")):
             if environ.get(key):  # waitress has buffered the whole body already
                 headers[name] = environ[key]
