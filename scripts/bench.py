@@ -614,7 +614,7 @@ def run_wrk(
     elapsed = time.monotonic() - started
     proxy_cpu = cpu_seconds(proxy_pid) - proxy_before if proxy_pid else None
     noise = None
-    if rig.proxy_cpu is not None:
+    if rig.proxy_cpu is not None and proxy_pid:  # direct: no proxy, so nothing to disturb
         others = cpu_busy_seconds(rig.proxy_cpu) - core_before - (proxy_cpu or 0.0)
         noise = max(0.0, others / elapsed)
     match = re.search(rb"BENCH-JSON (\{.*\})", out)
