@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""scripts/bench.py: measure pyproxy side by side with a naive proxy and with no proxy.
+"""scripts/bench.py: measure pyproxy side by side with a bare forwarder, a naive proxy
+and no proxy.
 
 One command, a few minutes, loopback only:
 
@@ -19,13 +20,17 @@ What it does, in order:
      waitress    a WSGI app on waitress answering by itself: the ceiling of any proxy
                  built on waitress (what is left below it is the cost of forwarding)
      naive       scripts/naive_proxy.py: waitress + Session.request, the obvious way
+     bare        scripts/bare_forwarder.py: waitress + the Session adapter's urllib3
+                 pool + read1, no features: the same stack as pyproxy, so what pyproxy
+                 costs above it is what its features cost
      pyproxy     `python -m pyproxy` with a minimal config (every default)
      pyproxy+    pyproxy with every production feature turned on
 3. For each candidate: req/s with 1 KiB bodies at 1, 16 and 64 connections, MB/s with
    1 MiB bodies, latency percentiles (wrk), the proxy process's CPU time per request
    and peak RSS (from /proc), backend connections opened per 1,000 requests (nginx
    stub_status "accepts"), and errors (non-2xx answers + socket errors).
-4. Prints the figures, their ratios to naive and to direct, and the issue-3 targets.
+4. Prints the figures, their ratios to naive, to bare and to direct, the cost of
+   pyproxy's features (pyproxy and pyproxy+ against bare), and the issue-3 targets.
 
 Pinning: with two or more CPUs the proxy runs on the first CPU alone, and wrk plus the
 backend on the second, so the proxy's core measures the proxy and nothing else.
@@ -479,6 +484,23 @@ def make_candidates(
             ],
         ),
     ]
+    bare_listen = f"127.0.0.1:{free_port()}"
+    found.append(
+        Candidate(
+            "bare",
+            bare_listen,
+            [
+                sys.executable,
+                str(REPO / "scripts" / "bare_forwarder.py"),
+                "--listen",
+                bare_listen,
+                "--backend",
+                backend.url,
+                "--threads",
+                str(threads),
+            ],
+        )
+    )
     hello_listen = f"127.0.0.1:{free_port()}"
     found.append(
         Candidate(
@@ -592,7 +614,7 @@ def run_wrk(
     elapsed = time.monotonic() - started
     proxy_cpu = cpu_seconds(proxy_pid) - proxy_before if proxy_pid else None
     noise = None
-    if rig.proxy_cpu is not None:
+    if rig.proxy_cpu is not None and proxy_pid:  # direct: no proxy, so nothing to disturb
         others = cpu_busy_seconds(rig.proxy_cpu) - core_before - (proxy_cpu or 0.0)
         noise = max(0.0, others / elapsed)
     match = re.search(rb"BENCH-JSON (\{.*\})", out)
@@ -783,6 +805,28 @@ def print_table(title: str, rows: dict[str, dict[str, float | None]], ratio: boo
         print(name.ljust(width) + "".join(c.rjust(13) for c in cells))
 
 
+def print_feature_cost(ratio_bare: dict) -> dict[str, dict[str, float | None]]:
+    """What pyproxy's features cost: pyproxy and pyproxy+ against the bare forwarder.
+
+    The same stack (waitress, the Session adapter's urllib3 pool, read1) with no
+    feature, so these ratios are the price of the features alone, not of the stack."""
+    keys = ("rps_c1", "rps_c16", "rps_c64", "cpu_us_per_req")
+    cost = {
+        name: {key: ratio_bare[name][key] for key in keys}
+        for name in ("pyproxy", "pyproxy+")
+        if name in ratio_bare
+    }
+    if cost:
+        print("\nwhat the features cost, against bare (req/s: higher is better; CPU: lower):")
+    for name, row in cost.items():
+        shown = {k: "-" if v is None else f"{v:.2f}x" for k, v in row.items()}
+        print(
+            f"  {name:<9} req/s c1 {shown['rps_c1']}, c16 {shown['rps_c16']}, "
+            f"c64 {shown['rps_c64']}; CPU per request {shown['cpu_us_per_req']}"
+        )
+    return cost
+
+
 def check_targets(summary: dict, ratio_naive: dict) -> list[dict]:
     if "pyproxy+" not in ratio_naive:
         return []
@@ -836,12 +880,12 @@ def parse_args() -> argparse.Namespace:
         "--threads",
         type=int,
         default=32,
-        help="worker threads, the same for pyproxy and naive (default 32)",
+        help="worker threads, the same for every waitress-based candidate (default 32)",
     )
     parser.add_argument(
         "--candidates",
-        default="direct,waitress,naive,pyproxy,pyproxy+",
-        help="comma-separated subset of direct,waitress,naive,pyproxy,pyproxy+",
+        default="direct,waitress,naive,bare,pyproxy,pyproxy+",
+        help="comma-separated subset of direct,waitress,naive,bare,pyproxy,pyproxy+",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument(
@@ -946,6 +990,7 @@ def main() -> int:
 
     summary = summarize(rounds)
     ratio_naive, ratio_direct = ratios(summary, "naive"), ratios(summary, "direct")
+    ratio_bare = ratios(summary, "bare")
     command = "python scripts/bench.py " + " ".join(sys.argv[1:])
     print(
         f"\ncommand: {command.strip()}\nbackend: {backend.kind}; threads {args.threads}; "
@@ -965,8 +1010,11 @@ def main() -> int:
             ratio_naive,
             True,
         )
+    if ratio_bare:
+        print_table("ratio to bare (the same stack without features)", ratio_bare, True)
     if ratio_direct:
         print_table("ratio to direct", ratio_direct, True)
+    feature_cost = print_feature_cost(ratio_bare)
     targets = check_targets(summary, ratio_naive)
     if targets:
         print("\nissue 3 targets, pyproxy+ vs naive:")
@@ -995,6 +1043,8 @@ def main() -> int:
                     "summary": summary,
                     "ratio_to_naive": ratio_naive,
                     "ratio_to_direct": ratio_direct,
+                    "ratio_to_bare": ratio_bare,
+                    "feature_cost": feature_cost,
                     "targets": targets,
                 },
                 indent=2,
