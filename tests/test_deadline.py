@@ -69,3 +69,30 @@ def test_the_attempt_is_per_thread() -> None:
         worker.start()
         worker.join(5)
     assert seen == [None]
+
+
+def test_a_tls_error_after_the_request_was_sent_is_a_reset_not_a_connect_error() -> None:
+    """urllib3 wraps every ssl.SSLError in its SSLError, which reads as a failed
+    handshake (nothing sent: retry any method). Once the head went out it is a reset,
+    so a POST is never sent to a second backend."""
+    import ssl
+
+    from urllib3.exceptions import ProtocolError
+
+    from pyproxy.pool.connection import _AttemptMixin
+    from pyproxy.pool.errors import classify
+
+    class DiesWhileAnswering:
+        sock = None
+
+        def getresponse(self) -> None:
+            raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+
+    class Connection(_AttemptMixin, DiesWhileAnswering):
+        pass
+
+    with pytest.raises(ConnectionResetError) as raised:
+        Connection().getresponse()
+    # What urllib3's urlopen makes of an OSError from getresponse():
+    failure = classify(ProtocolError("Connection aborted.", raised.value))
+    assert (failure.reason, failure.request_sent) == ("reset", True)

@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 import threading
 from types import TracebackType
 from typing import Any
 
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import NameResolutionError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from pyproxy.pool import urlguard
 from pyproxy.pool.deadline import DEADLINE_WATCHDOG, DeadlineWatchdog
@@ -123,7 +124,8 @@ class _AttemptMixin:
                 self._dns_host = address  # a literal: urllib3 connects without a lookup
                 try:
                     return super()._new_conn()  # type: ignore[misc]
-                except NewConnectionError as error:  # also connect timeouts; try the next
+                except ConnectTimeoutError as error:  # refused or timed out: try the next
+                    # (NewConnectionError, a refusal, is a ConnectTimeoutError in urllib3 2)
                     failure = error
         finally:
             self._dns_host = name
@@ -142,6 +144,10 @@ class _AttemptMixin:
         self._head_sent = False
         try:
             return super().request(method, target, *args, **kwargs)  # type: ignore[misc]
+        except ssl.SSLError as exc:
+            if self._head_sent:
+                raise _broken_after_sending(exc) from exc
+            raise
         except OSError:
             raise  # the network: connecting, or a kept-alive connection found dead
         except Exception as exc:
@@ -158,11 +164,11 @@ class _AttemptMixin:
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         attempt = _attempt()
         if attempt is None or attempt.deadline is None or self.sock is None:
-            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+            return self._read_response(*args, **kwargs)
         watchdog = attempt.watchdog
         token = watchdog.watch(attempt.deadline, self.sock)
         try:
-            response = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+            response = self._read_response(*args, **kwargs)
         finally:
             fired = not watchdog.unwatch(token)
         if fired:
@@ -171,6 +177,12 @@ class _AttemptMixin:
             response.close()
             raise TimeoutError("timeouts.total reached while waiting for response headers")
         return response
+
+    def _read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        except ssl.SSLError as exc:
+            raise _broken_after_sending(exc) from exc
 
     def send(self, data: Any) -> None:
         """http.client's send() of the request head or a piece of the body, within the
@@ -190,6 +202,14 @@ class _AttemptMixin:
                 # with a BrokenPipeError that urllib3 would swallow (hoping for an early
                 # response). The cause is the deadline; say so.
                 raise TimeoutError("timeouts.total reached while sending the request")
+
+
+def _broken_after_sending(exc: ssl.SSLError) -> ConnectionResetError:
+    """A TLS error once the request head went out (the backend died mid-exchange, e.g.
+    SSLEOFError) is a reset, not a failed handshake: urllib3 wraps every ssl.SSLError
+    in its SSLError, which reads as "nothing was sent, retry any method", and a POST
+    would then be sent twice."""
+    return ConnectionResetError(f"TLS connection broke after the request was sent: {exc}")
 
 
 class UpstreamHTTPConnection(_AttemptMixin, HTTPConnection):
