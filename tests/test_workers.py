@@ -353,6 +353,22 @@ def test_sigterm_drains_both_workers_and_the_master_exits_0(
     assert_no_traceback(subprocess.CompletedProcess([], 0, "", master.log()))
 
 
+def test_a_worker_that_died_earlier_does_not_make_a_clean_shutdown_exit_1(
+    start_master: Callable[[], Master],
+) -> None:
+    """SIGTERM while a dead worker waits out its restart backoff: the dead one was
+    reported when it died; the drain of the live ones is what the exit code says."""
+    master = start_master()
+    victim, survivor = master.workers()
+    os.kill(victim, signal.SIGKILL)
+    _until(lambda: "exited (killed by SIGKILL)" in master.log(), "the death noticed")
+
+    os.kill(master.process.pid, signal.SIGTERM)  # within the 1 s backoff, most likely
+
+    assert master.process.wait(timeout=60) == 0
+    assert not _alive(survivor)
+
+
 def test_workers_drain_and_exit_when_the_master_is_killed(
     start_master: Callable[[], Master],
 ) -> None:

@@ -178,9 +178,12 @@ class Master:
         log.info("master serving on http://%s:%d with %d workers (admin %s:%d)", host, port,
                  len(self.slots), *self.admin_server.address[:2])  # fmt: skip
         self.notifier.ready()
-        while not self._stopping.wait(0.2):
-            self._supervise()
-        return self._drain()
+        try:
+            while not self._stopping.wait(0.2):
+                self._supervise()
+            return self._drain()
+        finally:
+            self.kill_workers()  # whatever ended the loop: no worker outlives the master
 
     def request_shutdown(self) -> None:
         self._stopping.set()
@@ -213,6 +216,9 @@ class Master:
                  str(self._alive_r), self.config_file],
                 pass_fds=(fd, say, self._alive_r), stdin=subprocess.PIPE, env=env,
             )  # fmt: skip
+        except BaseException:
+            os.close(said)
+            raise
         finally:
             os.close(say)
         assert process.stdin is not None
@@ -247,7 +253,11 @@ class Master:
         self.notifier.stopping()
         if self.watcher is not None:
             self.watcher.stop()
-        processes = [s.process for s in self.slots if s.process is not None]
+        # Only workers still running: one that died and awaits its replacement has
+        # already been reported, and its old exit code says nothing about this drain.
+        processes = [
+            s.process for s in self.slots if s.process is not None and s.restart_at is None
+        ]
         for process in processes:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -271,10 +281,12 @@ class Master:
         return 0 if clean else 1
 
     def kill_workers(self) -> None:
-        """Second signal: nobody waits for a drain."""
+        """Second signal (or the master failing): nobody waits for a drain. The run
+        directory, which holds the validated config with its secrets, goes too."""
         for slot in self.slots:
             if slot.process is not None and slot.process.poll() is None:
                 slot.process.kill()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def bind(host: str, port: int) -> socket.socket:
