@@ -295,3 +295,31 @@ def test_the_request_record_cannot_be_changed(make_app: Callable[..., Setup]) ->
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.client = "203.0.113.9"  # type: ignore[misc]
     assert outcome.status == 200
+
+
+def test_a_backend_that_loses_the_race_for_its_last_slot_is_not_chosen_again(
+    make_app: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between looking at the candidates and admitting one, another thread may take a
+    backend's last slot: the next look goes to another backend, not the same one three
+    times and then a 503 while the others are free. Sticky `ip` mode shows it: the
+    rendezvous hash names the same backend on every look unless it is excluded."""
+    from pyproxy.config.schema import StickyConfig
+    from pyproxy.proxy.admission import Admission
+
+    setup = make_app(lambda n: response(200), sticky=StickyConfig(mode="ip"))
+    admit = Admission.admit
+    refused: list[str] = []
+
+    def lose_the_first_race(self: Admission, backend: Backend, *args: Any) -> Any:
+        if not refused or refused[0] == backend.name:
+            refused.append(backend.name)
+            return None  # as if another thread took its last slot first
+        return admit(self, backend, *args)
+
+    monkeypatch.setattr(Admission, "admit", lose_the_first_race)
+    answer = call(setup.app)
+
+    assert answer.status.startswith("200"), answer
+    assert len(refused) == 1
+    assert [sent.backend for sent in setup.backends.sent] != refused

@@ -39,10 +39,11 @@ class BackendChoice:
         one; the sticky rule first, the strategy otherwise; admitted by cap, breaker,
         bucket. Backups only while no other backend of the pool is available."""
         sticky = pool.sticky
+        refused: list[Backend] = []  # lost a race for their last slot, permit or token
         for _ in range(3):  # another thread may take the last slot between look and admit
-            candidates = pool.candidates(exclude=tried)
+            candidates = pool.candidates(exclude=[*tried, *refused])
             if not candidates and tried:  # every backend was tried: one may take a retry
-                candidates = pool.candidates()
+                candidates = pool.candidates(exclude=refused)
             backend = sticky.pinned(candidates, request.cookie, request.client)
             pinned = backend is not None
             if backend is None:
@@ -59,6 +60,7 @@ class BackendChoice:
                 outcome.set_cookie = None  # the client's cookie already names this one
             lease = admission.admit(backend, pool.backend_limiter, pool.name)
             if lease is None:
+                refused.append(backend)  # the next look goes to another one
                 continue
             if outcome.explanation is not None:
                 if pinned:
