@@ -11,7 +11,7 @@ It is also strict about what it lets through at all. Whatever passes must be
 forwardable byte for byte: a request line that http.client would refuse to send
 (controls, DEL, space, bytes >= 0x80 in the target) is refused here, not blamed on a
 backend later. And it bounds what a client can make it hold or compute: the number
-of header fields here, and a chunked body's framing in inbound_chunked.py.
+of header fields here, and a chunked body's framing in chunked.py.
 
 Duplicates are found in the raw header block: waitress joins repeated fields with
 ", " and drops names containing "_", so its parsed `headers` cannot tell

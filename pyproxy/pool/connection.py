@@ -3,7 +3,7 @@
 1. The request target goes out exactly as the client sent it. urllib3's `urlopen`
    re-encodes it (`%zz` becomes `%25zz`), which changes what the backend sees;
    `request()` below puts the raw target back.
-2. The response head is read strictly (upstream_head.StrictResponse): whatever a
+2. The response head is read strictly (response_head.StrictResponse): whatever a
    backend writes, what comes back is valid HTTP or an exception, never a hang.
 3. The `timeouts.total` deadline holds while the request is sent and while waiting
    for the response head.

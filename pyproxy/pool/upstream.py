@@ -37,7 +37,7 @@ def send(
     """Send one request and return the response with its body still unread.
 
     Raises the urllib3 exception of a failed exchange (see errors.classify). The head
-    has been read strictly (upstream_head.py): a head that is not valid HTTP raised.
+    has been read strictly (response_head.py): a head that is not valid HTTP raised.
     """
     # urllib3 adds User-Agent and Accept-Encoding when absent; SKIP_HEADER says
     # "send none", so the backend sees only what the client sent.
@@ -73,7 +73,7 @@ def send(
 def response_problem(response: urllib3.BaseHTTPResponse) -> str | None:
     """Why a valid response is still no answer pyproxy can relay, or None.
 
-    Its head is valid HTTP (upstream_head.py refused the rest, framing included) and
+    Its head is valid HTTP (response_head.py refused the rest, framing included) and
     interim responses were read past, so a 1xx here is 101 Switching Protocols: the
     connection now speaks another protocol, and pyproxy does not do Upgrade.
     """

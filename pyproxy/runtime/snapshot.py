@@ -160,6 +160,9 @@ class AdminChanges:
     added: tuple[BackendConfig, ...] = ()
     removed_urls: frozenset[str] = frozenset()
     overrides: Mapping[str, BackendOverride] = field(default_factory=dict)
+    # (url, pool) of added backends that went to a named pool; any other goes to the
+    # first pool. A pool that a reload dropped sends its added backends there too.
+    added_pools: tuple[tuple[str, str], ...] = ()
 
     def overrides_only_for(self, urls: Collection[str]) -> AdminChanges:
         """These changes without the overrides of backends not in `urls`."""
@@ -174,9 +177,6 @@ class AdminChanges:
             for backend in pool.backends
             if backend.url in self.removed_urls
         ]
-    # (url, pool) of added backends that went to a named pool; any other goes to the
-    # first pool. A pool that a reload dropped sends its added backends there too.
-    added_pools: tuple[tuple[str, str], ...] = ()
 
     def desired(self, config: Config) -> list[tuple[BackendConfig, str]]:
         """The running set: the file's backends, minus admin-removed, plus admin-added."""

@@ -103,7 +103,7 @@ class FixedSource:
 
 def keep_restart_settings(old: Config, new: Config) -> Config:
     """Listeners, the thread count and the edge limits are bound at start: the running
-    values stay (the list is `RESTART_NEEDED` in configreport.py, which the summary
+    values stay (the list is `RESTART_NEEDED` in config/report.py, which the summary
     uses too, so what is kept and what is reported cannot drift apart)."""
     return keep_running_values(old, new)
 
@@ -111,9 +111,9 @@ def keep_restart_settings(old: Config, new: Config) -> Config:
 class RuntimeSwap:
     """The only code that replaces the running Runtime: reloads and admin changes.
 
-    Named for what it does (it was `Control`): every path that changes what pyproxy
-    runs goes through one of its three methods, which build a whole new Runtime and
-    swap it into the holder under `holder.swap_lock`.
+    Every path that changes what pyproxy runs goes through one of its methods (reload,
+    add, remove, set a backend), which build a whole new Runtime and swap it into the
+    holder under `holder.swap_lock`.
 
     `source`: where reloads read the config; by default the file the running config
     came from (none: a reload is refused). `on_reload` runs first in every reload and

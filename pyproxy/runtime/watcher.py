@@ -57,7 +57,7 @@ class _AnyEvent(FileSystemEventHandler):
 
 
 class WatchedFile(Protocol):
-    """The file reloads read (control.FileSource)."""
+    """The file reloads read (runtime.swap.FileSource)."""
 
     path: str
     digest: str | None  # of the bytes the last reload read (valid or not)
