@@ -157,15 +157,16 @@ def upstream_request_headers(
     sent can masquerade as something pyproxy set.
     """
     received: dict[str, str] = {}
+    names: dict[str, str] = {}  # lower-cased name -> the spelling forwarded (the last seen)
     for name, value in client_headers:
         lower = name.lower()
+        names[lower] = name
         if lower in received:
             # RFC 6265 §5.4: Cookie is a "; " list; other fields join with ", " (RFC 9110 §5.3).
             joiner = "; " if lower == "cookie" else ", "
             received[lower] = f"{received[lower]}{joiner}{value}"
         else:
             received[lower] = value
-    names = {name.lower(): name for name, _ in client_headers}
 
     trusted_peer = is_trusted(peer, trusted)
     dropped = _DROP_FROM_TRUSTED if trusted_peer else _DROP_FROM_UNTRUSTED
