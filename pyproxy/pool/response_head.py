@@ -86,7 +86,7 @@ class StrictResponse(http.client.HTTPResponse):
         self._head_left = MAX_HEAD
         for _ in range(MAX_INTERIM + 1):
             version, status, reason = self._read_status_line()
-            fields, lengths, codings = self._read_fields()
+            fields, lengths, codings, connection = self._read_fields()
             # RFC 9110 §15.2: an interim response announces the final one; 101 ends
             # the exchange (and check() in upstream.py refuses to relay it).
             if not 100 <= status < 200 or status == 101:
@@ -117,16 +117,20 @@ class StrictResponse(http.client.HTTPResponse):
         if status in (204, 304) or status < 200 or self._method == "HEAD":
             # RFC 9112 §6.3: these end at the empty line, whatever the fields say.
             self.length, self.chunked = 0, False
-        self.will_close = self._check_close()
+        self.will_close = self._check_close(connection)
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True  # the body runs to the end of the connection
 
-    def _check_close(self) -> bool:
+    def _check_close(self, connection: list[str]) -> bool:
         """Whether the backend closes the connection after this response (RFC 9112
         §9.3): it does if Connection lists "close"; an HTTP/1.0 one does unless it
         lists "keep-alive". http.client lets a Keep-Alive field outweigh "close" on
-        HTTP/1.0, which pools a connection the backend is about to close."""
-        tokens = connection_tokens(", ".join(self.headers.get_all("connection", ())))
+        HTTP/1.0, which pools a connection the backend is about to close.
+
+        `connection` holds the Connection values _read_fields() set aside as it read
+        them: asking the HTTPMessage instead (get_all) lower-cases every field name
+        of the response again."""
+        tokens = connection_tokens(", ".join(connection))
         if "close" in tokens:
             return True
         return self.version == 10 and "keep-alive" not in tokens
@@ -159,16 +163,20 @@ class StrictResponse(http.client.HTTPResponse):
         version = 10 if minor == b"0" else 11  # HTTP/1.x, x >= 1, is read as 1.1
         return version, int(code), (reason or b"").strip(_OWS).decode("latin-1")
 
-    def _read_fields(self) -> tuple[http.client.HTTPMessage, list[bytes], list[bytes]]:
+    def _read_fields(
+        self,
+    ) -> tuple[http.client.HTTPMessage, list[bytes], list[bytes], list[str]]:
         """The header section up to its empty line, as an HTTPMessage (the type urllib3
-        expects), with the raw Content-Length and Transfer-Encoding values apart."""
+        expects), with the raw Content-Length and Transfer-Encoding values apart, and
+        the Connection values as they were added to the HTTPMessage."""
         fields = http.client.HTTPMessage()
         lengths: list[bytes] = []
         codings: list[bytes] = []
+        connection: list[str] = []
         for _ in range(MAX_FIELDS + 1):
             line = self._read_line()
             if line == b"\r\n" or line == b"\n":
-                return fields, lengths, codings
+                return fields, lengths, codings, connection
             match = _FIELD_LINE.fullmatch(line)
             if match is None:
                 raise InvalidResponseHead(field_line_problem(line))
@@ -180,7 +188,10 @@ class StrictResponse(http.client.HTTPResponse):
                 continue
             if lower == b"transfer-encoding":
                 codings.append(value)
-            fields.set_raw(name.decode("ascii"), value.decode("latin-1"))
+            text = value.decode("latin-1")
+            if lower == b"connection":
+                connection.append(text)
+            fields.set_raw(name.decode("ascii"), text)
         raise InvalidResponseHead(f"more than {MAX_FIELDS} header fields")
 
 
