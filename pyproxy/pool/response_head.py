@@ -203,6 +203,10 @@ def content_length(values: list[bytes]) -> int:
     ignored (§5.6.1). More than 18 digits is no length a body will have, and int()
     refuses 4301 (CVE-2020-10735), which would escape as a ValueError.
     """
+    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
+        # The usual case, one field with one number (values arrive stripped of OWS),
+        # taken without the list walk below: about half the time of this function.
+        return int(values[0])
     lengths = set()
     for value in values:
         for item in value.split(b","):
