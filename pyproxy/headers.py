@@ -7,6 +7,7 @@ what the backend is told in X-Forwarded-* and Via, and what goes back to the cli
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -88,11 +89,28 @@ def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
     """True if `address` (an IP literal) falls in one of the trusted networks."""
     if not trusted:
         return False
-    try:
-        ip = ipaddress.ip_address(address.strip().strip("[]"))
-    except ValueError:
+    # Only short strings are cached: an X-Forwarded-For hop is written by the client,
+    # and thousands of cached hops of a few KiB each would be memory it chooses. The
+    # longest IPv6 literal is 45 characters (RFC 4291 §2.2), 47 in brackets; a longer
+    # one (a zone id) is still judged, only not cached.
+    ip = _cached_ip_literal(address) if len(address) <= 64 else _ip_literal(address)
+    if ip is None:
         return False
     return any(ip in network for network in trusted)
+
+
+def _ip_literal(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `address` spells, or None if it is not an IP literal."""
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
+# ip_address() is most of is_trusted()'s cost (about 1.8 us of 2.4, 0.5 us in all with
+# the cache) and the same few peers and proxies come back on every request. The result
+# is immutable; lru_cache is bounded and thread-safe.
+_cached_ip_literal = functools.lru_cache(maxsize=4096)(_ip_literal)
 
 
 def client_address(
