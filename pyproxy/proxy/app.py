@@ -219,15 +219,17 @@ class ProxyApp:
                 left = math.inf if deadline is None else deadline - self.clock()
                 self.context.sleep(max(0.0, min(pause, left)))
 
-    @staticmethod
     def _rerouted(
-        runtime: Runtime, request: Request, outcome: Outcome, pool: Pool, target: str
+        self, runtime: Runtime, request: Request, outcome: Outcome, pool: Pool, target: str
     ) -> tuple[Pool, str]:
         """The pool and upstream target the new snapshot `runtime` gives the request;
-        the old ones (and so their 503) when no route of it takes the request."""
+        the old ones (and so their 503) when no route of it takes the request. A route
+        that now sends it to another pool counts it too: that pool's backends see it."""
         route = runtime.routes.match(request.host, request.target)
         if route is None:
             return pool, target
+        if route.pool != pool.name:
+            self.metrics.count_route(route.name, route.pool)
         outcome.pool_name = route.pool
         return runtime.pools[route.pool], route.upstream_path(request.target)
 
