@@ -7,7 +7,6 @@ at the bottom of the class, so the whole API can be seen in one place.
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import json
 import logging
@@ -22,10 +21,10 @@ from pyproxy.config.values import backend_weight
 from pyproxy.headers import via_names
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops import statuspage
+from pyproxy.ops.admin_json import backend_json, pools_json, read_json
 from pyproxy.ops.statuspage import render_status
-from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import refuse_backend_url
-from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
+from pyproxy.runtime.snapshot import RuntimeHolder
 from pyproxy.runtime.swap import KEEP, RuntimeSwap
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ STATUS_LINES = {
     508: "508 Loop Detected",
 }
 
-MAX_ADMIN_BODY = 64 * 1024
 SET_BACKEND_FIELDS = {"name", "weight", "drain"}
 
 
@@ -288,39 +286,3 @@ class AdminApp:
             return json_reply(400, {"reloaded": False, "problems": problems})
         changes = [_redact(line, token) for line in result.changes]
         return json_reply(200, {"reloaded": True, "changes": changes})
-
-
-def backend_json(runtime: Runtime, backend: Backend) -> dict[str, Any]:
-    """One backend as /admin/backends shows it: its facts, and the judge's verdict."""
-    why = runtime.why_unavailable(backend)
-    return {**dataclasses.asdict(backend.snapshot()), "available": why is None,
-            "why_unavailable": why, "pool": runtime.pool_name(backend),
-            "backup": backend.config.backup}  # fmt: skip
-
-
-def pools_json(runtime: Runtime) -> dict[str, Any]:
-    """The pools and routes, as /admin/backends shows them next to the backends."""
-    pools = {name: {"strategy": pool.config.strategy} for name, pool in runtime.pools.items()}
-    routes = [
-        {"name": route.name, "pool": route.pool, "strip_prefix": route.strip_prefix,
-         "match": {k: v for k, v in dataclasses.asdict(route.match).items() if v is not None}}
-        for route in runtime.config.routes
-    ]  # fmt: skip
-    return {"pools": pools, "routes": routes}
-
-
-def read_json(environ: dict[str, Any]) -> Any:
-    """The request body as JSON; an empty body is an empty object. ValueError says why."""
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise ValueError("invalid Content-Length") from None
-    if length > MAX_ADMIN_BODY:
-        raise ValueError(f"body larger than {MAX_ADMIN_BODY} bytes")
-    raw = environ["wsgi.input"].read(length) if length else b""
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"invalid JSON: {error}") from None
