@@ -21,6 +21,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import Protocol
 
 from pyproxy import __version__
 from pyproxy.config.dump import dump_config
@@ -177,23 +178,35 @@ def not_reloaded(problems: list[str]) -> int:
     return 1
 
 
-def install_signal_handlers(service: Service) -> None:
+class Supervised(Protocol):
+    """What the signals drive: a single-process Service, or the workers' Master."""
+
+    def request_shutdown(self) -> None: ...
+
+    def reload(self, trigger: str) -> object: ...
+
+
+def install_signal_handlers(
+    target: Supervised, *, on_second_signal: Callable[[], None] = lambda: None
+) -> None:
+    """SIGTERM/SIGINT drain `target`; a second one exits at once (after
+    `on_second_signal`), since whoever asks twice (Ctrl-C twice) does not want to
+    wait; SIGHUP reloads."""
     signals_seen = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen > 1:
-            # A second signal exits at once, drain or not: whoever asks twice
-            # (Ctrl-C twice) does not want to wait.
             log.warning("second %s: exiting now", signal.Signals(signum).name)
+            on_second_signal()
             os._exit(1)
         log.info("%s received: draining", signal.Signals(signum).name)
-        service.request_shutdown()
+        target.request_shutdown()
 
     def on_hangup(signum: int, frame: FrameType | None) -> None:
         # Reload in a thread of its own: a signal handler should return quickly.
-        threading.Thread(target=service.reload, args=("SIGHUP",), name="pyproxy-sighup").start()
+        threading.Thread(target=target.reload, args=("SIGHUP",), name="pyproxy-sighup").start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -242,24 +255,7 @@ def serve_workers(config: Config) -> int:
     except OSError as exc:
         log.error("cannot listen: %s", exc.strerror or exc)
         return 1
-    signals_seen = 0
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            log.warning("second %s: killing the workers, exiting now", signal.Signals(signum).name)
-            master.kill_workers()
-            os._exit(1)
-        log.info("%s received: draining every worker", signal.Signals(signum).name)
-        master.request_shutdown()
-
-    def on_hangup(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=master.reload, args=("SIGHUP",), name="pyproxy-sighup").start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
+    install_signal_handlers(master, on_second_signal=master.kill_workers)
     code = master.serve()
     log.info("stopped")
     return code
