@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
@@ -346,3 +347,12 @@ def admin_reload(
     base = service_or_url if isinstance(service_or_url, str) else service_or_url.admin_url
     headers = {"Authorization": f"Bearer {token}"}
     return http.post(base + "/admin/reload", headers=headers, timeout=10)
+
+
+def assert_finished_whole(result: dict[str, Any], backend: str) -> None:
+    """A slow request that was in flight on `backend` while it was taken out of
+    service (removed, drained) finished: 200, its whole body, from that backend."""
+    assert result.get("status") == 200, result
+    echoed = json.loads(result["body"])  # the whole body arrived and parses
+    assert echoed["backend"] == backend
+    assert len(result["body"]) == int(result["headers"]["Content-Length"])

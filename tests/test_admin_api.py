@@ -21,7 +21,14 @@ import pytest
 import requests
 import yaml
 from backends import EchoBackend, closed_port, wait_for
-from conftest import ProxyFactory, admin_backends, metric_samples, replace_file, served_by
+from conftest import (
+    ProxyFactory,
+    admin_backends,
+    assert_finished_whole,
+    metric_samples,
+    replace_file,
+    served_by,
+)
 from prometheus_client import CollectorRegistry
 
 from pyproxy.config.load import ConfigError, load_config
@@ -638,10 +645,7 @@ def test_remove_stops_new_traffic_and_lets_in_flight_finish(
     finally:
         leaving.release.set()
     thread.join(10)
-    assert result.get("status") == 200, result
-    echoed = json.loads(result["body"])  # the whole body arrived and parses
-    assert echoed["backend"] == "leaving"
-    assert len(result["body"]) == int(result["headers"]["Content-Length"])
+    assert_finished_whole(result, "leaving")
 
 
 def test_removed_backend_gauges_stay_gone_after_its_in_flight_request(

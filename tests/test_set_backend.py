@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 from backends import EchoBackend
-from conftest import ProxyFactory, admin_backends, admin_get, served_by
+from conftest import ProxyFactory, admin_backends, admin_get, assert_finished_whole, served_by
 from test_admin_api import ADMIN, TOKEN, fetch_in_thread, post, write_config
 
 from pyproxy.config.load import ConfigError, load_config
@@ -125,10 +125,7 @@ def test_a_drained_backend_gets_no_new_requests_while_its_in_flight_one_finishes
     finally:
         leaving.release.set()
     thread.join(10)
-    assert result.get("status") == 200, result
-    echoed = json.loads(result["body"])  # the whole body arrived and parses
-    assert echoed["backend"] == "leaving"
-    assert len(result["body"]) == int(result["headers"]["Content-Length"])
+    assert_finished_whole(result, "leaving")
 
     # "drain": false undoes it: the backend takes requests again.
     response = set_backend(http, service, name="leaving", drain=False)
