@@ -1,16 +1,19 @@
-"""The deadline watchdog on an injected clock, and `attempt_context`, the one way an
-attempt's raw target and deadline reach the connection that sends it."""
+"""The deadline watchdog on an injected clock, and what a broken exchange raises."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
+import types
 
 import pytest
 
-from pyproxy.pool import connection
-from pyproxy.pool.connection import attempt_context
 from pyproxy.pool.deadline import DEADLINE_WATCHDOG, DeadlineWatchdog
+from pyproxy.pool.errors import classify
+from pyproxy.pool.exchange import exchange
+from pyproxy.pool.response_head import StrictResponse
+from pyproxy.runtime.snapshot import attempt_timeout
 
 
 class SteppedClock:
@@ -48,51 +51,46 @@ def test_the_watchdog_reads_deadlines_on_its_own_clock() -> None:
             sock.close()
 
 
-def test_attempt_context_sets_and_clears_the_attempt_together() -> None:
-    assert connection._attempt() is None
-    own = DeadlineWatchdog()
-    with attempt_context("/raw%zz?x", 12.5, own) as attempt:
-        assert connection._attempt() is attempt
-        assert (attempt.target, attempt.deadline, attempt.watchdog) == ("/raw%zz?x", 12.5, own)
-    assert connection._attempt() is None
-    with pytest.raises(RuntimeError), attempt_context("/fails", None):
-        raise RuntimeError("the attempt failed")
-    assert connection._attempt() is None  # cleared on the way out of an exception too
-    with attempt_context("/default", None) as attempt:
-        assert attempt.watchdog is DEADLINE_WATCHDOG  # when the caller brings none
+class OnePool:
+    """Stands in for a backend's urllib3 pool: one connection, already open, on one
+    end of a socket pair; records what comes back to it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.conn = types.SimpleNamespace(sock=sock, closed=False)
+        self.conn.close = lambda: setattr(self.conn, "closed", True)
+        self.returned: list[object] = []
+
+    def _get_conn(self) -> object:
+        return self.conn
+
+    def _put_conn(self, conn: object) -> None:
+        self.returned.append(conn)
 
 
-def test_the_attempt_is_per_thread() -> None:
-    seen: list[object] = []
-    with attempt_context("/here", None):
-        worker = threading.Thread(target=lambda: seen.append(connection._attempt()))
-        worker.start()
-        worker.join(5)
-    assert seen == [None]
-
-
-def test_a_tls_error_after_the_request_was_sent_is_a_reset_not_a_connect_error() -> None:
+def test_a_tls_error_after_the_request_was_sent_is_a_reset_not_a_connect_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """urllib3 wraps every ssl.SSLError in its SSLError, which reads as a failed
     handshake (nothing sent: retry any method). Once the head went out it is a reset,
     so a POST is never sent to a second backend."""
-    import ssl
+    ours, backend = socket.socketpair()
 
-    from urllib3.exceptions import ProtocolError
+    def dies_while_answering(self: StrictResponse) -> None:
+        raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
 
-    from pyproxy.pool.connection import _AttemptMixin
-    from pyproxy.pool.errors import classify
-
-    class DiesWhileAnswering:
-        sock = None
-
-        def getresponse(self) -> None:
-            raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
-
-    class Connection(_AttemptMixin, DiesWhileAnswering):
-        pass
-
-    with pytest.raises(ConnectionResetError) as raised:
-        Connection().getresponse()
-    # What urllib3's urlopen makes of an OSError from getresponse():
-    failure = classify(ProtocolError("Connection aborted.", raised.value))
+    monkeypatch.setattr(StrictResponse, "begin", dies_while_answering)
+    pool = OnePool(ours)
+    try:
+        with pytest.raises(Exception) as raised:
+            exchange(
+                pool, "POST", b"POST / HTTP/1.1\r\nHost: t\r\n\r\n", None,  # type: ignore[arg-type]
+                attempt_timeout(1, 1), None, DEADLINE_WATCHDOG,
+            )  # fmt: skip
+        backend.settimeout(5)
+        assert backend.recv(100).startswith(b"POST / HTTP/1.1")  # the head went out
+    finally:
+        ours.close()
+        backend.close()
+    failure = classify(raised.value)
     assert (failure.reason, failure.request_sent) == ("reset", True)
+    assert pool.conn.closed and pool.returned == [pool.conn]  # discarded, slot given back

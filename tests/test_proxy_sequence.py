@@ -88,6 +88,8 @@ class Backends:
         headers: dict[str, str],
         body: bytes | IO[bytes] | None,
         timeout: urllib3.Timeout,
+        deadline: float | None,
+        watchdog: object,
     ) -> urllib3.BaseHTTPResponse:
         self.sent.append(Sent(backend.name, method, target))
         self.clock.now += self.takes

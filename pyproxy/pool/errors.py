@@ -50,20 +50,19 @@ class Failure:
 
 
 class UnsendableRequest(Exception):
-    """http.client or urllib3 refused to build the request before a byte of it was
-    written to the backend's socket (the exception they raised is `__cause__`)."""
+    """The request cannot be written as HTTP/1.1, found before a byte of it was
+    written to the backend's socket (exchange.request_head; the reason is `__cause__`)."""
 
 
-# The request itself cannot be written as HTTP/1.1: http.client refuses it while
-# building the request line and header lines, before anything is sent.
+# The request itself cannot be written as HTTP/1.1, found while building the request
+# line and header lines, before anything is sent (the same refusals as http.client's
+# putrequest and putheader).
 _REQUEST_AT_FAULT: tuple[tuple[type[BaseException], str], ...] = (
-    # putrequest: a control byte, space or DEL in the target (CPython bpo-30458)
+    # a control byte, space or DEL in the target (CPython bpo-30458)
     (http.client.InvalidURL, "request target cannot be forwarded"),
-    (u3.LocationParseError, "request target cannot be forwarded"),
-    # putrequest encodes the request line as ASCII, putheader names as ASCII and
-    # values as latin-1 (RFC 9110 §5.5: field values are octets, not text)
+    # the request line is ASCII, field values latin-1 (RFC 9110 §5.5: octets, not text)
     (UnicodeEncodeError, "a byte in the request target or a header cannot be forwarded"),
-    # putheader: a name that is not a token, a value with a bare CR or LF
+    # a name that is not a token, a value with a CR, LF or another control
     (ValueError, "a header name or value cannot be forwarded"),
 )
 
@@ -93,8 +92,8 @@ def classify(exc: BaseException) -> Failure:
             # BadStatusLine, LineTooLong and friends: bytes that are not HTTP.
             return Failure("bad_response", "reset", 502, "invalid response")
         return Failure("reset", "reset", 502, "connection closed before the response")
-    if isinstance(exc, UnsendableRequest | u3.LocationParseError):
-        return not_sent(exc)  # urlopen parses the target before it takes a connection
+    if isinstance(exc, UnsendableRequest):
+        return not_sent(exc)  # found before a connection was taken
     if isinstance(exc, u3.InvalidHeader | u3.HTTPError | http.client.HTTPException):
         return Failure("bad_response", "reset", 502, "invalid response")
     if isinstance(exc, OSError):

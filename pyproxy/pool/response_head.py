@@ -79,6 +79,7 @@ class StrictResponse(http.client.HTTPResponse):
     """http.client.HTTPResponse whose head is read by RFC 9112, strictly."""
 
     _head_left: int  # bytes of head still allowed (MAX_HEAD), set by begin()
+    fields: ResponseFields  # the header fields, set by begin()
 
     def begin(self) -> None:
         if self.headers is not None:  # already begun (http.client's own guard)
@@ -97,7 +98,6 @@ class StrictResponse(http.client.HTTPResponse):
         self.code = self.status = status
         self.reason = reason
         self.version = version
-        self.headers = self.msg = fields
         self.chunk_left = None
         self.chunked = bool(codings)
         self.length = None
@@ -113,13 +113,19 @@ class StrictResponse(http.client.HTTPResponse):
                 raise InvalidResponseHead("a Transfer-Encoding other than chunked")
         elif lengths:
             self.length = content_length(lengths)
-            fields.set_raw("Content-Length", str(self.length))
+            fields.append(("Content-Length", str(self.length)))
         if status in (204, 304) or status < 200 or self._method == "HEAD":
             # RFC 9112 §6.3: these end at the empty line, whatever the fields say.
             self.length, self.chunked = 0, False
         self.will_close = self._check_close(connection)
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True  # the body runs to the end of the connection
+        self.fields = ResponseFields(fields)
+        # http.client's own attributes, for the health probe (it reads the response
+        # through urllib3, which wants an HTTPMessage); the relay reads `fields`.
+        self.headers = self.msg = http.client.HTTPMessage()
+        for name, value in fields:
+            self.msg.set_raw(name, value)
 
     def _check_close(self, connection: list[str]) -> bool:
         """Whether the backend closes the connection after this response (RFC 9112
@@ -165,11 +171,11 @@ class StrictResponse(http.client.HTTPResponse):
 
     def _read_fields(
         self,
-    ) -> tuple[http.client.HTTPMessage, list[bytes], list[bytes], list[str]]:
-        """The header section up to its empty line, as an HTTPMessage (the type urllib3
-        expects), with the raw Content-Length and Transfer-Encoding values apart, and
-        the Connection values as they were added to the HTTPMessage."""
-        fields = http.client.HTTPMessage()
+    ) -> tuple[list[tuple[str, str]], list[bytes], list[bytes], list[str]]:
+        """The header section up to its empty line, as (name, value) pairs in order,
+        with the raw Content-Length and Transfer-Encoding values apart, and the
+        Connection values as they were added to the pairs."""
+        fields: list[tuple[str, str]] = []
         lengths: list[bytes] = []
         codings: list[bytes] = []
         connection: list[str] = []
@@ -191,8 +197,34 @@ class StrictResponse(http.client.HTTPResponse):
             text = value.decode("latin-1")
             if lower == b"connection":
                 connection.append(text)
-            fields.set_raw(name.decode("ascii"), text)
+            fields.append((name.decode("ascii"), text))
         raise InvalidResponseHead(f"more than {MAX_FIELDS} header fields")
+
+
+class ResponseFields:
+    """A response's header fields as they came, in order (a name may repeat:
+    each Set-Cookie is its own field). What the relay needs and no more: the pairs,
+    and whether a field is present, by name in any case (RFC 9110 §5.1)."""
+
+    __slots__ = ("_pairs",)
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self._pairs = pairs
+
+    def items(self) -> list[tuple[str, str]]:
+        return self._pairs
+
+    def __contains__(self, name: object) -> bool:
+        wanted = str(name).lower()
+        return any(field.lower() == wanted for field, _ in self._pairs)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of the field `name`, or `default`."""
+        wanted = name.lower()
+        for field, value in self._pairs:
+            if field.lower() == wanted:
+                return value
+        return default
 
 
 def content_length(values: list[bytes]) -> int:

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import logging
 
-import urllib3
-
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.ratelimit import BackendLimiter
 from pyproxy.policy.retry import RetryBudget
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.breaker import CircuitState, Permit
+from pyproxy.pool.exchange import UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class BackendLease:
         self.pool = pool  # the backend's pool, for its metric labels
         self.metrics = metrics
         self.permit: Permit | None = None  # until the breaker has its verdict
-        self.response: urllib3.BaseHTTPResponse | None = None  # discarded on close if still here
+        self.response: UpstreamResponse | None = None  # discarded on close if still here
         self.failed = False  # judged a failure: counted in the backend's failures_total
         self._holds_slot = False
 
@@ -97,7 +96,7 @@ class BackendLease:
         else:
             log.info("backend %s: circuit %s", backend.name, state.value)
 
-    def take_response(self) -> urllib3.BaseHTTPResponse:
+    def take_response(self) -> UpstreamResponse:
         """Hand the upstream response to its relay, which now closes it."""
         response, self.response = self.response, None
         assert response is not None

@@ -25,9 +25,9 @@ import urllib3
 from pyproxy.policy.retry import retry_verdict
 from pyproxy.pool import upstream
 from pyproxy.pool.backend import Backend
-from pyproxy.pool.connection import attempt_context
 from pyproxy.pool.deadline import DEADLINE_WATCHDOG, DeadlineWatchdog
 from pyproxy.pool.errors import Failure, chaos_failure, classify, status_failure
+from pyproxy.pool.exchange import UpstreamResponse
 from pyproxy.proxy.admission import Admission, BackendLease
 from pyproxy.proxy.request import Request
 from pyproxy.runtime.pools import Pool
@@ -35,10 +35,20 @@ from pyproxy.runtime.snapshot import Runtime, attempt_timeout
 
 log = logging.getLogger(__name__)
 
-# upstream.send's shape: (backend, method, target, headers, body, timeout) -> response.
+# upstream.send's shape:
+# (backend, method, target, headers, body, timeout, deadline, watchdog) -> response.
 UpstreamSend = Callable[
-    [Backend, str, str, dict[str, str], bytes | IO[bytes] | None, urllib3.Timeout],
-    urllib3.BaseHTTPResponse,
+    [
+        Backend,
+        str,
+        str,
+        dict[str, str],
+        bytes | IO[bytes] | None,
+        urllib3.Timeout,
+        float | None,
+        DeadlineWatchdog,
+    ],
+    UpstreamResponse,
 ]
 
 DEADLINE_EXCEEDED = Failure("deadline_exceeded", "timeout", 504, "total deadline reached")
@@ -88,7 +98,7 @@ def try_backend(
     deadline: float | None,
     pool: Pool | None = None,
     target: str | None = None,
-) -> tuple[urllib3.BaseHTTPResponse | None, Failure | None]:
+) -> tuple[UpstreamResponse | None, Failure | None]:
     """Send `request` to the lease's backend once, as `target` (default: as the client
     sent it; a route's strip_prefix rewrites it). `pool`'s settings (default: the
     runtime's default pool) say which statuses are failures and which are retried."""
@@ -113,10 +123,10 @@ def try_backend(
     if not config.preserve_host:
         headers["Host"] = backend.netloc
     try:
-        with attempt_context(target, deadline, context.watchdog):
-            lease.response = context.send(
-                backend, request.method, target, headers, request.body, timeout
-            )
+        lease.response = context.send(
+            backend, request.method, target, headers, request.body, timeout, deadline,
+            context.watchdog,
+        )  # fmt: skip
     except Exception as exc:
         failure = classify(exc)
         if not failure.backend_at_fault:
