@@ -57,8 +57,8 @@ def test_a_head_answer_gives_its_connection_back(
 ) -> None:
     # A HEAD answer carries Content-Length but no body (RFC 9110 §9.3.2): http.client's
     # read1 never closes such a response by itself; the exchange must.
-    backend = make_scripted_backend({"/": [send(response(200, b"", [("Content-Length", "42")],
-                                                         content_length=False)), KEEP]})  # fmt: skip
+    head_answer = response(200, b"", [("Content-Length", "42")], content_length=False)
+    backend = make_scripted_backend({"/": [send(head_answer), KEEP]})
     proxy = make_proxy([backend], threads=1)
     for _ in range(3):
         assert requests.head(proxy.proxy_url + "/", timeout=WAIT).status_code == 200
