@@ -17,6 +17,7 @@ import pytest
 from pyproxy.config.schema import BackendConfig
 from pyproxy.pool.urlguard import (
     ForbiddenAddress,
+    RefusalLog,
     embedded_ipv4,
     keep_allowed,
     refuse_backend_url,
@@ -164,3 +165,28 @@ def test_restored_backends_get_the_admin_rules(caplog: pytest.LogCaptureFixture)
     assert [b.name for b in kept] == ["fine", "dns-not-up-yet"]
     for name in ("metadata", "metadata-decimal", "loop"):
         assert f"skipped backend {name} " in caplog.text, caplog.text
+
+
+def test_the_refusal_log_says_what_changed_and_stays_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refusals = RefusalLog(limit=2)
+    with caplog.at_level(logging.INFO, logger="pyproxy.pool.urlguard"):
+        for _ in range(3):
+            refusals.refused("a.test", 80, "link-local")
+        refusals.refused("a.test", 80, "unspecified")  # a new reason
+        refusals.refused("a.test", 8080, "link-local")  # another backend (port)
+        refusals.allowed("b.test", 80)  # never refused: nothing to say
+        refusals.allowed("a.test", 8080)
+        refusals.refused("a.test", 8080, "link-local")  # refused again after a change
+        refusals.refused("c.test", 80, "link-local")  # a third: a.test:80 is forgotten
+        refusals.refused("a.test", 80, "unspecified")
+    assert [r.getMessage().split("backend ")[1] for r in caplog.records] == [
+        "a.test:80: link-local",
+        "a.test:80: unspecified",
+        "a.test:8080: link-local",
+        "a.test:8080 is allowed again",
+        "a.test:8080: link-local",
+        "c.test:80: link-local",
+        "a.test:80: unspecified",
+    ]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -131,9 +132,49 @@ def resolve_allowed(host: str, port: int) -> list[str]:
     for address in addresses:
         why = why_forbidden(address)
         if why is not None:
-            log.warning("refused to connect to admin-added backend %s:%d: %s", host, port, why)
+            REFUSALS.refused(host, port, why)
             raise ForbiddenAddress(why)
+    REFUSALS.allowed(host, port)
     return [str(address) for address in addresses]
+
+
+class RefusalLog:
+    """Logs a backend's refusal when it starts or its reason changes, not on every
+    connection attempt: health probes dial a refused backend every interval, and a
+    warning per probe would bury everything else. This is how nginx and HAProxy log an
+    upstream: its state changes, not each failed try. The refusal itself still holds
+    on every attempt; only the log line is spared.
+
+    Keyed by (host, port) as the backend's URL names it. Bounded: a process that sees
+    more refused backends than `limit` forgets the oldest, which at worst logs one of
+    them again."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._lock = threading.Lock()
+        self._reasons: dict[tuple[str, int], str] = {}  # (host, port) -> last reason logged
+        self._limit = limit
+
+    def refused(self, host: str, port: int, why: str) -> None:
+        key = (host, port)
+        with self._lock:
+            if self._reasons.get(key) == why:
+                return
+            self._reasons.pop(key, None)  # re-inserted last: the newest to forget
+            if len(self._reasons) >= self._limit:
+                del self._reasons[next(iter(self._reasons))]
+            self._reasons[key] = why
+        log.warning("refused to connect to admin-added backend %s:%d: %s", host, port, why)
+
+    def allowed(self, host: str, port: int) -> None:
+        if not self._reasons:  # the usual case: nothing refused, no lock taken
+            return
+        with self._lock:
+            was_refused = self._reasons.pop((host, port), None) is not None
+        if was_refused:
+            log.info("admin-added backend %s:%d is allowed again", host, port)
+
+
+REFUSALS = RefusalLog()  # one per process: every pool's connections report here
 
 
 def url_identity(url: str) -> tuple[str, str, int]:
