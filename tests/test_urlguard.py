@@ -1,4 +1,5 @@
-"""The SSRF guard for admin-added backends (pyproxy/pool/urlguard.py), without HTTP.
+"""The SSRF guard for admin-added backends (pyproxy/pool/urlguard.py and the address
+checks under it, addresses.py), without HTTP.
 
 Every spelling of a forbidden address is checked two ways: what the guard says, and
 what the resolver urllib3 uses (`socket.getaddrinfo`) would actually connect to, so
@@ -15,15 +16,13 @@ import socket
 import pytest
 
 from pyproxy.config.schema import BackendConfig
+from pyproxy.pool.addresses import embedded_ipv4, resolve, why_forbidden
 from pyproxy.pool.urlguard import (
     ForbiddenAddress,
     RefusalLog,
-    embedded_ipv4,
     keep_allowed,
     refuse_backend_url,
-    resolve,
     resolve_allowed,
-    why_forbidden,
 )
 
 METADATA = ipaddress.IPv4Address("169.254.169.254")
@@ -190,3 +189,30 @@ def test_the_refusal_log_says_what_changed_and_stays_bounded(
         "c.test:80: link-local",
         "a.test:80: unspecified",
     ]
+
+
+def this_hosts_outward_address() -> str | None:
+    """The address this host would send from to the world: a UDP connect() picks it
+    from the routing table and sends nothing. None without a route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        try:
+            udp.connect(("198.51.100.7", 9))  # TEST-NET-2 (RFC 5737): never answered
+        except OSError:
+            return None
+        address = str(udp.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+def test_a_wildcard_listener_owns_every_address_of_this_host(wildcard: str) -> None:
+    """A listener on 0.0.0.0 or :: accepts on every address of the host, not only on
+    loopback: a backend at the host's LAN address and that port is pyproxy itself."""
+    own = this_hosts_outward_address()
+    if own is None:
+        pytest.skip("this host has no non-loopback IPv4 address to test with")
+    why = refuse_backend_url(f"http://{own}:8080", [(wildcard, 8080)])
+    assert why is not None and "own listeners" in why, why
+    assert refuse_backend_url(f"http://{own}:8080", [("127.0.0.1", 8080)]) is None
+    assert refuse_backend_url(f"http://{own}:8081", [(wildcard, 8080)]) is None
+    # An address that is not this host's, on the same port: someone else.
+    assert refuse_backend_url("http://198.51.100.7:8080", [(wildcard, 8080)]) is None

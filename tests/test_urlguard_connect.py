@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
 from backends import EchoBackend, wait_for
-from conftest import ProxyFactory
+from conftest import ProxyFactory, base_config
+from prometheus_client import CollectorRegistry
 
 from pyproxy.config.schema import Address, AdminConfig, HealthCheckConfig
 from pyproxy.pool.backend import Backend
@@ -111,3 +113,65 @@ def test_a_refused_backend_is_logged_once_per_reason_not_once_per_probe(
     assert wait_for(lambda: len(refusals(caplog)) == 3, timeout=20), refusals(caplog)
     failed_probes(backend, 3)
     assert len(refusals(caplog)) == 3, refusals(caplog)
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+def test_a_name_that_later_resolves_to_an_own_listener_is_refused_at_connect_time(
+    make_proxy: ProxyFactory,
+    echo_backend: EchoBackend,
+    http: requests.Session,
+    dns: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    listener: str,
+) -> None:
+    """DNS rebinding onto pyproxy itself: the name passed the admin check, then
+    answered 127.0.0.1. Dialling the proxy port would loop; dialling the admin port
+    would publish the admin API on the proxy port. Neither is dialled."""
+    service = make_proxy([echo_backend], admin=ADMIN)
+    server = service.proxy_server if listener == "proxy" else service.admin_server
+    port = server.address[1]
+    name = f"own-{listener}.test"
+    dns[name] = "192.0.2.1"  # TEST-NET-1; nothing is sent while it says this
+    add_backend(http, service, f"http://{name}:{port}", "loop")
+    assert http.post(
+        service.admin_url + "/admin/remove-backend",
+        json={"name": "echo"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=5,
+    ).ok
+    dns[name] = "127.0.0.1"
+    with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
+        response = http.get(service.proxy_url + "/admin/backends", timeout=5)
+    assert response.status_code == 502, response.text
+    assert f"{name}:{port}: {name}:{port} is one of pyproxy's own listeners" in caplog.text
+    assert added(service, "loop").requests_total == 1
+
+
+def test_a_worker_refuses_to_dial_its_masters_admin_listener(
+    make_echo_backend: Callable[[str], EchoBackend],
+    http: requests.Session,
+    dns: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker's own listeners include its master's admin listener (`also_own`, as
+    process/worker.py passes it): the master's admin API must not be reachable through
+    a worker's proxy port either. An echo backend stands in for the master's admin."""
+    serving, master_admin = make_echo_backend("serving"), make_echo_backend("master-admin")
+    port = int(master_admin.url.rsplit(":", 1)[1])
+    service = Service(
+        base_config([serving], admin=ADMIN),
+        registry=CollectorRegistry(),
+        also_own=[("127.0.0.1", port)],
+    )
+    service.start()
+    try:
+        dns["master.test"] = "192.0.2.1"  # TEST-NET-1; nothing is sent while it says this
+        add_backend(http, service, f"http://master.test:{port}", "master")
+        dns["master.test"] = "127.0.0.1"
+        with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
+            answers = {http.get(service.proxy_url + "/", timeout=5).status_code for _ in range(4)}
+    finally:
+        service.close()
+    assert 502 in answers, answers
+    assert master_admin.requests() == []
+    assert "own listeners" in caplog.text

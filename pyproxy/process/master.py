@@ -223,8 +223,10 @@ class Master:
             os.close(say)
         assert process.stdin is not None
         with contextlib.suppress(OSError):  # a worker dead at once is seen by _supervise
-            process.stdin.write(pickle.dumps((self.holder.runtime.config, self.holder.admin,
-                                              self.token)))  # fmt: skip
+            # With the master's admin address: the worker refuses to dial it (urlguard.py).
+            served = (self.holder.runtime.config, self.holder.admin, self.token,
+                      self.admin_server.address[:2])  # fmt: skip
+            process.stdin.write(pickle.dumps(served))
             process.stdin.close()
         slot.process, slot.port, slot.started_at = process, 0, self.clock()
         slot.ready.clear()
