@@ -33,8 +33,9 @@ from pyproxy.pool.health_checker import HealthChecker
 from pyproxy.pool.urlguard import OWN_LISTENERS
 from pyproxy.process.sdnotify import Notifier
 from pyproxy.proxy.app import ProxyApp
+from pyproxy.runtime.admin_changes import AdminChanges
 from pyproxy.runtime.admin_rules import drop_name_clashes
-from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
 from pyproxy.runtime.state_file import load_state, restorable
 from pyproxy.runtime.swap import (
     ConfigSource,

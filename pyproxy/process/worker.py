@@ -35,7 +35,7 @@ from types import FrameType
 
 from pyproxy.config.schema import Address, Config
 from pyproxy.process.service import Service
-from pyproxy.runtime.snapshot import AdminChanges
+from pyproxy.runtime.admin_changes import AdminChanges
 
 log = logging.getLogger(__name__)
 

@@ -33,14 +33,9 @@ from pyproxy.config.schema import BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import url_identity
+from pyproxy.runtime.admin_changes import NO_OVERRIDE, AdminChanges, BackendOverride
 from pyproxy.runtime.admin_rules import name_clashes, pool_for_added
-from pyproxy.runtime.snapshot import (
-    NO_OVERRIDE,
-    AdminChanges,
-    BackendOverride,
-    RuntimeHolder,
-    build_runtime,
-)
+from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
 from pyproxy.runtime.state_file import save_state
 from pyproxy.runtime.watcher import file_digest
 
