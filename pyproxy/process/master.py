@@ -46,8 +46,9 @@ from pyproxy.process.sdnotify import Notifier
 from pyproxy.process.worker_gauges import worker_gauges
 from pyproxy.runtime.admin_rules import drop_name_clashes
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.sources import FileSource
 from pyproxy.runtime.state_file import load_state, restorable
-from pyproxy.runtime.swap import FileSource, ReloadResult, RuntimeSwap
+from pyproxy.runtime.swap import ReloadResult, RuntimeSwap
 from pyproxy.runtime.watcher import ConfigWatcher
 
 log = logging.getLogger(__name__)

@@ -36,13 +36,9 @@ from pyproxy.proxy.app import ProxyApp
 from pyproxy.runtime.admin_changes import AdminChanges
 from pyproxy.runtime.admin_rules import drop_name_clashes
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.sources import ConfigSource, FileSource
 from pyproxy.runtime.state_file import load_state, restorable
-from pyproxy.runtime.swap import (
-    ConfigSource,
-    FileSource,
-    ReloadResult,
-    RuntimeSwap,
-)
+from pyproxy.runtime.swap import ReloadResult, RuntimeSwap
 from pyproxy.runtime.watcher import ConfigWatcher
 
 log = logging.getLogger(__name__)
