@@ -143,7 +143,7 @@ def test_a_name_that_later_resolves_to_an_own_listener_is_refused_at_connect_tim
     with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
         response = http.get(service.proxy_url + "/admin/backends", timeout=5)
     assert response.status_code == 502, response.text
-    assert f"{name}:{port}: {name}:{port} is one of pyproxy's own listeners" in caplog.text
+    assert f"{name}:{port}: 127.0.0.1:{port} is one of pyproxy's own listeners" in caplog.text
     assert added(service, "loop").requests_total == 1
 
 

@@ -57,6 +57,79 @@ def resolve_allowed(host: str, port: int) -> list[str]:
     return [str(address) for address in addresses]
 
 
+def _why_refused(
+    host: str, port: int, addresses: Sequence[Address], own_listeners: Sequence[tuple[str, int]]
+) -> str | None:
+    """Why a backend at `host:port`, resolving to `addresses`, may not be dialled."""
+    for address in addresses:
+        why = why_forbidden(address)
+        if why is not None:
+            return why
+    own = _own_listener(addresses, port, own_listeners)
+    if own is not None:
+        shown = f"[{own}]" if own.version == 6 else str(own)
+        return f"{shown}:{port} is one of pyproxy's own listeners"
+    return None
+
+
+def _own_listener(
+    addresses: Sequence[Address], port: int, own_listeners: Sequence[tuple[str, int]]
+) -> Address | None:
+    """The address among `addresses` (or inside one) where one of `own_listeners`
+    listens on `port`, or None."""
+    candidates = [c for address in addresses for c in (address, *embedded_ipv4(address))]
+    for listen_host, listen_port in own_listeners:
+        if port != listen_port:
+            continue
+        try:
+            listen_ips = resolve(listen_host)
+        except OSError:
+            continue
+        # A wildcard listener (0.0.0.0 or ::) accepts on every address of this host,
+        # the LAN address as much as loopback. Either family counts: a :: listener takes
+        # IPv4 too unless IPV6_V6ONLY is set, and refusing the other family's address on
+        # this same port costs an operator little.
+        wildcard = any(ip.is_unspecified for ip in listen_ips)
+        on_loopback = any(ip.is_loopback for ip in listen_ips)
+        for candidate in candidates:
+            if candidate in listen_ips or (candidate.is_loopback and on_loopback):
+                return candidate
+            if wildcard and is_this_host(candidate):
+                return candidate
+    return None
+
+
+class OwnListeners:
+    """Where this process listens: its proxy and admin listeners (a worker adds its
+    master's admin listener). The connect-time check reads it, since a name that
+    passed the admin check may later answer with pyproxy's own address.
+
+    Process-wide, as the sockets are: `process/` adds a listener when it starts
+    serving and removes it when it closes. Counted, so two instances on one address in
+    turn (a test, a restart in-process) do not remove each other's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: dict[tuple[str, int], int] = {}  # (host, port) -> times added
+
+    def add(self, address: tuple[str, int]) -> None:
+        with self._lock:
+            self._listeners[address] = self._listeners.get(address, 0) + 1
+
+    def remove(self, address: tuple[str, int]) -> None:
+        with self._lock:
+            left = self._listeners.pop(address, 0) - 1
+            if left > 0:
+                self._listeners[address] = left
+
+    def __call__(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return list(self._listeners)
+
+
+OWN_LISTENERS = OwnListeners()
+
+
 class RefusalLog:
     """Logs a backend's refusal when it starts or its reason changes, not on every
     connection attempt: health probes dial a refused backend every interval, and a
@@ -103,75 +176,6 @@ def url_identity(url: str) -> tuple[str, str, int]:
     scheme = parts.scheme.lower()
     port = parts.port or (443 if scheme == "https" else 80)
     return scheme, (parts.hostname or "").lower(), port
-
-
-class OwnListeners:
-    """Where this process listens: its proxy and admin listeners (a worker adds its
-    master's admin listener). The connect-time check reads it, since a name that
-    passed the admin check may later answer with pyproxy's own address.
-
-    Process-wide, as the sockets are: `process/` adds a listener when it starts
-    serving and removes it when it closes. Counted, so two instances on one address in
-    turn (a test, a restart in-process) do not remove each other's."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._listeners: dict[tuple[str, int], int] = {}  # (host, port) -> times added
-
-    def add(self, address: tuple[str, int]) -> None:
-        with self._lock:
-            self._listeners[address] = self._listeners.get(address, 0) + 1
-
-    def remove(self, address: tuple[str, int]) -> None:
-        with self._lock:
-            left = self._listeners.pop(address, 0) - 1
-            if left > 0:
-                self._listeners[address] = left
-
-    def __call__(self) -> list[tuple[str, int]]:
-        with self._lock:
-            return list(self._listeners)
-
-
-OWN_LISTENERS = OwnListeners()
-
-
-def _own_listener(
-    addresses: Sequence[Address], port: int, own_listeners: Sequence[tuple[str, int]]
-) -> bool:
-    candidates = [c for address in addresses for c in (address, *embedded_ipv4(address))]
-    for listen_host, listen_port in own_listeners:
-        if port != listen_port:
-            continue
-        try:
-            listen_ips = resolve(listen_host)
-        except OSError:
-            continue
-        # A wildcard listener (0.0.0.0 or ::) accepts on every address of this host,
-        # the LAN address as much as loopback. Either family counts: a :: listener takes
-        # IPv4 too unless IPV6_V6ONLY is set, and refusing the other family's address on
-        # this same port costs an operator little.
-        wildcard = any(ip.is_unspecified for ip in listen_ips)
-        on_loopback = any(ip.is_loopback for ip in listen_ips)
-        for candidate in candidates:
-            if candidate in listen_ips or (candidate.is_loopback and on_loopback):
-                return True
-            if wildcard and is_this_host(candidate):
-                return True
-    return False
-
-
-def _why_refused(
-    host: str, port: int, addresses: Sequence[Address], own_listeners: Sequence[tuple[str, int]]
-) -> str | None:
-    """Why a backend at `host:port`, resolving to `addresses`, may not be dialled."""
-    for address in addresses:
-        why = why_forbidden(address)
-        if why is not None:
-            return why
-    if _own_listener(addresses, port, own_listeners):
-        return f"{host}:{port} is one of pyproxy's own listeners"
-    return None
 
 
 def refuse_backend_url(
