@@ -4,13 +4,13 @@
 
 The master writes, pickled on the worker's stdin, what the worker serves: the
 config the master validated, the admin changes it keeps, the workers' admin token and
-the master's admin address (no admin-added backend may be dialled there). The worker then serves
-the proxy socket the master bound (file descriptor LISTEN_FD, inherited), with its own
-health checks, breaker states, least-connections counts and rate buckets, and answers
-its master on an admin listener of its own on 127.0.0.1, an ephemeral port. It
-writes that port on the pipe READY_FD ("admin PORT") once it serves: the master's
-control channel is plain HTTP to the worker's own admin API (a reload, an admin
-change, a state query), with a random bearer token only the master knows.
+the master's admin address (no admin-added backend may be dialled there). The worker
+then serves the proxy socket the master bound (file descriptor LISTEN_FD, inherited),
+with its own health checks, breaker states, least-connections counts and rate buckets,
+and answers its master on an admin listener of its own on 127.0.0.1, an ephemeral
+port. It writes that port on the pipe READY_FD ("admin PORT") once it serves: the
+master's control channel is plain HTTP to the worker's own admin API (a reload, an
+admin change, a state query), with a random bearer token only the master knows.
 
 Only the master writes the admin state file (several writers would race on it), so
 the worker's config has none. On a reload the worker applies the config the master
