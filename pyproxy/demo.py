@@ -25,7 +25,7 @@ from typing import Any
 from pyproxy.config.schema import Address, AdminConfig, BackendConfig, Config, LimitsConfig
 from pyproxy.edge.server import EdgeServer
 from pyproxy.process.service import Service
-from pyproxy.runtime.swap import FixedSource
+from pyproxy.runtime.sources import FixedSource
 
 DEMO_PORTS = (9001, 9002, 9003)
 PROXY_PORT, ADMIN_PORT = 8080, 8081

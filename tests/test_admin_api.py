@@ -505,29 +505,6 @@ def test_a_name_that_later_resolves_to_metadata_is_refused_at_connect_time(
     assert "rebind.test" in caplog.text and "link-local" in caplog.text
 
 
-def test_a_name_that_later_resolves_to_the_admin_listener_gets_508(
-    make_proxy: ProxyFactory,
-    echo_backend: EchoBackend,
-    http: requests.Session,
-    dns: dict[str, str],
-) -> None:
-    """The connection check does not know pyproxy's ports; the admin listener itself
-    refuses what came through this pyproxy (its name is in Via), so the admin API is
-    not published on the proxy port."""
-    service = make_proxy([echo_backend], admin=ADMIN)
-    admin_port = service.admin_server.address[1]
-    dns["loop.test"] = "192.0.2.1"  # TEST-NET-1; nothing is sent while it says this
-    body = {"url": f"http://loop.test:{admin_port}", "name": "loop"}
-    assert post(http, service, "/admin/add-backend", body).status_code == 201
-    assert post(http, service, "/admin/remove-backend", {"name": "echo"}).status_code == 200
-    dns["loop.test"] = "127.0.0.1"
-    response = http.get(service.proxy_url + "/admin/backends", timeout=5)
-    assert response.status_code == 508, response.text
-    assert "loop.test" not in response.text
-    # Asked directly, the admin listener still answers.
-    assert list(admin_backends(service)) == ["loop"]
-
-
 def test_config_file_backends_are_not_checked_at_connect_time(
     make_proxy: ProxyFactory,
     echo_backend: EchoBackend,

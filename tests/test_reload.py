@@ -36,7 +36,7 @@ from conftest import backend_config as cfg
 
 from pyproxy.config.schema import BackendConfig
 from pyproxy.process.service import Service
-from pyproxy.runtime import swap
+from pyproxy.runtime import sources
 
 TOKEN = "reload-test-token"
 # Longer than the watcher's debounce (0.25 s) several times over: the window in which
@@ -453,7 +453,7 @@ def test_overlapping_reloads_end_with_the_newest_file(
     service = start_service(path)
     assert service.watcher is not None
     service.watcher.stop()  # only the two reloads below run
-    real_load = swap.load_config
+    real_load = sources.load_config
     loaded, go = threading.Event(), threading.Event()
 
     def slow_first_load(file: str, *args: Any, **kwargs: Any) -> Any:
@@ -463,7 +463,7 @@ def test_overlapping_reloads_end_with_the_newest_file(
             go.wait(5)  # ... and is slow to get on with it
         return config
 
-    monkeypatch.setattr(swap, "load_config", slow_first_load)
+    monkeypatch.setattr(sources, "load_config", slow_first_load)
     write_config(path, [cfg(app2)])
     first = threading.Thread(target=service.reload, args=("SIGHUP",))
     first.start()

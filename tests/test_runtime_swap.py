@@ -25,7 +25,8 @@ from pyproxy.config.load import load_config
 from pyproxy.config.report import config_warnings, describe_changes
 from pyproxy.config.schema import Address, AdminConfig, BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
-from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.admin_changes import AdminChanges
+from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
 from pyproxy.runtime.state_file import load_state, save_state
 from pyproxy.runtime.swap import RuntimeSwap, keep_restart_settings
 

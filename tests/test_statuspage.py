@@ -43,7 +43,8 @@ from pyproxy.config.schema import (
 )
 from pyproxy.ops.statuspage import CONTENT_TYPE, HEADERS, ago, render_status
 from pyproxy.process.service import Service
-from pyproxy.runtime.snapshot import AdminChanges, BackendOverride, Runtime, build_runtime
+from pyproxy.runtime.admin_changes import AdminChanges, BackendOverride
+from pyproxy.runtime.snapshot import Runtime, build_runtime
 
 HOSTILE = "<script>alert('x')</script>\"&"
 HOSTILE_PREFIX = "/\"><script>alert('x')</script>&"  # a valid path prefix: printable ASCII

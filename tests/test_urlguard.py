@@ -1,4 +1,5 @@
-"""The SSRF guard for admin-added backends (pyproxy/pool/urlguard.py), without HTTP.
+"""The SSRF guard for admin-added backends (pyproxy/pool/urlguard.py and the address
+checks under it, addresses.py), without HTTP.
 
 Every spelling of a forbidden address is checked two ways: what the guard says, and
 what the resolver urllib3 uses (`socket.getaddrinfo`) would actually connect to, so
@@ -15,14 +16,13 @@ import socket
 import pytest
 
 from pyproxy.config.schema import BackendConfig
+from pyproxy.pool.addresses import embedded_ipv4, resolve, why_forbidden
 from pyproxy.pool.urlguard import (
     ForbiddenAddress,
-    embedded_ipv4,
+    RefusalLog,
     keep_allowed,
     refuse_backend_url,
-    resolve,
     resolve_allowed,
-    why_forbidden,
 )
 
 METADATA = ipaddress.IPv4Address("169.254.169.254")
@@ -164,3 +164,55 @@ def test_restored_backends_get_the_admin_rules(caplog: pytest.LogCaptureFixture)
     assert [b.name for b in kept] == ["fine", "dns-not-up-yet"]
     for name in ("metadata", "metadata-decimal", "loop"):
         assert f"skipped backend {name} " in caplog.text, caplog.text
+
+
+def test_the_refusal_log_says_what_changed_and_stays_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refusals = RefusalLog(limit=2)
+    with caplog.at_level(logging.INFO, logger="pyproxy.pool.urlguard"):
+        for _ in range(3):
+            refusals.refused("a.test", 80, "link-local")
+        refusals.refused("a.test", 80, "unspecified")  # a new reason
+        refusals.refused("a.test", 8080, "link-local")  # another backend (port)
+        refusals.allowed("b.test", 80)  # never refused: nothing to say
+        refusals.allowed("a.test", 8080)
+        refusals.refused("a.test", 8080, "link-local")  # refused again after a change
+        refusals.refused("c.test", 80, "link-local")  # a third: a.test:80 is forgotten
+        refusals.refused("a.test", 80, "unspecified")
+    assert [r.getMessage().split("backend ")[1] for r in caplog.records] == [
+        "a.test:80: link-local",
+        "a.test:80: unspecified",
+        "a.test:8080: link-local",
+        "a.test:8080 is allowed again",
+        "a.test:8080: link-local",
+        "c.test:80: link-local",
+        "a.test:80: unspecified",
+    ]
+
+
+def this_hosts_outward_address() -> str | None:
+    """The address this host would send from to the world: a UDP connect() picks it
+    from the routing table and sends nothing. None without a route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        try:
+            udp.connect(("198.51.100.7", 9))  # TEST-NET-2 (RFC 5737): never answered
+        except OSError:
+            return None
+        address = str(udp.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+def test_a_wildcard_listener_owns_every_address_of_this_host(wildcard: str) -> None:
+    """A listener on 0.0.0.0 or :: accepts on every address of the host, not only on
+    loopback: a backend at the host's LAN address and that port is pyproxy itself."""
+    own = this_hosts_outward_address()
+    if own is None:
+        pytest.skip("this host has no non-loopback IPv4 address to test with")
+    why = refuse_backend_url(f"http://{own}:8080", [(wildcard, 8080)])
+    assert why is not None and "own listeners" in why, why
+    assert refuse_backend_url(f"http://{own}:8080", [("127.0.0.1", 8080)]) is None
+    assert refuse_backend_url(f"http://{own}:8081", [(wildcard, 8080)]) is None
+    # An address that is not this host's, on the same port: someone else.
+    assert refuse_backend_url("http://198.51.100.7:8080", [(wildcard, 8080)]) is None

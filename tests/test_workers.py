@@ -25,7 +25,7 @@ import requests
 from backends import EchoBackend, free_ports
 from test_cli import assert_no_traceback, cli_env, write
 
-from pyproxy.process.master import backoff
+from pyproxy.process.slots import backoff
 
 TOKEN = "test-token"
 CONFIG = """\

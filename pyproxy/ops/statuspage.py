@@ -19,7 +19,8 @@ from __future__ import annotations
 from pyproxy.config.schema import PoolConfig
 from pyproxy.ops.status_rows import ago, backend_row, e, pill
 from pyproxy.policy.routes import Route
-from pyproxy.runtime.snapshot import AdminChanges, Pool, Runtime
+from pyproxy.runtime.admin_changes import AdminChanges
+from pyproxy.runtime.snapshot import Pool, Runtime
 
 __all__ = ["CONTENT_TYPE", "HEADERS", "REFRESH_SECONDS", "ago", "render_status"]
 

@@ -28,11 +28,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from typing import IO
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -43,38 +41,18 @@ from pyproxy.observe.metrics import Metrics
 from pyproxy.ops.admin import AdminApp
 from pyproxy.process.master_admin import MasterAdmin
 from pyproxy.process.sdnotify import Notifier
+from pyproxy.process.slots import Slot
 from pyproxy.process.worker_gauges import worker_gauges
 from pyproxy.runtime.admin_rules import drop_name_clashes
 from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.sources import FileSource
 from pyproxy.runtime.state_file import load_state, restorable
-from pyproxy.runtime.swap import FileSource, ReloadResult, RuntimeSwap
+from pyproxy.runtime.swap import ReloadResult, RuntimeSwap
 from pyproxy.runtime.watcher import ConfigWatcher
 
 log = logging.getLogger(__name__)
 
-FIRST_BACKOFF, MAX_BACKOFF = 1.0, 30.0
-LIVED_LONG = 30.0  # a worker that ran this long was healthy: the backoff starts over
-# systemd's socket is the master's; an operator's prometheus_multiproc_dir (the old
-# lower-case name, still read) must not point the workers elsewhere than the master reads.
-NOT_FOR_WORKERS = frozenset({"NOTIFY_SOCKET", "prometheus_multiproc_dir"})
 STARTUP = 20.0  # seconds a starting worker has to serve before changes skip it
-
-
-def backoff(failures: int) -> float:
-    """Seconds before replacing a worker, after `failures` quick deaths in a row."""
-    return min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** max(0, failures))
-
-
-class Slot:
-    """One worker's place: the process in it now and its restart history."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0  # its admin API, once it said it serves
-        self.ready = threading.Event()
-        self.started_at = 0.0
-        self.failures = 0
-        self.restart_at: float | None = None
 
 
 class Master:
@@ -203,47 +181,22 @@ class Master:
     def _start(self, slot: Slot) -> None:
         """Start a worker in `slot` with the current config and admin changes.
         The caller holds changes_lock, so no change is between this copy and the next."""
-        fd = self.listener.fileno()
-        # The worker says on this pipe when it serves; its stdout (the access log) and
-        # stderr are the master's.
-        said, say = os.pipe()
-        env = {**{k: v for k, v in os.environ.items() if k not in NOT_FOR_WORKERS},
-               "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
-               "PYPROXY_LOG_LEVEL": logging.getLevelName(log.getEffectiveLevel())}  # fmt: skip
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pyproxy.process.worker", str(fd), str(say),
-                 str(self._alive_r), self.config_file],
-                pass_fds=(fd, say, self._alive_r), stdin=subprocess.PIPE, env=env,
-            )  # fmt: skip
-        except BaseException:
-            os.close(said)
-            raise
-        finally:
-            os.close(say)
-        assert process.stdin is not None
-        with contextlib.suppress(OSError):  # a worker dead at once is seen by _supervise
-            process.stdin.write(pickle.dumps((self.holder.runtime.config, self.holder.admin,
-                                              self.token)))  # fmt: skip
-            process.stdin.close()
-        slot.process, slot.port, slot.started_at = process, 0, self.clock()
-        slot.ready.clear()
-        threading.Thread(target=_await_port, args=(slot, process, os.fdopen(said, "rb")),
-                         name=f"pyproxy-worker-{process.pid}", daemon=True).start()  # fmt: skip
-        log.info("worker %d started", process.pid)
+        # With the master's admin address: the worker refuses to dial it (urlguard.py).
+        served = (self.holder.runtime.config, self.holder.admin, self.token,
+                  self.admin_server.address[:2])  # fmt: skip
+        slot.start(
+            listen_fd=self.listener.fileno(), alive_fd=self._alive_r,
+            config_file=self.config_file, metrics_dir=self.metrics_dir,
+            served=pickle.dumps(served), now=self.clock(),
+        )  # fmt: skip
 
     def _supervise(self) -> None:
         now = self.clock()
         for slot in self.slots:
-            process = slot.process
-            if process is not None and slot.restart_at is None and process.poll() is not None:
-                mark_process_dead(process.pid, self.metrics_dir)  # its live gauges go
-                slot.failures = 0 if now - slot.started_at >= LIVED_LONG else slot.failures + 1
-                slot.restart_at = now + backoff(slot.failures - 1)
-                log.error("worker %d exited (%s); a new one in %gs", process.pid,
-                          _exit_reason(process.returncode), slot.restart_at - now)  # fmt: skip
-            if slot.restart_at is not None and now >= slot.restart_at:
-                slot.restart_at = None
+            if slot.exited(now):
+                assert slot.process is not None
+                mark_process_dead(slot.process.pid, self.metrics_dir)  # its live gauges go
+            if slot.due(now):
                 self.restarts.inc()
                 with self.changes_lock:
                     self._start(slot)
@@ -255,9 +208,7 @@ class Master:
             self.watcher.stop()
         # Only workers still running: one that died and awaits its replacement has
         # already been reported, and its old exit code says nothing about this drain.
-        processes = [
-            s.process for s in self.slots if s.process is not None and s.restart_at is None
-        ]
+        processes = [p for p in (s.running() for s in self.slots) if p is not None]
         for process in processes:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -301,18 +252,3 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from exc
     return sock
-
-
-def _await_port(slot: Slot, process: subprocess.Popen[bytes], pipe: IO[bytes]) -> None:
-    """Read the worker's "admin PORT" line: from then on it serves and can be asked."""
-    with pipe:
-        line = pipe.readline().decode(errors="replace").split()
-    if len(line) == 2 and line[0] == "admin" and line[1].isdigit() and slot.process is process:
-        slot.port = int(line[1])
-        slot.ready.set()
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"

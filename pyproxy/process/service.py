@@ -19,7 +19,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from prometheus_client import CollectorRegistry
@@ -30,17 +30,15 @@ from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
 from pyproxy.ops.admin import AdminApp
 from pyproxy.pool.health_checker import HealthChecker
+from pyproxy.pool.urlguard import OWN_LISTENERS
 from pyproxy.process.sdnotify import Notifier
 from pyproxy.proxy.app import ProxyApp
+from pyproxy.runtime.admin_changes import AdminChanges
 from pyproxy.runtime.admin_rules import drop_name_clashes
-from pyproxy.runtime.snapshot import AdminChanges, RuntimeHolder, build_runtime
+from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.sources import ConfigSource, FileSource
 from pyproxy.runtime.state_file import load_state, restorable
-from pyproxy.runtime.swap import (
-    ConfigSource,
-    FileSource,
-    ReloadResult,
-    RuntimeSwap,
-)
+from pyproxy.runtime.swap import ReloadResult, RuntimeSwap
 from pyproxy.runtime.watcher import ConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -66,10 +64,13 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         listen_socket: socket.socket | None = None,
         restored: AdminChanges | None = None,
+        also_own: Sequence[tuple[str, int]] = (),
     ) -> None:
-        """`listen_socket` and `restored`: a worker process serves the proxy socket its
-        master bound, with the admin changes the master keeps (process/worker.py)."""
+        """`listen_socket`, `restored` and `also_own`: a worker process serves the proxy
+        socket its master bound, with the admin changes the master keeps, and counts
+        the master's admin listener as its own too (process/worker.py)."""
         self.config = config
+        self.also_own = tuple(also_own)
         self.clock = clock
         self.metrics = Metrics(registry)
         self.started_at = clock()
@@ -136,7 +137,10 @@ class Service:
         )
 
     def _own_addresses(self) -> list[tuple[str, int]]:
-        return [self.proxy_server.address[:2], self.admin_server.address[:2]]
+        """Where this pyproxy listens (in a worker, its master's admin listener too):
+        no admin-added backend may point here."""
+        own = [self.proxy_server.address[:2], self.admin_server.address[:2]]
+        return own + list(self.also_own)
 
     def reload(self, trigger: str) -> ReloadResult:
         """Reload the config (SIGHUP and the watcher call this; the admin API calls
@@ -185,6 +189,10 @@ class Service:
     # -- life ------------------------------------------------------------------
 
     def start(self) -> None:
+        # Known to the connect-time SSRF check from now on: an admin-added backend
+        # whose name comes to resolve to one of these is refused (pool/urlguard.py).
+        for address in self._own_addresses():
+            OWN_LISTENERS.add(address)
         self._spawn("pyproxy-proxy", self.proxy_server.serve_forever)
         self._spawn("pyproxy-admin", self.admin_server.serve_forever)
         self.health_checker.start()
@@ -254,6 +262,9 @@ class Service:
             self.watcher.stop()
         self.proxy_server.close()
         self.admin_server.close()
+        if self._threads:  # started, so its listeners were added
+            for address in self._own_addresses():
+                OWN_LISTENERS.remove(address)
         for thread in self._threads:
             thread.join(timeout=2)
         if self.access_log is not None:

@@ -3,13 +3,14 @@
     python -m pyproxy.process.worker LISTEN_FD READY_FD ALIVE_FD CONFIG   (the master starts it)
 
 The master writes, pickled on the worker's stdin, what the worker serves: the
-config the master validated and the admin changes it keeps. The worker then serves
-the proxy socket the master bound (file descriptor LISTEN_FD, inherited), with its own
-health checks, breaker states, least-connections counts and rate buckets, and answers
-its master on an admin listener of its own on 127.0.0.1, an ephemeral port. It
-writes that port on the pipe READY_FD ("admin PORT") once it serves: the master's
-control channel is plain HTTP to the worker's own admin API (a reload, an admin
-change, a state query), with a random bearer token only the master knows.
+config the master validated, the admin changes it keeps, the workers' admin token and
+the master's admin address (no admin-added backend may be dialled there). The worker
+then serves the proxy socket the master bound (file descriptor LISTEN_FD, inherited),
+with its own health checks, breaker states, least-connections counts and rate buckets,
+and answers its master on an admin listener of its own on 127.0.0.1, an ephemeral
+port. It writes that port on the pipe READY_FD ("admin PORT") once it serves: the
+master's control channel is plain HTTP to the worker's own admin API (a reload, an
+admin change, a state query), with a random bearer token only the master knows.
 
 Only the master writes the admin state file (several writers would race on it), so
 the worker's config has none. On a reload the worker applies the config the master
@@ -34,7 +35,7 @@ from types import FrameType
 
 from pyproxy.config.schema import Address, Config
 from pyproxy.process.service import Service
-from pyproxy.runtime.snapshot import AdminChanges
+from pyproxy.runtime.admin_changes import AdminChanges
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,14 @@ def main() -> int:
     # The master owns the terminal's Ctrl-C and SIGHUP; it tells the workers what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    config, admin, token = pickle.load(sys.stdin.buffer)
+    config, admin, token, master_admin = pickle.load(sys.stdin.buffer)
     assert isinstance(config, Config) and isinstance(admin, AdminChanges)
     listen = socket.socket(fileno=int(sys.argv[1]))
     source = WorkerSource(sys.argv[4], token)
     service = Service(
-        worker_config(config, token), source=source, listen_socket=listen, restored=admin
-    )
+        worker_config(config, token), source=source, listen_socket=listen, restored=admin,
+        also_own=[master_admin],
+    )  # fmt: skip
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         service.request_shutdown()

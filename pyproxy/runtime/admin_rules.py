@@ -14,7 +14,7 @@ import dataclasses
 import logging
 
 from pyproxy.config.schema import BackendConfig, Config
-from pyproxy.runtime.snapshot import AdminChanges
+from pyproxy.runtime.admin_changes import AdminChanges
 
 log = logging.getLogger(__name__)
 

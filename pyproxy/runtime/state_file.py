@@ -22,7 +22,7 @@ from pyproxy.config.load import ConfigError, parse_backend
 from pyproxy.config.schema import Config
 from pyproxy.config.values import backend_weight
 from pyproxy.pool.urlguard import keep_allowed
-from pyproxy.runtime.snapshot import AdminChanges, BackendOverride
+from pyproxy.runtime.admin_changes import AdminChanges, BackendOverride
 
 log = logging.getLogger(__name__)
 

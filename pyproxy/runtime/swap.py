@@ -9,7 +9,7 @@ sees half a change.
 `POST /admin/reload` all call it, so each trigger has the same effects. Where the
 new config comes from is the `ConfigSource` it was given: the config file
 (`FileSource`), or a config built in code that a reload re-applies as it is
-(`FixedSource`, for `--demo`). See docs/reload.md.
+(`FixedSource`, for `--demo`), both in sources.py. See docs/reload.md.
 
 Backends the admin API added, removed or overrode (weight, drain) are kept in
 `AdminChanges`, which every rebuild applies on top of the file, and (with
@@ -25,24 +25,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-from pyproxy.config.load import ConfigError, load_config
+from pyproxy.config.load import ConfigError
 from pyproxy.config.report import describe_changes, keep_running_values
 from pyproxy.config.schema import BackendConfig, Config
 from pyproxy.observe.metrics import Metrics
 from pyproxy.pool.backend import Backend
 from pyproxy.pool.urlguard import url_identity
+from pyproxy.runtime.admin_changes import NO_OVERRIDE, AdminChanges, BackendOverride
 from pyproxy.runtime.admin_rules import name_clashes, pool_for_added
-from pyproxy.runtime.snapshot import (
-    NO_OVERRIDE,
-    AdminChanges,
-    BackendOverride,
-    RuntimeHolder,
-    build_runtime,
-)
+from pyproxy.runtime.snapshot import RuntimeHolder, build_runtime
+from pyproxy.runtime.sources import ConfigSource, FileSource
 from pyproxy.runtime.state_file import save_state
-from pyproxy.runtime.watcher import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -61,44 +55,6 @@ class Keep(enum.Enum):
 
 
 KEEP = Keep.KEEP
-
-
-class ConfigSource(Protocol):
-    """Where a reload reads the config to apply."""
-
-    name: str  # for log lines: the file's path, or what the config is
-
-    def read(self) -> Config:
-        """The config to apply now; raises ConfigError if it is unusable."""
-        ...
-
-
-class FileSource:
-    """The config file at `path`. `digest` is the SHA-256 of the bytes the last read
-    saw (valid or not; None if unreadable): the watcher compares the file with it, so
-    bytes a reload already read are not read again, whichever trigger read them."""
-
-    def __init__(self, path: str) -> None:
-        self.path = self.name = path
-        self.digest = file_digest(path)
-
-    def read(self) -> Config:
-        # Hashed before parsing: if a write lands in between, the digest is the older
-        # bytes', and the watcher reloads once more rather than miss the write.
-        self.digest = file_digest(self.path)
-        return load_config(self.path)
-
-
-class FixedSource:
-    """A config built in code (`--demo`): a reload re-applies it, so nothing changes."""
-
-    name = "the built-in config"
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def read(self) -> Config:
-        return self.config
 
 
 def keep_restart_settings(old: Config, new: Config) -> Config:
