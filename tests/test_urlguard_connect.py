@@ -98,6 +98,8 @@ def test_a_refused_backend_is_logged_once_per_reason_not_once_per_probe(
     failed_probes(backend, 4)
     assert len(refusals(caplog)) == 1, refusals(caplog)
     assert "link-local" in refusals(caplog)[0] and "probe-rebind.test" in refusals(caplog)[0]
+    # The probe says it was the guard, not a backend that is down or not listening.
+    assert "refused to connect to" in (backend.health.last_result or ""), backend.health.last_result
 
     dns["probe-rebind.test"] = "0.1.2.3"  # another reason: logged once more
     assert wait_for(lambda: len(refusals(caplog)) == 2, timeout=20), refusals(caplog)

@@ -25,6 +25,12 @@ from pyproxy.pool import urlguard
 from pyproxy.pool.response_head import StrictResponse
 
 
+class AddressRefused(NewConnectionError):
+    """The SSRF guard refused every address an admin-added backend's name gave. A
+    NewConnectionError, so the hot path treats it as a refused connection (nothing
+    sent, retried elsewhere); its own type lets the health probe say why."""
+
+
 class _UpstreamMixin:
     sock: socket.socket | None
     # What http.client's getresponse() builds: the strict head reader.
@@ -46,7 +52,7 @@ class _UpstreamMixin:
             addresses = urlguard.resolve_allowed(name, self.port)
         except urlguard.ForbiddenAddress as refused:
             why = f"refused to connect to {self.host}: {refused}"
-            raise NewConnectionError(self, why) from None  # type: ignore[arg-type]
+            raise AddressRefused(self, why) from None  # type: ignore[arg-type]
         except OSError as error:  # socket.gaierror: the name does not resolve
             raise NameResolutionError(self.host, self, error) from error  # type: ignore[arg-type]
         failure: Exception | None = None

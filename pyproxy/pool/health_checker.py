@@ -66,6 +66,8 @@ def hint(result: ProbeResult, settings: HealthCheckConfig) -> str:
             f"health_check.expect_body is not in the first {MAX_PROBE_BODY // 1024} KiB "
             "of the answer; check the page or expect_body"
         )
+    if result.cause == "forbidden":
+        return "an admin-added backend may not use this address (docs/security.md, SSRF)"
     if result.cause == "refused":
         return "is the backend running, and listening on that port? (health_check.port)"
     if result.detail == "connect timeout":

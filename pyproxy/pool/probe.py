@@ -37,6 +37,7 @@ from urllib3.util import SKIP_HEADER
 from pyproxy import __version__
 from pyproxy.config.schema import HealthCheckConfig
 from pyproxy.pool.backend import Backend
+from pyproxy.pool.connection import AddressRefused
 from pyproxy.pool.errors import classify
 
 # The most of a health answer's body a probe reads; the rest is never downloaded.
@@ -45,7 +46,7 @@ MAX_PROBE_BODY = 16 * 1024
 MAX_INTERIM = 8  # 1xx answers accepted before the final one (each within the deadline)
 
 # What kind of failure a probe met; the log's hint is chosen by it (health_checker.py).
-Cause = Literal["passed", "status", "body", "refused", "timeout", "error"]
+Cause = Literal["passed", "status", "body", "refused", "forbidden", "timeout", "error"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ def _read_body(answer: http.client.HTTPResponse) -> bytes:
 
 def _describe(exc: Exception) -> tuple[str, Cause]:
     """The hot path's words for what went wrong (errors.classify), and its kind."""
+    if isinstance(exc, AddressRefused):  # not the backend's doing: the SSRF guard's
+        return str(exc), "forbidden"
     if isinstance(exc, http.client.HTTPException | ConnectionError):
         exc = ProtocolError("health answer", exc)  # as urllib3 wraps these
     try:
