@@ -27,7 +27,7 @@ from rawhttp import RawClient, RawResponse, request_bytes
 
 from pyproxy.config.schema import CircuitBreakerConfig, Timeouts
 from pyproxy.headers import downstream_response_headers
-from pyproxy.pool.response_head import InvalidResponseHead, content_length, field_line_problem
+from pyproxy.pool.head_grammar import InvalidResponseHead, content_length, field_line_problem
 from pyproxy.process.service import Service
 
 CLIENT_WAIT = 5.0  # seconds; the proxy below waits up to 20 s for a backend read

@@ -18,14 +18,16 @@ head leniently, and each leniency ends badly in a proxy:
 - 103 Early Hints is returned as the final response, and the real one is left on
   the connection for the next caller.
 
-`StrictResponse.begin()` reads the head itself, in one pass, by the grammar of RFC
-9112 §4-§6 and RFC 9110 §5, and raises `InvalidResponseHead` (an HTTPException, like
-http.client's own BadStatusLine) for anything else. urllib3 then closes the
-connection, as it does for http.client's refusals, and `errors.classify()` answers
-502 (`bad_response`). The fields it builds are what the relay may pass on: names are
-tokens, values contain no control character but HTAB, Content-Length is one number.
-Interim responses (1xx but 101) are read past, at most MAX_INTERIM of them; the
-`timeouts.total` watchdog (connection.py) bounds the time they take.
+`StrictResponse.begin()` reads the head itself, within limits (a head that came in
+one segment straight from the read buffer, else line by line), parses it by the
+grammar of RFC 9112 §4-§6 and RFC 9110 §5 (head_grammar.py), and raises
+`InvalidResponseHead` (an HTTPException, like http.client's own BadStatusLine) for
+anything else. The exchange then closes the connection (exchange.py) and
+`errors.classify()` answers 502 (`bad_response`). The fields it builds are what the
+relay may pass on: names are tokens, values contain no control character but HTAB,
+Content-Length is one number. Interim responses (1xx but 101) are read past, at most
+MAX_INTERIM of them; the `timeouts.total` watchdog (deadline.py) bounds the time
+they take.
 
 Reading the body is http.client's, unchanged: begin() sets the same attributes its
 own begin() does. Whether the connection stays open follows RFC 9112 §9.3
@@ -35,12 +37,21 @@ own begin() does. Whether the connection stays open follows RFC 9112 §9.3
 from __future__ import annotations
 
 import http.client
-import re
 
 from pyproxy.headers import connection_tokens
+from pyproxy.pool.head_grammar import (
+    FIELD_LINE,
+    MAX_FIELDS,
+    STATUS_LINE,
+    InvalidResponseHead,
+    ResponseFields,
+    content_length,
+    field_line_problem,
+    head_problem,
+    parse_head,
+)
 
 MAX_LINE = 65_536  # bytes in one head line: http.client's own limit (_MAXLINE)
-MAX_FIELDS = 100  # header fields in one head: http.client's own limit (_MAXHEADERS)
 # Bytes of head, interim responses included, a worker holds for one response: four
 # times the largest request head pyproxy accepts (limits.max_request_header). For
 # scale, nginx's default is 4-8 KiB (proxy_buffer_size), HAProxy's 16 KiB (bufsize).
@@ -50,29 +61,7 @@ MAX_HEAD = 256 * 1024
 # two. More than this many before the final response is a backend in a loop.
 MAX_INTERIM = 10
 
-# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ], where
-# reason-phrase = *( HTAB / SP / VCHAR / obs-text ). Valid codes are 100-599 (RFC 9110
-# §15). HTTP/1.x alone: this is an HTTP/1.1 connection. The space before an empty
-# reason is often left out, and RFC 9112 §2.2 lets a recipient end a line with LF.
-_STATUS_LINE = re.compile(
-    rb"HTTP/1\.([0-9]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?\r?\n"
-)
-# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS; the name is a token
-# (RFC 9110 §5.1), the value is HTAB, SP, VCHAR and obs-text (§5.5). Whitespace between
-# the name and the colon is matched so it can be removed: RFC 9112 §5.1 says a proxy
-# MUST remove it from a response. A line that starts with whitespace (obs-fold) never
-# matches: RFC 9112 §5.2 lets a proxy answer 502 rather than unfold it. A value with
-# CR, NUL or another control is refused too, where RFC 9110 §5.5 would also allow
-# replacing CR and NUL with spaces: a silent repair hides a broken backend (nginx
-# refuses NUL as well; it passes the other controls on, which strict clients refuse).
-# Both character classes exclude CR and LF, so matching is linear in the line length.
-_FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z\-]+)[ \t]*:([\t \x21-\x7e\x80-\xff]*)\r?\n")
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z\-]+")
-_OWS = b" \t"
-
-
-class InvalidResponseHead(http.client.HTTPException):
-    """The backend's status line or header section is not valid HTTP/1.1."""
+__all__ = ["MAX_HEAD", "InvalidResponseHead", "StrictResponse"]
 
 
 class StrictResponse(http.client.HTTPResponse):
@@ -80,14 +69,15 @@ class StrictResponse(http.client.HTTPResponse):
 
     _head_left: int  # bytes of head still allowed (MAX_HEAD), set by begin()
     fields: ResponseFields  # the header fields, set by begin()
+    _method: str | None  # http.client's: the request's method, set by __init__
 
     def begin(self) -> None:
-        if self.headers is not None:  # already begun (http.client's own guard)
+        if getattr(self, "fields", None) is not None:  # already begun (http.client's guard)
             return
         self._head_left = MAX_HEAD
         for _ in range(MAX_INTERIM + 1):
-            version, status, reason = self._read_status_line()
-            fields, lengths, codings, connection = self._read_fields()
+            block = self._buffered_head() or self._read_head_lines()
+            version, status, reason, section = parse_head(block)
             # RFC 9110 §15.2: an interim response announces the final one; 101 ends
             # the exchange (and check() in upstream.py refuses to relay it).
             if not 100 <= status < 200 or status == 101:
@@ -98,6 +88,7 @@ class StrictResponse(http.client.HTTPResponse):
         self.code = self.status = status
         self.reason = reason
         self.version = version
+        fields, lengths, codings = section.fields, section.lengths, section.codings
         self.chunk_left = None
         self.chunked = bool(codings)
         self.length = None
@@ -113,19 +104,37 @@ class StrictResponse(http.client.HTTPResponse):
                 raise InvalidResponseHead("a Transfer-Encoding other than chunked")
         elif lengths:
             self.length = content_length(lengths)
-            fields.append(("Content-Length", str(self.length)))
+            if len(lengths) > 1 or not lengths[0].isdigit():
+                # A list ("2, 2") or a repeated field: relayed as the one length it gives.
+                fields[:] = [field for field in fields if field[0].lower() != "content-length"]
+                fields.append(("Content-Length", str(self.length)))
         if status in (204, 304) or status < 200 or self._method == "HEAD":
             # RFC 9112 §6.3: these end at the empty line, whatever the fields say.
             self.length, self.chunked = 0, False
-        self.will_close = self._check_close(connection)
+        self.will_close = self._check_close(section.connection)
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True  # the body runs to the end of the connection
         self.fields = ResponseFields(fields)
-        # http.client's own attributes, for the health probe (it reads the response
-        # through urllib3, which wants an HTTPMessage); the relay reads `fields`.
-        self.headers = self.msg = http.client.HTTPMessage()
-        for name, value in fields:
-            self.msg.set_raw(name, value)
+        self._message = None  # built if asked for (`msg`)
+
+    # http.client's `msg` and `headers` (the same object): the HTTPMessage urllib3 wants
+    # when the health probe reads through it. Built only when asked for; the relay
+    # reads `fields`, and the HTTPMessage costs a microsecond or two per response.
+    _message: http.client.HTTPMessage | None = None
+
+    @property  # type: ignore[override]
+    def msg(self) -> http.client.HTTPMessage | None:
+        if self._message is None and getattr(self, "fields", None) is not None:
+            self._message = http.client.HTTPMessage()
+            for name, value in self.fields.items():
+                self._message.set_raw(name, value)
+        return self._message
+
+    @msg.setter
+    def msg(self, message: http.client.HTTPMessage | None) -> None:
+        self._message = message  # http.client's __init__ sets None
+
+    headers = msg  # type: ignore[assignment]
 
     def _check_close(self, connection: list[str]) -> bool:
         """Whether the backend closes the connection after this response (RFC 9112
@@ -133,13 +142,45 @@ class StrictResponse(http.client.HTTPResponse):
         lists "keep-alive". http.client lets a Keep-Alive field outweigh "close" on
         HTTP/1.0, which pools a connection the backend is about to close.
 
-        `connection` holds the Connection values _read_fields() set aside as it read
+        `connection` holds the Connection values parse_head() set aside as it read
         them: asking the HTTPMessage instead (get_all) lower-cases every field name
         of the response again."""
         tokens = connection_tokens(", ".join(connection))
         if "close" in tokens:
             return True
         return self.version == 10 and "keep-alive" not in tokens
+
+    def _buffered_head(self) -> bytes | None:
+        """The next head, when the read buffer holds all of it (a head usually comes in
+        one segment), taken from the buffer without a read per line; else None and the
+        buffer as it was. Only CRLF line ends here: with a bare LF somewhere, the first
+        empty line may come before the first CRLF CRLF, and the line reader finds it."""
+        buffered = self.fp.peek(1)  # what is buffered; one read only if nothing is
+        end = buffered.find(b"\r\n\r\n") + 4
+        if end == 3 or end > self._head_left:
+            return None
+        head = buffered[:end]
+        if head.count(b"\n") != head.count(b"\r\n"):
+            return None
+        self.fp.read(end)  # served from the buffer
+        self._head_left -= end
+        return head
+
+    def _read_head_lines(self) -> bytes:
+        """The next head read line by line, up to its empty line, within the limits.
+        Each line is checked as it comes: a backend that sends one wrong line and then
+        waits gets its 502 at once, not at the read timeout."""
+        lines = [self._read_line()]
+        if STATUS_LINE.fullmatch(lines[0]) is None:
+            raise InvalidResponseHead(head_problem(lines[0]))
+        for _ in range(MAX_FIELDS + 1):
+            line = self._read_line()
+            lines.append(line)
+            if line == b"\r\n" or line == b"\n":
+                return b"".join(lines)
+            if FIELD_LINE.fullmatch(line) is None:
+                raise InvalidResponseHead(field_line_problem(line))
+        raise InvalidResponseHead(f"more than {MAX_FIELDS} header fields")
 
     def _read_line(self) -> bytes:
         limit = min(MAX_LINE, self._head_left)
@@ -158,110 +199,3 @@ class StrictResponse(http.client.HTTPResponse):
                 else "Remote end closed connection without response"
             )
         return line
-
-    def _read_status_line(self) -> tuple[int, int, str]:
-        """(version as http.client says it: 10 or 11, status code, reason phrase)."""
-        line = self._read_line()
-        match = _STATUS_LINE.fullmatch(line)
-        if match is None:
-            raise InvalidResponseHead(f"invalid status line {line[:80]!r}")
-        minor, code, reason = match.groups()
-        version = 10 if minor == b"0" else 11  # HTTP/1.x, x >= 1, is read as 1.1
-        return version, int(code), (reason or b"").strip(_OWS).decode("latin-1")
-
-    def _read_fields(
-        self,
-    ) -> tuple[list[tuple[str, str]], list[bytes], list[bytes], list[str]]:
-        """The header section up to its empty line, as (name, value) pairs in order,
-        with the raw Content-Length and Transfer-Encoding values apart, and the
-        Connection values as they were added to the pairs."""
-        fields: list[tuple[str, str]] = []
-        lengths: list[bytes] = []
-        codings: list[bytes] = []
-        connection: list[str] = []
-        for _ in range(MAX_FIELDS + 1):
-            line = self._read_line()
-            if line == b"\r\n" or line == b"\n":
-                return fields, lengths, codings, connection
-            match = _FIELD_LINE.fullmatch(line)
-            if match is None:
-                raise InvalidResponseHead(field_line_problem(line))
-            name, value = match.groups()
-            value = value.strip(_OWS)
-            lower = name.lower()
-            if lower == b"content-length":
-                lengths.append(value)  # added back once, as one number, by begin()
-                continue
-            if lower == b"transfer-encoding":
-                codings.append(value)
-            text = value.decode("latin-1")
-            if lower == b"connection":
-                connection.append(text)
-            fields.append((name.decode("ascii"), text))
-        raise InvalidResponseHead(f"more than {MAX_FIELDS} header fields")
-
-
-class ResponseFields:
-    """A response's header fields as they came, in order (a name may repeat:
-    each Set-Cookie is its own field). What the relay needs and no more: the pairs,
-    and whether a field is present, by name in any case (RFC 9110 §5.1)."""
-
-    __slots__ = ("_pairs",)
-
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
-        self._pairs = pairs
-
-    def items(self) -> list[tuple[str, str]]:
-        return self._pairs
-
-    def __contains__(self, name: object) -> bool:
-        wanted = str(name).lower()
-        return any(field.lower() == wanted for field, _ in self._pairs)
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        """The first value of the field `name`, or `default`."""
-        wanted = name.lower()
-        for field, value in self._pairs:
-            if field.lower() == wanted:
-                return value
-        return default
-
-
-def content_length(values: list[bytes]) -> int:
-    """The one length a set of Content-Length field values gives.
-
-    RFC 9110 §8.6: a list of the same decimal value ("42, 42", or the field repeated)
-    may be taken as that value; anything else is invalid. Empty list elements are
-    ignored (§5.6.1). More than 18 digits is no length a body will have, and int()
-    refuses 4301 (CVE-2020-10735), which would escape as a ValueError.
-    """
-    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
-        # The usual case, one field with one number (values arrive stripped of OWS),
-        # taken without the list walk below: about half the time of this function.
-        return int(values[0])
-    lengths = set()
-    for value in values:
-        for item in value.split(b","):
-            digits = item.strip(_OWS)
-            if not digits:
-                continue
-            if not digits.isdigit() or len(digits) > 18:
-                raise InvalidResponseHead(f"invalid Content-Length {value[:40]!r}")
-            lengths.add(int(digits))
-    if not lengths:
-        raise InvalidResponseHead("an empty Content-Length")
-    if len(lengths) > 1:
-        raise InvalidResponseHead("Content-Length values differ")
-    return lengths.pop()
-
-
-def field_line_problem(line: bytes) -> str:
-    """Why a header line did not match the grammar, in a few words (the slow path)."""
-    if line[:1] in (b" ", b"\t"):
-        return "a folded header line (obs-fold)"
-    name, colon, _ = line.partition(b":")
-    if not colon:
-        return f"a header line without a colon {line[:40]!r}"
-    if not _TOKEN.fullmatch(name.rstrip(_OWS)):
-        return f"an invalid header name {name[:40]!r}"
-    return f"a control character in the value of {name[:40]!r}"
