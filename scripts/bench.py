@@ -63,6 +63,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KIB, MIB = 1024, 1024 * 1024
+DEFAULT_THREADS = 32  # waitress worker threads of every waitress-based candidate
 
 # ---------------------------------------------------------------------------
 # Processes: everything we start goes through here, so everything can be stopped.
@@ -367,6 +368,17 @@ class Candidate:
 
 def pyproxy_configs(workdir: Path, backend: Backend, threads: int) -> dict[str, Path]:
     """Write the two pyproxy configs: every default, and every production feature on."""
+    paths = {}
+    for name, config in pyproxy_settings(workdir, backend, threads).items():
+        paths[name] = workdir / f"pyproxy-{name}.yaml"
+        # JSON is valid YAML, and needs no third-party module in this script.
+        paths[name].write_text(json.dumps(config, indent=2) + "\n")
+    return paths
+
+
+def pyproxy_settings(workdir: Path, backend: Backend, threads: int) -> dict[str, dict]:
+    """The two pyproxy configs as dicts: "default" (every default) and "production"
+    (every production feature on). scripts/bench_features.py builds on both."""
     default = {
         "listen": f"127.0.0.1:{free_port()}",
         "threads": threads,
@@ -436,12 +448,7 @@ def pyproxy_configs(workdir: Path, backend: Backend, threads: int) -> dict[str, 
             "path": str(workdir / "access-production.log"),
         },
     }
-    paths = {}
-    for name, config in (("default", default), ("production", production)):
-        paths[name] = workdir / f"pyproxy-{name}.yaml"
-        # JSON is valid YAML, and needs no third-party module in this script.
-        paths[name].write_text(json.dumps(config, indent=2) + "\n")
-    return paths
+    return {"default": default, "production": production}
 
 
 def pyproxy_check(config: Path) -> str | None:
@@ -879,8 +886,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=32,
-        help="worker threads, the same for every waitress-based candidate (default 32)",
+        default=DEFAULT_THREADS,
+        help=f"worker threads, the same for every waitress-based candidate "
+        f"(default {DEFAULT_THREADS})",
     )
     parser.add_argument(
         "--candidates",
