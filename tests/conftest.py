@@ -17,6 +17,7 @@ import dataclasses
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -356,3 +357,19 @@ def assert_finished_whole(result: dict[str, Any], backend: str) -> None:
     echoed = json.loads(result["body"])  # the whole body arrived and parses
     assert echoed["backend"] == backend
     assert len(result["body"]) == int(result["headers"]["Content-Length"])
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Names a test resolves itself: {name: address or numeric spelling}. Other names
+    go to the real resolver. Nothing is ever sent to a non-loopback address: the SSRF
+    guard refuses a forbidden answer before connecting."""
+    answers: dict[str, str] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        return real(answers.get(name, host), port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -457,22 +456,6 @@ def test_every_spelling_of_a_forbidden_address_is_400_with_the_reason(
     assert response.status_code == 400, (url, response.status_code, response.text)
     assert why in response.text, response.text
     assert list(admin_backends(service)) == ["echo"]
-
-
-@pytest.fixture
-def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Names this test resolves itself: {name: address or numeric spelling}. Other
-    names go to the real resolver. Nothing is ever sent to a non-loopback address:
-    the guard refuses a forbidden answer before connecting."""
-    answers: dict[str, str] = {}
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        name = host.decode() if isinstance(host, bytes) else host
-        return real(answers.get(name, host), port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return answers
 
 
 def test_a_name_that_later_resolves_to_metadata_is_refused_at_connect_time(

@@ -10,9 +10,7 @@ Nothing is ever sent to a non-loopback address: the guard refuses before connect
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import requests
@@ -27,20 +25,6 @@ from pyproxy.process.service import Service
 TOKEN = "t0ken-for-tests"
 ADMIN = AdminConfig(listen=Address("127.0.0.1", 0), token=TOKEN)
 GUARD_LOG = "pyproxy.pool.urlguard"
-
-
-@pytest.fixture
-def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Names this test resolves itself: {name: address or numeric spelling}."""
-    answers: dict[str, str] = {}
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        name = host.decode() if isinstance(host, bytes) else host
-        return real(answers.get(name, host), port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return answers
 
 
 def add_backend(http: requests.Session, service: Service, url: str, name: str) -> None:
