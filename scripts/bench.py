@@ -932,6 +932,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def run_and_clean_up(procs: Processes, workdir: Path, keep: bool, script: str) -> Iterator[None]:
+    """The body of a benchmark script's run: SIGTERM and Ctrl-C stop it (exit status
+    130), every process it started is stopped by its PID, and its temp dir is removed
+    unless `keep`."""
+    try:
+        with sigterm_as_interrupt():
+            yield
+    except KeyboardInterrupt:
+        print(f"\n{script}: interrupted; stopping everything we started", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        procs.stop_all()
+        if keep:
+            print(f"{script}: configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main() -> int:
     args = parse_args()
     if args.serve_backend:
@@ -962,39 +981,29 @@ def main() -> int:
     (workdir / "summary.lua").write_text(WRK_SCRIPT)
     rig = Rig(tools["wrk"], workdir / "summary.lua", cpus[0], cpus[1], procs)
     rounds: list[RoundResult] = []
-    try:
-        with sigterm_as_interrupt():
-            backend = start_backend(procs, workdir, nginx, cpus[1])
-            print(f"backend: {backend.kind} at {backend.url} (pid {backend.proc.pid})")
-            candidates = make_candidates(workdir, backend, args.threads, wanted)
-            per_candidate = args.warmup + len(LOADS) * args.duration
-            print(
-                f"candidates: {', '.join(c.name for c in candidates)}; {args.rounds} round(s);"
-                f" about {per_candidate * len(candidates) * args.rounds / 60:.1f} min of load",
-                flush=True,
-            )
-            for round_no in range(1, args.rounds + 1):
-                for candidate in candidates:
-                    print(f"round {round_no}: {candidate.name} ...", end=" ", flush=True)
-                    r = run_candidate(candidate, rig, args, backend, workdir)
-                    rounds.append(r)
-                    f = round_figures(r)
-                    noise = max(load.noise or 0.0 for load in r.loads.values())
-                    print(
-                        f"{f['rps_c16']:.0f} req/s at c16, {f['mbps_1mib']:.0f} MB/s, "
-                        f"{f['errors']:.0f} errors; other load on the proxy CPU up to "
-                        f"{noise:.0%}",
-                        flush=True,
-                    )
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; stopping everything we started", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"bench: configs and logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with run_and_clean_up(procs, workdir, args.keep, "bench"):
+        backend = start_backend(procs, workdir, nginx, cpus[1])
+        print(f"backend: {backend.kind} at {backend.url} (pid {backend.proc.pid})")
+        candidates = make_candidates(workdir, backend, args.threads, wanted)
+        per_candidate = args.warmup + len(LOADS) * args.duration
+        print(
+            f"candidates: {', '.join(c.name for c in candidates)}; {args.rounds} round(s);"
+            f" about {per_candidate * len(candidates) * args.rounds / 60:.1f} min of load",
+            flush=True,
+        )
+        for round_no in range(1, args.rounds + 1):
+            for candidate in candidates:
+                print(f"round {round_no}: {candidate.name} ...", end=" ", flush=True)
+                r = run_candidate(candidate, rig, args, backend, workdir)
+                rounds.append(r)
+                f = round_figures(r)
+                noise = max(load.noise or 0.0 for load in r.loads.values())
+                print(
+                    f"{f['rps_c16']:.0f} req/s at c16, {f['mbps_1mib']:.0f} MB/s, "
+                    f"{f['errors']:.0f} errors; other load on the proxy CPU up to "
+                    f"{noise:.0%}",
+                    flush=True,
+                )
 
     summary = summarize(rounds)
     ratio_naive, ratio_direct = ratios(summary, "naive"), ratios(summary, "direct")

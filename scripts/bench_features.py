@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -306,39 +305,29 @@ def main() -> int:
     (workdir / "summary.lua").write_text(bench.WRK_SCRIPT)
     rig = bench.Rig(wrk, workdir / "summary.lua", proxy_cpu, load_cpu, procs)
     samples: list[Sample] = []
-    try:
-        with bench.sigterm_as_interrupt():
-            backend = bench.start_backend(procs, workdir, nginx, load_cpu)
-            configs = feature_configs(workdir, backend, args.threads)
-            extra = not_measured_alone(configs)
-            configs = with_own_ports(configs)
-            paths = write_and_check(workdir, configs)
-            names = list(paths)
-            print(
-                f"backend: {backend.kind}; {len(names)} configs x {args.rounds} round(s) x "
-                f"({args.warmup} s warm-up + {args.duration} s at c{CONNECTIONS})",
-                flush=True,
-            )
-            for round_no in range(args.rounds):
-                # Each round starts one config later: none is always first or last.
-                shift = round_no % len(names)
-                for name in names[shift:] + names[:shift]:
-                    sample = measure(name, paths[name], round_no + 1, rig, args)
-                    samples.append(sample)
-                    print(
-                        f"round {round_no + 1}: {name:<22} {sample.cpu_us_per_req:7.1f} us/req "
-                        f"{sample.rps:7.0f} req/s, {sample.errors} errors",
-                        flush=True,
-                    )
-    except KeyboardInterrupt:
-        print("\nbench_features: interrupted; stopping everything we started", file=sys.stderr)
-        return 130
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"bench_features: configs and logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with bench.run_and_clean_up(procs, workdir, args.keep, "bench_features"):
+        backend = bench.start_backend(procs, workdir, nginx, load_cpu)
+        configs = feature_configs(workdir, backend, args.threads)
+        extra = not_measured_alone(configs)
+        configs = with_own_ports(configs)
+        paths = write_and_check(workdir, configs)
+        names = list(paths)
+        print(
+            f"backend: {backend.kind}; {len(names)} configs x {args.rounds} round(s) x "
+            f"({args.warmup} s warm-up + {args.duration} s at c{CONNECTIONS})",
+            flush=True,
+        )
+        for round_no in range(args.rounds):
+            # Each round starts one config later: none is always first or last.
+            shift = round_no % len(names)
+            for name in names[shift:] + names[:shift]:
+                sample = measure(name, paths[name], round_no + 1, rig, args)
+                samples.append(sample)
+                print(
+                    f"round {round_no + 1}: {name:<22} {sample.cpu_us_per_req:7.1f} us/req "
+                    f"{sample.rps:7.0f} req/s, {sample.errors} errors",
+                    flush=True,
+                )
 
     rows = summarize(samples, names)
     command = " ".join(["python scripts/bench_features.py", *sys.argv[1:]])
