@@ -8,6 +8,7 @@ from ipaddress import ip_network
 
 import pytest
 
+import pyproxy.headers as headers_module
 from pyproxy.config.schema import Network
 from pyproxy.headers import (
     HOP_BY_HOP,
@@ -104,6 +105,28 @@ def test_wsgi_request_headers_rebuilds_names_and_leaves_out_content_length() -> 
     headers = dict(wsgi_request_headers(environ))
 
     assert headers == {"X-Api-Key": "k", "Host": "h.example", "Content-Type": "application/json"}
+
+
+def test_wsgi_header_names_table_stays_bounded_whatever_names_clients_send() -> None:
+    """Names are cached per environ key; a client inventing names cannot grow the table."""
+    environ = {f"HTTP_X_INVENTED_{n}": str(n) for n in range(headers_module.MAX_CACHED_NAMES + 50)}
+    environ["HTTP_X_API_KEY"] = "k"
+
+    for _ in range(2):  # the second time from the table, for the names it kept
+        headers = wsgi_request_headers(environ)
+        assert headers[0] == ("X-Invented-0", "0")
+        assert headers[-1] == ("X-Api-Key", "k")
+        assert len(headers) == len(environ)
+
+    assert len(headers_module._header_names) <= headers_module.MAX_CACHED_NAMES
+
+
+def test_connection_tokens_of_a_long_value_are_read_but_not_cached() -> None:
+    value = ", ".join(f"X-Hop-{n}" for n in range(40))
+    assert len(value) > headers_module.MAX_CACHED_CONNECTION
+
+    assert connection_tokens(value) == {f"x-hop-{n}" for n in range(40)}
+    assert connection_tokens("Close") == connection_tokens("close") == {"close"}
 
 
 def test_wsgi_request_headers_without_content_type() -> None:
@@ -342,6 +365,27 @@ def test_downstream_strips_hop_by_hop_and_connection_named_headers() -> None:
     names = set(lower_names(headers))
     assert not names & (set(HOP_BY_HOP) | {"x-private"})
     assert ("X-Kept", "yes") in headers
+
+
+def test_downstream_drops_a_field_named_in_a_later_connection_header() -> None:
+    """Connection may come after the fields it names, or twice: all named ones go."""
+    upstream = [
+        ("X-Before", "1"),
+        ("X-Kept", "yes"),
+        ("Connection", "keep-alive, X-Before"),
+        ("X-After", "2"),
+        ("connection", "x-after"),
+        ("Set-Cookie", "a=1"),
+    ]
+
+    headers = downstream_response_headers(upstream, request_id="rid", instance_name="pyproxy-t")
+
+    assert headers == [
+        ("X-Kept", "yes"),
+        ("Set-Cookie", "a=1"),
+        ("Via", "1.1 pyproxy-t"),
+        ("X-Request-ID", "rid"),
+    ]
 
 
 def test_downstream_sets_our_request_id_once_over_the_backends() -> None:
