@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -170,7 +171,30 @@ def sane_request_id(value: str | None) -> str:
     """The client's X-Request-ID if it is 1-128 of `A-Za-z0-9._:-`, else a fresh one."""
     if value and _REQUEST_ID.fullmatch(value):
         return value
-    return secrets.token_hex(16)
+    return fresh_request_id()
+
+
+def fresh_request_id() -> str:
+    """32 hex digits from the OS's random source, like nginx's $request_id (16 random
+    bytes in hexadecimal).
+
+    Most requests come without an ID and get one, so the bytes are read 256 IDs at a
+    time: one os.urandom() call per request cost ~1.0 us, a pop from the batch ~0.45
+    (timeit, 8 threads). No lock: list.pop() and list.extend() are each atomic under
+    the GIL, so every ID is handed out once; threads finding the batch empty together
+    each read a new one. A forked worker starts with none (the parent's would repeat).
+    """
+    try:
+        return _fresh_ids.pop()
+    except IndexError:
+        block = secrets.token_hex(16 * _IDS_PER_READ)
+        _fresh_ids.extend([block[start : start + 32] for start in range(0, len(block), 32)])
+        return _fresh_ids.pop()
+
+
+_IDS_PER_READ = 256
+_fresh_ids: list[str] = []
+os.register_at_fork(after_in_child=_fresh_ids.clear)
 
 
 def via_names(via_value: str | None) -> list[str]:

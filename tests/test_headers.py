@@ -3,7 +3,9 @@ stripping per RFC 9110 §7.6.1, X-Forwarded-*, Via per RFC 9110 §7.6.3)."""
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from ipaddress import ip_network
 
 import pytest
@@ -404,3 +406,48 @@ def test_downstream_appends_our_via_to_the_backends() -> None:
     )
 
     assert [v for k, v in headers if k.lower() == "via"] == ["1.1 inner, 1.1 pyproxy-t"]
+
+
+# -- fresh request IDs ----------------------------------------------------------------------
+
+
+def test_fresh_request_ids_are_unique_across_threads_and_batches() -> None:
+    per_thread = 3 * headers_module._IDS_PER_READ  # each thread empties a batch or more
+    results: list[list[str]] = [[] for _ in range(8)]
+
+    def take(out: list[str]) -> None:
+        out.extend(sane_request_id(None) for _ in range(per_thread))
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    ids = [request_id for out in results for request_id in out]
+
+    assert len(ids) == 8 * per_thread
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_worker_does_not_reuse_the_parents_pending_ids() -> None:
+    sane_request_id(None)  # the parent now holds a batch of unused IDs
+    pending = set(headers_module._fresh_ids)
+    assert pending
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one fresh ID and leave at once
+        try:
+            os.write(write_end, sane_request_id(None).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        child_id = os.read(read_end, 64).decode()
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+
+    assert re.fullmatch(r"[0-9a-f]{32}", child_id)
+    assert child_id not in pending
