@@ -88,7 +88,7 @@ _cached_connection_tokens = functools.lru_cache(maxsize=256)(_connection_tokens)
 # WSGI environ key -> header name, e.g. HTTP_X_FOO_BAR -> X-Foo-Bar: a dict look-up
 # instead of replace() and title() for each header of each request (~0.12 us each).
 # The same few names come on every request; the client chooses them, so the table
-# stops growing at MAX_CACHED_NAMES (a name past it is still converted, not kept).
+# stops growing at about MAX_CACHED_NAMES (a name past it is converted, not kept).
 MAX_CACHED_NAMES = 512
 _header_names: dict[str, str] = {}
 
