@@ -9,7 +9,9 @@ The breaker is pure state: it never performs I/O, never sleeps, never calls out.
 Time comes from an injected clock, so tests advance a fake one. One lock guards
 the fields and is held only for a few assignments; it is never held while the
 protected request runs (pybreaker holds its lock across the call and so serialises
-every caller: danielfm/pybreaker#3, #55).
+every caller: danielfm/pybreaker#3, #55). A closed circuit, the state of nearly
+every request, is read without it: admitting, and a success with no failure to
+reset, change nothing (see try_acquire for why the unlocked read is safe).
 
 Late results: a request admitted while closed may finish after the circuit opened,
 or even after it went half-open. Each admission hands out a `Permit` stamped with
