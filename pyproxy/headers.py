@@ -131,7 +131,8 @@ def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
     ip = _cached_ip_literal(address) if len(address) <= 64 else _ip_literal(address)
     if ip is None:
         return False
-    for network in trusted:  # a loop, not any(genexpr): 0.53 -> 0.29 us per call
+    # A loop rather than any() over a generator: 0.53 -> 0.29 us for every request's peer.
+    for network in trusted:  # noqa: SIM110
         if ip in network:
             return True
     return False
