@@ -483,3 +483,23 @@ def test_json_lines_keep_the_order_write_gives_the_fields() -> None:
     finally:
         log.close()
     assert tuple(json.loads(stream.getvalue())) == WRITE_ORDER
+
+
+def test_timestamps_follow_each_lines_own_second_in_both_formats() -> None:
+    """The per-second stamp is cached: lines either side of a second boundary, and a
+    line of an earlier second after them, still carry their own second."""
+    fields: dict[str, Any] = {
+        "client": "10.0.0.1", "method": "GET", "target": "/", "protocol": "HTTP/1.1",
+        "status": 200, "bytes": 0, "duration": 0.0, "upstream_time": None, "backend": "b",
+        "attempts": 1, "request_id": "id", "referer": "", "user_agent": "", "detail": "",
+    }  # fmt: skip
+    expected = [
+        (1_700_000_000.999, "14/Nov/2023:22:13:20", "2023-11-14T22:13:20.999Z"),
+        (1_700_000_001.0, "14/Nov/2023:22:13:21", "2023-11-14T22:13:21.000Z"),
+        (1_699_999_999.5, "14/Nov/2023:22:13:19", "2023-11-14T22:13:19.500Z"),
+        (1_700_000_000.25, "14/Nov/2023:22:13:20", "2023-11-14T22:13:20.250Z"),
+    ]
+    for stamp, text_time, json_time in expected:
+        line = {**fields, "time": stamp}
+        assert f"[{text_time} +0000]" in accesslog.format_text(line)
+        assert json.loads(accesslog.format_json(line))["time"] == json_time

@@ -87,20 +87,27 @@ def escape(value: str) -> str:
 
 def format_text(fields: dict[str, Any]) -> str:
     """Apache combined log format, then pyproxy's fields as key=value, escaped."""
-    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(fields["time"]))
+    stamp = _clf_second(int(fields["time"]))
     request_line = escape(f"{fields['method']} {fields['target']} {fields['protocol']}")
-
-    def quoted(value: str) -> str:
-        return '"' + (escape(value) or "-") + '"'
-
     return (
         f'{escape(fields["client"]) or "-"} - - [{stamp}] "{request_line}" {fields["status"]} '
-        f"{fields['bytes']} {quoted(fields['referer'])} {quoted(fields['user_agent'])} "
+        f"{fields['bytes']} {_quoted(fields['referer'])} {_quoted(fields['user_agent'])} "
         f"backend={escape(fields['backend']) or '-'} attempts={fields['attempts']} "
         f"duration={fields['duration']:.6f} upstream_time={_seconds(fields['upstream_time'])} "
         f"request_id={escape(fields['request_id'])}"
-        + (f" detail={quoted(fields['detail'])}" if fields["detail"] else "")
+        + (f" detail={_quoted(fields['detail'])}" if fields["detail"] else "")
     )
+
+
+def _quoted(value: str) -> str:
+    return '"' + (escape(value) or "-") + '"'
+
+
+@functools.lru_cache(maxsize=4)
+def _clf_second(second: int) -> str:
+    """`second` (Unix time) in the common log format's UTC timestamp. Lines written
+    within a second share it: strftime runs once per second, not once per line."""
+    return time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(second))
 
 
 def _seconds(value: float | None) -> str:
