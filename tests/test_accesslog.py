@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import random
 import re
 import threading
 import time
@@ -433,3 +434,72 @@ def test_format_text_escapes_every_field_a_client_can_write() -> None:
     assert line.endswith('request_id=id\\x0A detail="why \\x22so\\x22"')
     assert json.loads(accesslog.format_json(fields))["user_agent"] == "\u2028ok"
     assert accesslog.format_json(fields).isascii()
+
+
+# The fields of a line, in the order AccessLog.write() puts them in.
+WRITE_ORDER = ("time", "client", "method", "target", "protocol", "status", "bytes", "duration",
+               "upstream_time", "backend", "attempts", "request_id", "referer", "user_agent",
+               "detail")  # fmt: skip
+
+
+def json_dumps_line(fields: dict[str, Any]) -> str:
+    """The JSON line as json.dumps writes it: what format_json must equal."""
+    out = dict(fields)
+    stamp = fields["time"]
+    out["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp))
+    out["time"] += f".{int(stamp % 1 * 1000):03d}Z"
+    out["duration"] = round(fields["duration"], 6)
+    if fields["upstream_time"] is not None:
+        out["upstream_time"] = round(fields["upstream_time"], 6)
+    return json.dumps(out, separators=(",", ":"))
+
+
+def test_format_json_writes_what_json_dumps_would() -> None:
+    """format_json spells the line out by hand: the same text as json.dumps, for
+    strings of controls, quotes, backslashes, latin-1 and astral characters."""
+    rng = random.Random(7)
+    alphabet = 'ab"\\/\n\r\t\x00\x1b\x7f\x85\xe9\u2028\U0001f600 '
+    text_fields = ("client", "method", "target", "protocol", "backend", "request_id",
+                   "referer", "user_agent", "detail")  # fmt: skip
+    for _ in range(2000):
+        fields: dict[str, Any] = {
+            "time": rng.uniform(0, 4e9), "status": rng.randrange(100, 600),
+            "bytes": rng.randrange(0, 1 << 40), "attempts": rng.randrange(0, 4),
+            "duration": rng.choice([0.0, 1e-9, rng.random(), rng.uniform(0, 1e6)]),
+            "upstream_time": rng.choice([None, 5.0, rng.random()]),
+        }  # fmt: skip
+        for name in text_fields:
+            fields[name] = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        in_write_order = {name: fields[name] for name in WRITE_ORDER}
+        assert accesslog.format_json(fields) == json_dumps_line(in_write_order)
+
+
+def test_json_lines_keep_the_order_write_gives_the_fields() -> None:
+    stream = io.StringIO()
+    log = AccessLog(AccessLogConfig(format="json", path="-"), stream=stream)
+    try:
+        log.write(*logged(), 1.0)
+        assert wait_for(lambda: stream.getvalue().count("\n") == 1)
+    finally:
+        log.close()
+    assert tuple(json.loads(stream.getvalue())) == WRITE_ORDER
+
+
+def test_timestamps_follow_each_lines_own_second_in_both_formats() -> None:
+    """The per-second stamp is cached: lines either side of a second boundary, and a
+    line of an earlier second after them, still carry their own second."""
+    fields: dict[str, Any] = {
+        "client": "10.0.0.1", "method": "GET", "target": "/", "protocol": "HTTP/1.1",
+        "status": 200, "bytes": 0, "duration": 0.0, "upstream_time": None, "backend": "b",
+        "attempts": 1, "request_id": "id", "referer": "", "user_agent": "", "detail": "",
+    }  # fmt: skip
+    expected = [
+        (1_700_000_000.999, "14/Nov/2023:22:13:20", "2023-11-14T22:13:20.999Z"),
+        (1_700_000_001.0, "14/Nov/2023:22:13:21", "2023-11-14T22:13:21.000Z"),
+        (1_699_999_999.5, "14/Nov/2023:22:13:19", "2023-11-14T22:13:19.500Z"),
+        (1_700_000_000.25, "14/Nov/2023:22:13:20", "2023-11-14T22:13:20.250Z"),
+    ]
+    for stamp, text_time, json_time in expected:
+        line = {**fields, "time": stamp}
+        assert f"[{text_time} +0000]" in accesslog.format_text(line)
+        assert json.loads(accesslog.format_json(line))["time"] == json_time

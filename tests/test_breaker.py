@@ -239,6 +239,27 @@ def test_late_failures_from_before_an_outage_do_not_count_after_recovery() -> No
     assert breaker.consecutive_failures == 0
 
 
+def test_permits_of_a_closed_period_count_there_and_nowhere_else() -> None:
+    """A closed circuit shares one permit per generation: after a recovery the new
+    period's permits count, the ones handed out before the outage do not."""
+    breaker, clock = make()
+    before = breaker.try_acquire()
+    assert before is not None and not before.trial
+    open_it(breaker)
+    clock.advance(10)
+    assert breaker.record_success(breaker.try_acquire()) is True  # the trial closes it
+    after = [breaker.try_acquire() for _ in range(3)]
+
+    assert all(p is not None and not p.trial for p in after)
+    assert {p.generation for p in after if p} == {breaker._generation} != {before.generation}
+    assert breaker.record_failure(before) is False
+    assert breaker.consecutive_failures == 0
+    assert [breaker.record_failure(p) for p in after[:2]] == [False, False]
+    assert breaker.consecutive_failures == 2
+    assert breaker.record_success(after[2]) is False
+    assert breaker.consecutive_failures == 0
+
+
 def test_disabled_breaker_is_always_closed_and_admits_everything() -> None:
     breaker, _ = make(enabled=False, failure_threshold=1)
     for _ in range(10):

@@ -3,11 +3,14 @@ stripping per RFC 9110 §7.6.1, X-Forwarded-*, Via per RFC 9110 §7.6.3)."""
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from ipaddress import ip_network
 
 import pytest
 
+import pyproxy.headers as headers_module
 from pyproxy.config.schema import Network
 from pyproxy.headers import (
     HOP_BY_HOP,
@@ -104,6 +107,28 @@ def test_wsgi_request_headers_rebuilds_names_and_leaves_out_content_length() -> 
     headers = dict(wsgi_request_headers(environ))
 
     assert headers == {"X-Api-Key": "k", "Host": "h.example", "Content-Type": "application/json"}
+
+
+def test_wsgi_header_names_table_stays_bounded_whatever_names_clients_send() -> None:
+    """Names are cached per environ key; a client inventing names cannot grow the table."""
+    environ = {f"HTTP_X_INVENTED_{n}": str(n) for n in range(headers_module.MAX_CACHED_NAMES + 50)}
+    environ["HTTP_X_API_KEY"] = "k"
+
+    for _ in range(2):  # the second time from the table, for the names it kept
+        headers = wsgi_request_headers(environ)
+        assert headers[0] == ("X-Invented-0", "0")
+        assert headers[-1] == ("X-Api-Key", "k")
+        assert len(headers) == len(environ)
+
+    assert len(headers_module._header_names) <= headers_module.MAX_CACHED_NAMES
+
+
+def test_connection_tokens_of_a_long_value_are_read_but_not_cached() -> None:
+    value = ", ".join(f"X-Hop-{n}" for n in range(40))
+    assert len(value) > headers_module.MAX_CACHED_CONNECTION
+
+    assert connection_tokens(value) == {f"x-hop-{n}" for n in range(40)}
+    assert connection_tokens("Close") == connection_tokens("close") == {"close"}
 
 
 def test_wsgi_request_headers_without_content_type() -> None:
@@ -344,6 +369,27 @@ def test_downstream_strips_hop_by_hop_and_connection_named_headers() -> None:
     assert ("X-Kept", "yes") in headers
 
 
+def test_downstream_drops_a_field_named_in_a_later_connection_header() -> None:
+    """Connection may come after the fields it names, or twice: all named ones go."""
+    upstream = [
+        ("X-Before", "1"),
+        ("X-Kept", "yes"),
+        ("Connection", "keep-alive, X-Before"),
+        ("X-After", "2"),
+        ("connection", "x-after"),
+        ("Set-Cookie", "a=1"),
+    ]
+
+    headers = downstream_response_headers(upstream, request_id="rid", instance_name="pyproxy-t")
+
+    assert headers == [
+        ("X-Kept", "yes"),
+        ("Set-Cookie", "a=1"),
+        ("Via", "1.1 pyproxy-t"),
+        ("X-Request-ID", "rid"),
+    ]
+
+
 def test_downstream_sets_our_request_id_once_over_the_backends() -> None:
     headers = downstream_response_headers(
         [("X-Request-ID", "backend"), ("x-request-id", "again")],
@@ -360,3 +406,48 @@ def test_downstream_appends_our_via_to_the_backends() -> None:
     )
 
     assert [v for k, v in headers if k.lower() == "via"] == ["1.1 inner, 1.1 pyproxy-t"]
+
+
+# -- fresh request IDs ----------------------------------------------------------------------
+
+
+def test_fresh_request_ids_are_unique_across_threads_and_batches() -> None:
+    per_thread = 3 * headers_module._IDS_PER_READ  # each thread empties a batch or more
+    results: list[list[str]] = [[] for _ in range(8)]
+
+    def take(out: list[str]) -> None:
+        out.extend(sane_request_id(None) for _ in range(per_thread))
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    ids = [request_id for out in results for request_id in out]
+
+    assert len(ids) == 8 * per_thread
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_worker_does_not_reuse_the_parents_pending_ids() -> None:
+    sane_request_id(None)  # the parent now holds a batch of unused IDs
+    pending = set(headers_module._fresh_ids)
+    assert pending
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one fresh ID and leave at once
+        try:
+            os.write(write_end, sane_request_id(None).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        child_id = os.read(read_end, 64).decode()
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+
+    assert re.fullmatch(r"[0-9a-f]{32}", child_id)
+    assert child_id not in pending

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pyproxy.config.schema import StickyConfig
-from pyproxy.policy.sticky import Sticky, backend_token, cookie_value
+from pyproxy.policy.sticky import MAX_COOKIES, Sticky, backend_token, cookie_value
 
 
 @dataclass
@@ -52,6 +52,20 @@ def test_set_cookie_attributes() -> None:
     for attribute in ("Path=/", "HttpOnly", "SameSite=Lax", "Max-Age=60"):
         assert attribute in value
     assert "Max-Age" not in Sticky(StickyConfig(mode="cookie")).set_cookie(backend)
+
+
+def test_set_cookie_is_kept_per_backend_and_bounded() -> None:
+    """The value is built once per backend URL; past the bound it is built each time."""
+    sticky = Sticky(StickyConfig(mode="cookie", cookie_name="s"))
+    backends = [FakeBackend(f"b{i}", f"http://10.0.0.1:{i + 1}") for i in range(MAX_COOKIES + 5)]
+
+    first = [sticky.set_cookie(backend) for backend in backends]
+    again = [sticky.set_cookie(backend) for backend in backends]
+
+    assert first == again
+    assert first[-1] == f"s={backend_token(backends[-1].url)}; Path=/; HttpOnly; SameSite=Lax"
+    assert len(set(first)) == len(backends)
+    assert len(sticky._cookies) == MAX_COOKIES
 
 
 def test_ip_mode_is_deterministic_per_client() -> None:

