@@ -212,3 +212,95 @@ def test_a_flood_of_header_names_does_not_grow_the_name_cache_without_bound() ->
     for n in range(tasks._CANONICAL_NAMES_MAX + 50):
         assert tasks._canonical_name(f"x-name-{n}") == f"X-Name-{n}"
     assert len(tasks._CANONICAL_NAMES) <= tasks._CANONICAL_NAMES_MAX
+
+
+# -- waking the loop at the end of a request ---------------------------------------
+
+
+class WaitingApp:
+    """/wait answers once the test allows it; anything else at once."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.may_answer = threading.Event()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ["PATH_INFO"] == "/wait":
+            self.entered.set()
+            self.may_answer.wait(WAIT)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+
+@pytest.fixture
+def waiting_server() -> Iterator[tuple[EdgeServer, WaitingApp]]:
+    app = WaitingApp()
+    edge = EdgeServer(app, "127.0.0.1", 0, threads=4, limits=LIMITS)
+    # A wake-up the loop needed and did not get would now stall it for a minute, not
+    # for one tick: the client's read times out first and the test fails.
+    edge._tick = 60.0
+    loop = threading.Thread(target=edge.serve_forever, name="test-wake-loop")
+    loop.start()
+    yield edge, app
+    app.may_answer.set()
+    edge.close()
+    loop.join(WAIT)
+
+
+def test_a_request_ending_while_the_loop_is_busy_does_not_wake_it(
+    waiting_server: tuple[EdgeServer, WaitingApp], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    edge, app = waiting_server
+    pulls: list[int] = []
+    trigger = edge._server.trigger
+    pull = trigger._physical_pull
+    monkeypatch.setattr(trigger, "_physical_pull", lambda: (pulls.append(1), pull())[1])
+    in_loop, release = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:  # as if it were handling other clients' events
+        in_loop.set()
+        release.wait(WAIT)
+
+    with RawClient(*edge.address, timeout=WAIT) as client:
+        client.send(GET % b"wait")
+        assert app.entered.wait(WAIT)
+        holder = threading.Thread(target=edge._on_loop, args=(hold_the_loop,))
+        holder.start()
+        try:
+            assert in_loop.wait(WAIT)
+            pulls.clear()
+            app.may_answer.set()
+            assert client.read_response().body == b"ok"  # the worker sent it itself
+            (channel,) = edge._server.active_channels.values()
+            assert wait_for(lambda: channel.responses == 1, WAIT)  # service() returned
+            assert pulls == []  # the loop will look at the connection before it waits
+        finally:
+            release.set()
+            holder.join(WAIT)
+        # ... and it did: the connection is read again, with no wake-up ever sent.
+        client.send(GET % b"again")
+        assert client.read_response().body == b"ok"
+
+
+def test_many_clients_many_requests_none_waits_for_a_wake_up(
+    waiting_server: tuple[EdgeServer, WaitingApp],
+) -> None:
+    edge, _ = waiting_server
+    failures: list[BaseException] = []
+
+    def client_run() -> None:
+        try:
+            with RawClient(*edge.address, timeout=WAIT) as client:
+                for _ in range(150):
+                    client.send(GET % b"small")
+                    assert client.read_response().body == b"ok"
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    clients = [threading.Thread(target=client_run) for _ in range(8)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(WAIT * 6)
+    assert not failures
+    assert not any(thread.is_alive() for thread in clients)
