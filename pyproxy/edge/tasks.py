@@ -12,6 +12,7 @@ See server.py for the server.
 from __future__ import annotations
 
 import logging
+from operator import itemgetter
 
 from waitress.task import ErrorTask, Task, WSGITask
 from waitress.utilities import build_http_date
@@ -25,6 +26,7 @@ logger = logging.getLogger("pyproxy.edge.server")
 # The largest first body part sent in one piece with the head (see _EdgeHead.write):
 # an API answer or a server-sent event, not a download.
 COALESCE_LIMIT = 16 * 1024
+_FIELD_LINE = "%s: %s\r\n"
 _CANONICAL_NAMES: dict[str, str] = {}  # response header name as sent -> as written
 _CANONICAL_NAMES_MAX = 1024
 _last_date = (-1, "")  # (second, its Date value): one tuple, replaced whole (thread-safe)
@@ -58,11 +60,10 @@ class _EdgeHead(Task):
         else:
             connection = request.headers.get("CONNECTION", "").lower()
         has_body = self.has_body  # False for 1xx, 204, 304 (RFC 9110 §6.4.1)
-        lines = [f"HTTP/{self.version} {self.status}\r\n"]
         headers = []
         length = connection_sent = date_sent = None
         for name, value in self.response_headers:
-            name = _canonical_name(name)
+            name = _CANONICAL_NAMES.get(name) or _canonical_name(name)  # a call saved per hit
             if name == "Content-Length":
                 if not has_body:
                     continue  # RFC 9110 §8.6: none on 1xx/204; waitress drops it on 304 too
@@ -103,10 +104,9 @@ class _EdgeHead(Task):
                 headers.append(("Connection", "close"))
         if not date_sent:
             headers.append(("Date", _http_date(self.start_time)))
-        headers.sort(key=_name)  # stable: repeated fields keep their order (RFC 9110 §5.3)
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
+        headers.sort(key=itemgetter(0))  # stable: repeats keep their order (RFC 9110 §5.3)
+        fields = "".join(map(_FIELD_LINE.__mod__, headers))  # no Python frame per field
+        return f"HTTP/{self.version} {self.status}\r\n{fields}\r\n".encode("latin-1")
 
     def _bodiless(self) -> bool:
         """RFC 9112 §6.3: answers to HEAD, and 1xx/204/304, end at their head."""
@@ -178,10 +178,6 @@ def _canonical_name(name: str) -> str:
         if len(_CANONICAL_NAMES) < _CANONICAL_NAMES_MAX:  # bounded: names come from backends
             _CANONICAL_NAMES[name] = canonical
     return canonical
-
-
-def _name(header: tuple[str, str]) -> str:
-    return header[0]
 
 
 def _http_date(when: float) -> str:
