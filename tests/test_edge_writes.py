@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from backends import wait_for
 from rawhttp import RawClient
+from waitress.buffers import OverflowableBuffer
 
 from pyproxy.config.schema import LimitsConfig
 from pyproxy.edge import tasks
@@ -28,6 +29,8 @@ LIMITS = LimitsConfig(client_idle_timeout=30.0, header_timeout=30.0, send_timeou
 GET = b"GET /%s HTTP/1.1\r\nHost: test\r\n\r\n"
 MiB = 1024 * 1024
 EVENT = b"data: one\n\n"
+HUGE = 16 * MiB
+PATTERN = bytes(range(256))  # a byte out of place shows
 
 
 class App:
@@ -45,6 +48,9 @@ class App:
         if path == "/chunked":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return iter([b"ok"])  # no len(): waitress cannot infer a Content-Length
+        if path == "/huge":  # more than the kernel's buffers hold, in one part
+            start_response("200 OK", [("Content-Length", str(HUGE))])
+            return [PATTERN * (HUGE // len(PATTERN))]
         if path == "/big":
             start_response("200 OK", [("Content-Length", str(MiB))])
             return [b"x" * MiB]
@@ -105,6 +111,41 @@ def test_a_small_response_leaves_in_one_send(server: EdgeServer, sends: list[byt
         settle(server)
     assert len(sends) == 3
     assert all(data.endswith(b"\r\n\r\nok") for data in sends)
+
+
+def test_what_the_socket_takes_whole_never_enters_the_output_buffer(
+    server: EdgeServer, sends: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    buffered: list[int] = []
+    append = OverflowableBuffer.append
+
+    def counted(buffer: OverflowableBuffer, data: bytes) -> None:
+        buffered.append(len(data))
+        append(buffer, data)
+
+    monkeypatch.setattr(OverflowableBuffer, "append", counted)
+    with RawClient(*server.address, timeout=WAIT) as client:
+        client.send(GET % b"small")
+        assert client.read_response().body == b"ok"
+        settle(server)
+        assert (len(sends), buffered) == (1, [])
+        client.send(GET % b"big")
+        response = client.read_response()
+        settle(server)
+    assert len(response.body) == MiB and response.complete
+    head, *body = sends[1:]
+    assert head.endswith(b"\r\n\r\n") and b"".join(body) == b"x" * MiB
+    assert sum(buffered) <= MiB  # whatever the socket did not take at once, no more
+
+
+def test_a_slow_reader_still_gets_every_byte_in_order(server: EdgeServer) -> None:
+    with RawClient(*server.address, timeout=WAIT) as client:
+        client.send(GET % b"huge")
+        head = client.read_head()
+        # The socket took what it could at once; the rest waits in the output buffer.
+        assert wait_for(lambda: server.buffered_output() > 0, WAIT)
+        body = client.reader.read(HUGE)
+    assert head.status == 200 and body == PATTERN * (HUGE // len(PATTERN))
 
 
 def test_a_chunked_response_sends_head_and_first_chunk_together(
