@@ -151,9 +151,11 @@ class StrictRequestParser(HTTPRequestParser):
         self.request_uri = self.path = target.decode("latin-1")
         fields: RawFields = {}
         headers: dict[str, str] = {}
+        count = 0
         for line in block.split(b"\r\n"):
             if not line:
                 break  # the blank line that ends the head: every line before it is a field
+            count += 1
             name, _, raw = line.partition(b":")
             value = raw.strip(b" \t")
             lower, key = _field_keys(name)
@@ -162,7 +164,7 @@ class StrictRequestParser(HTTPRequestParser):
                 continue  # waitress drops a name with "_", which could pose as a "-" one
             text = value.decode("latin-1")
             headers[key] = headers[key] + ", " + text if key in headers else text
-        self._check_fields(fields)
+        self._check_fields(fields, count)
         self.headers = headers  # only now, as before: a refusal above echoes no X-Request-ID
         if method != method.upper():
             raise ParsingError(f'Malformed HTTP method "{self.command}"')
@@ -184,13 +186,14 @@ class StrictRequestParser(HTTPRequestParser):
             self.connection_close = True
         if version == "1.1":
             # The body reaches the app de-chunked: the header goes, as waitress drops it.
-            te = headers.pop("TRANSFER_ENCODING", "")
-            codings = [coding.strip(" \t").lower() for coding in te.split(",") if coding]
-            if any(coding != "chunked" for coding in codings):
-                raise TransferEncodingNotImplemented(
-                    "Transfer-Encoding requested is not supported."
-                )
-            self.chunked = bool(codings)  # its receiver is made once the checks pass
+            te = headers.pop("TRANSFER_ENCODING", None)
+            if te is not None:
+                codings = [coding.strip(" \t").lower() for coding in te.split(",") if coding]
+                if any(coding != "chunked" for coding in codings):
+                    raise TransferEncodingNotImplemented(
+                        "Transfer-Encoding requested is not supported."
+                    )
+                self.chunked = bool(codings)  # its receiver is made once the checks pass
             self.expect_continue = headers.get("EXPECT", "").lower() == "100-continue"
             if connection == "close":
                 self.connection_close = True
@@ -211,15 +214,15 @@ class StrictRequestParser(HTTPRequestParser):
         if problem:
             raise ParsingError(problem)
         fields = raw_fields(header_plus)
-        self._check_fields(fields)
+        self._check_fields(fields, sum(map(len, fields.values())))
         try:
             super().parse_header(header_plus)
         except ValueError as exc:  # urlsplit() on a target like "http://[::1"
             raise ParsingError("invalid request target") from exc
         return fields
 
-    def _check_fields(self, fields: RawFields) -> None:
-        if sum(map(len, fields.values())) > MAX_HEADER_FIELDS:
+    def _check_fields(self, fields: RawFields, count: int) -> None:
+        if count > MAX_HEADER_FIELDS:
             self._rejection = RequestHeaderFieldsTooLarge(
                 f"more than {MAX_HEADER_FIELDS} header fields"
             )
