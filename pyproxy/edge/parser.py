@@ -142,9 +142,9 @@ class StrictRequestParser(HTTPRequestParser):
         """A head whose request line and every field line are valid, parsed in one pass
         into both the raw fields (for the checks) and waitress's `headers`.
 
-        waitress's parse_header() splits and matches the head line by line again after
-        the checks here split it once: a third of the edge's parsing time (measured,
-        scripts/profile_proxy.py). The result is waitress's own (tests/test_edge_parse.py
+        waitress's parse_header() used to split and match the head line by line again
+        after the checks here had split it (measured with scripts/profile_proxy.py:
+        parse_header 176 -> 107 us a request under cProfile). The result is waitress's own (tests/test_edge_parse.py
         compares them); its rules are followed in its order (waitress/parser.py)."""
         method, target, version = request_line.groups()
         self.command = method.decode("latin-1")  # as received, should a check below refuse
