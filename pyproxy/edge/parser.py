@@ -144,8 +144,9 @@ class StrictRequestParser(HTTPRequestParser):
 
         waitress's parse_header() used to split and match the head line by line again
         after the checks here had split it (measured with scripts/profile_proxy.py:
-        parse_header 176 -> 107 us a request under cProfile). The result is waitress's own (tests/test_edge_parse.py
-        compares them); its rules are followed in its order (waitress/parser.py)."""
+        parse_header 176 -> 107 us a request under cProfile). The result is waitress's
+        own (tests/test_edge_parse.py compares them); its rules are followed in its
+        order (waitress/parser.py)."""
         method, target, version = request_line.groups()
         self.command = method.decode("latin-1")  # as received, should a check below refuse
         self.request_uri = self.path = target.decode("latin-1")

@@ -120,9 +120,10 @@ class _EdgeHead(Task):
         sends each at once (send_bytes=1, so that streamed chunks are not held back): two
         send() calls per response. Joined, a small response leaves in one, saving a
         syscall and a pass through the channel's locked output buffer (measured with
-        scripts/profile_proxy.py: 2 -> 1 write_soon and send() a request). Only a part up to COALESCE_LIMIT is joined:
-        copying it costs less than the send saved, while a large body is not copied again.
-        Nothing waits: whatever is written still leaves at once, as it did.
+        scripts/profile_proxy.py: 2 -> 1 write_soon and send() a request). Only a part
+        up to COALESCE_LIMIT is joined: copying it costs less than the send saved,
+        while a large body is not copied again. Nothing waits: whatever is written
+        still leaves at once, as it did.
         """
         if not self.complete:
             raise RuntimeError("start_response was not called before body written")
