@@ -85,15 +85,13 @@ class _EdgeHead(Task):
                 closing = True
         else:
             closing = connection == "close"
-            if not length:
-                # No Content-Length: the body ends with a last chunk (RFC 9112 §7.1), and
-                # the connection can carry the next request, as nginx and HAProxy keep it
-                # (waitress closes instead). Answers to HEAD and 204/304 end at their head
-                # (RFC 9112 §6.3): no chunked framing there, or the client would read the
-                # last chunk `0 CRLF CRLF` as the start of the next response.
-                if self._bodiless():
-                    pass
-                elif has_body:
+            # No Content-Length: the body ends with a last chunk (RFC 9112 §7.1), and the
+            # connection can carry the next request, as nginx and HAProxy keep it
+            # (waitress closes instead). Answers to HEAD and 204/304 end at their head
+            # (RFC 9112 §6.3): no chunked framing there, or the client would read the
+            # last chunk `0 CRLF CRLF` as the start of the next response.
+            if not length and not self._bodiless():
+                if has_body:
                     self.chunked_response = True
                     headers.append(("Transfer-Encoding", "chunked"))
                 elif not self.close_on_finish:
