@@ -150,3 +150,45 @@ def test_a_client_half_closing_an_idle_connection_is_closed(
         client.sock.shutdown(socket.SHUT_WR)
         assert client.closed_by_peer(timeout=WAIT)
     assert wait_for(lambda: server.open_connections() == 0, WAIT)
+
+
+class CountingPollSet:
+    """The poller's poll set, recording each call and whether the kernel refused it."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls: list[tuple[str, bool]] = []  # (method, refused)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.real, name)
+        if name not in ("register", "modify", "unregister"):
+            return method
+
+        def counted(*args: Any) -> Any:
+            try:
+                result = method(*args)
+            except OSError:
+                self.calls.append((name, True))
+                raise
+            self.calls.append((name, False))
+            return result
+
+        return counted
+
+
+def test_a_request_costs_the_poll_set_no_refused_call(
+    serve: Callable[..., EdgeServer],
+) -> None:
+    # While a request is served its connection leaves the poll set; it comes back with
+    # register(), not with a modify() the kernel refuses (a syscall and an exception).
+    server = serve()
+    poll_set = CountingPollSet(server._poller._poll)
+    with kept_open(server) as client:
+        assert wait_for(lambda: server.busy_connections() == 0, WAIT)
+        server._poller._poll = poll_set  # between two requests: the loop waits in poll()
+        for _ in range(5):
+            client.send(GET)
+            assert client.read_response().status == 200
+        calls = list(poll_set.calls)  # before the client leaves (its close is refused)
+    assert [refused for _, refused in calls if refused] == []
+    assert ("register", False) in calls  # it did come back

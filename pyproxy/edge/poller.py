@@ -74,14 +74,22 @@ class Poller:
         self._registered: dict[int, tuple[Any, int]] = {}  # fd -> (dispatcher, events)
         self._busy: set[int] = set()  # fds asked again on every turn
         self._fired: list[int] = []  # fds that had an event on the last turn
+        # True from the start of a turn's refresh until its wait returns. A worker that
+        # changes a busy connection in that window may have changed it after the refresh
+        # read it, so the loop must be woken (the trigger) to read it again. Outside the
+        # window the loop is handling events and has yet to refresh: it will read the
+        # change before it waits, unwoken (see EdgeListener.pull_trigger).
+        self.watching = False
         for fd in socket_map:  # sockets created before the poller (listener, trigger)
             socket_map.touch(fd)
 
     def poll(self, timeout: float) -> None:
         """One turn: bring the poll set up to date, wait at most `timeout` seconds,
         and dispatch the events (as wasyncore.poll2 does)."""
+        self.watching = True  # before the refresh reads any connection
         self._refresh()
         events = self._poll.poll(timeout if self._epoll else int(timeout * 1000))
+        self.watching = False
         self._fired = [fd for fd, _ in events]
         for fd, flags in events:
             obj = self._map.get(fd)
@@ -114,14 +122,23 @@ class Poller:
         if events == 0:
             # Not polled at all, as in poll2: a channel whose request is being served
             # is not read, and its hang-up is noticed when the worker writes.
-            self._registered.pop(fd, None)
-            with contextlib.suppress(OSError, KeyError):  # gone with its closed socket
-                self._poll.unregister(fd)
+            if self._registered.pop(fd, None) is not None:
+                with contextlib.suppress(OSError, KeyError):  # gone with its closed socket
+                    self._poll.unregister(fd)
             return
         self._registered[fd] = (obj, events)
+        # A channel leaves the poll set while its request is served and comes back after
+        # it: register it directly rather than try modify() and fail (a syscall and an
+        # exception a request, measured with scripts/profile_proxy.py).
+        if old is None:
+            try:
+                self._poll.register(fd, events)
+            except FileExistsError:  # select.poll() never says so; epoll might
+                self._poll.modify(fd, events)
+            return
         try:
             self._poll.modify(fd, events)
-        except FileNotFoundError:  # new, or a new socket with a closed one's number
+        except FileNotFoundError:  # a new socket with a closed one's number
             self._poll.register(fd, events)
 
 

@@ -124,6 +124,7 @@ class EdgeServer:
         deadlines = [t for t in (limits.header_timeout, limits.send_timeout) if t > 0]
         self._tick = max(0.05, min([1.0] + [t / 4 for t in deadlines]))
         self._poller = Poller(self._map)
+        server.poller = self._poller
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._loop_exited = threading.Event()
@@ -204,7 +205,7 @@ class EdgeServer:
             self._closed = True
         self._stopping.set()
         if self._loop_thread not in (None, threading.get_ident()):
-            self._server.pull_trigger()
+            self._server.wake()
             # The trigger wakes it at once. Sockets closed while it still runs could be
             # closed under its poll or its walk over the channels (a "dictionary changed
             # size" error would kill the thread), so give a starved loop time to exit.
@@ -230,5 +231,5 @@ class EdgeServer:
             done.set()
 
         self._calls.put(call_then_signal)
-        self._server.pull_trigger()
+        self._server.wake()
         done.wait(2.0)
