@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 import types
 
 import pytest
@@ -94,3 +95,29 @@ def test_a_tls_error_after_the_request_was_sent_is_a_reset_not_a_connect_error(
     failure = classify(raised.value)
     assert (failure.reason, failure.request_sent) == ("reset", True)
     assert pool.conn.closed and pool.returned == [pool.conn]  # discarded, slot given back
+
+
+def test_attempts_shorter_than_a_thread_start_share_one_watchdog_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A watchdog that ended its thread whenever nothing was watched as it looked
+    started a new one for most attempts, when attempts were quicker than a thread
+    start (298 threads for 2,000 attempts here)."""
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    watchdog = DeadlineWatchdog()
+    ours, peer = socket.socketpair()
+    try:
+        for _ in range(2000):
+            watchdog.unwatch(watchdog.watch(time.monotonic() + 60, ours))
+            time.sleep(0.0002)  # the time between two attempts of a busy proxy
+    finally:
+        ours.close()
+        peer.close()
+    assert started.count("pyproxy-deadline") <= 2, len(started)

@@ -12,7 +12,11 @@ dict store and a dict pop under one lock. The thread sleeps until the earliest
 deadline it saw (`_wake_at`) and is woken early only by a deadline earlier than that,
 which with one `timeouts.total` for all means almost never: every new deadline is
 later than the ones before it. When it wakes it scans the dict (a few dozen entries
-at most), and it ends when nothing is watched; `watch()` starts it again.
+at most). It ends only when nothing has been watched for as long as the latest
+deadline reached; `watch()` starts it again. (A first version ended it whenever the
+dict was empty as it looked, which under load is most of the time: it started a thread
+for nearly every attempt until one happened to be in flight, and the proxy ran at a
+third of its speed for its first seconds.)
 
 A heap of deadlines would find the earliest without a scan, but a finished attempt
 cannot leave a heap cheaply: its entry would wait there until its deadline came up,
@@ -45,11 +49,13 @@ class DeadlineWatchdog:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._wake_at = math.inf  # when the thread looks next, on `clock`
+        self._latest = -math.inf  # the latest deadline handed to watch()
 
     def watch(self, deadline: float, sock: socket.socket) -> int:
         with self._lock:
             token = next(self._ids)
             self._live[token] = (deadline, sock)
+            self._latest = max(self._latest, deadline)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="pyproxy-deadline", daemon=True
@@ -71,11 +77,19 @@ class DeadlineWatchdog:
                 expired = [token for token, (due, _) in self._live.items() if due <= now]
                 sockets = [self._live.pop(token)[1] for token in expired]
                 if not sockets:
-                    if not self._live:
-                        # Nothing to watch: end the thread; watch() starts a new one.
+                    if self._live:
+                        self._wake_at = min(due for due, _ in self._live.values())
+                    elif now < self._latest:
+                        # Nothing watched this instant, but attempts come and go far
+                        # faster than the thread runs: keep the thread (starting one per
+                        # attempt would cost more than the attempt) and look again when
+                        # the last deadline given out would have come.
+                        self._wake_at = self._latest
+                    else:
+                        # Nothing watched for a whole timeouts.total: end the thread;
+                        # watch() starts a new one.
                         self._thread, self._wake_at = None, math.inf
                         return
-                    self._wake_at = min(due for due, _ in self._live.values())
                     self._lock.wait(self._wake_at - now)
                     continue
             for sock in sockets:
