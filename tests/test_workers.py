@@ -168,6 +168,45 @@ def test_both_workers_serve_the_shared_socket(start_master: Callable[[], Master]
     assert "app1: available in 2 of 2 workers" in page
 
 
+def test_connections_are_spread_over_the_workers(start_master: Callable[[], Master]) -> None:
+    """Each worker has its own socket on the port (SO_REUSEPORT): the kernel spreads
+    connections by a hash of the client's address and port. 40 keep-alive connections
+    each send one request; neither worker may take (nearly) all of them. A guard: on
+    an idle machine a shared socket spreads these too; under wrk's load it did not
+    (one worker held twice the other's connections: scripts/bench_workers.py)."""
+    master = start_master()
+    sessions = [_session() for _ in range(40)]
+    try:
+        for session in sessions:  # every connection open before any is reused
+            assert session.get(master.proxy + "/s", timeout=20).status_code == 200
+    finally:
+        for session in sessions:
+            session.close()
+    counts = sorted(master.served_by().values())
+    assert sum(counts) == 40 and counts[0] >= 8, counts  # binomial(40, 1/2): P(<8) ~ 1e-5
+
+
+def test_a_second_instance_on_the_same_port_is_refused(
+    start_master: Callable[[], Master], tmp_path: Path
+) -> None:
+    """SO_REUSEPORT would let a second group of sockets join the first one's port and
+    take half of its connections; the port is tried with a plain bind first."""
+    master = start_master()
+    port = master.proxy.rsplit(":", 1)[1]
+    (admin_port,) = free_ports(1)
+    config = write(tmp_path / "second.yaml", CONFIG.format(
+        port=port, admin_port=admin_port, backend="http://127.0.0.1:9", token=TOKEN,
+        state=tmp_path / "second-state.json"))  # fmt: skip
+    second = subprocess.run(
+        [sys.executable, "-m", "pyproxy", "-c", str(config)],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode != 0
+    assert f"127.0.0.1:{port}" in second.stderr, second.stderr
+    assert_no_traceback(second)
+    assert len(master.workers()) == 2  # the first instance serves on
+
+
 def test_replacement_backoff_doubles_from_1s_to_30s() -> None:
     assert [backoff(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
 

@@ -76,14 +76,16 @@ class Master:
         # systemd hears from the master only: it is the service's main PID
         # (NotifyAccess=main refuses a worker's READY=1).
         self.notifier = Notifier()
-        self.listener = bind(config.listen.host, config.listen.port)
+        self.listeners = bind_listeners(config.listen.host, config.listen.port, config.workers)
+        self.listener = self.listeners[0]  # where the proxy listens (port 0 resolved)
         try:
             self.admin_server = EdgeServer(
                 self.view, config.admin.listen.host, config.admin.listen.port,
                 threads=4, limits=config.limits, name="admin",
             )  # fmt: skip
         except OSError:
-            self.listener.close()
+            for listener in self.listeners:
+                listener.close()
             raise
         # Private (0700) and removed at exit: the workers' metric files, and the config
         # the master validated last, which a worker's reload applies (worker.py).
@@ -184,8 +186,9 @@ class Master:
         # With the master's admin address: the worker refuses to dial it (urlguard.py).
         served = (self.holder.runtime.config, self.holder.admin, self.token,
                   self.admin_server.address[:2])  # fmt: skip
+        listener = self.listeners[self.slots.index(slot)]  # a replacement takes the same
         slot.start(
-            listen_fd=self.listener.fileno(), alive_fd=self._alive_r,
+            listen_fd=listener.fileno(), alive_fd=self._alive_r,
             config_file=self.config_file, metrics_dir=self.metrics_dir,
             served=pickle.dumps(served), now=self.clock(),
         )  # fmt: skip
@@ -212,7 +215,8 @@ class Master:
         for process in processes:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-        self.listener.close()  # the workers hold their own copies while they drain
+        for listener in self.listeners:
+            listener.close()  # the workers hold their own copies while they drain
         settings = self.config.shutdown
         bound = settings.delay + settings.drain_timeout + 15
         clean = True
@@ -240,12 +244,43 @@ class Master:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The proxy's listening socket, bound once here and inherited by every worker."""
+def bind_listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """One listening socket per worker, all on host:port with SO_REUSEPORT, so that the
+    kernel spreads new connections evenly over the workers (by a hash of the client's
+    address and port), as nginx's `listen ... reuseport` does. Workers sharing one
+    socket take connections in a race that one of them keeps winning: with 2 workers
+    and wrk's 64 connections, one worker held twice as many as the other and the pair
+    reached 1.36x one worker's req/s (scripts/bench_workers.py). Where the platform has
+    no SO_REUSEPORT, one socket is shared by all. A worker's socket stays open in the
+    master while the worker is replaced, so connections the kernel gives it meanwhile
+    wait in its backlog for the replacement instead of being refused."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return [bind(host, port)] * count
+    # A port in use is refused first, by a plain bind: sockets with SO_REUSEPORT would
+    # otherwise join another process's group on that port (a second pyproxy started by
+    # mistake) and silently take half of its connections.
+    probe = bind(host, port)
+    port = probe.getsockname()[1]  # port 0 is resolved here
+    probe.close()
+    listeners: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            listeners.append(bind(host, port, reuse_port=True))
+    except OSError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket for the proxy, bound here and inherited by a worker."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
     except OSError as exc:
