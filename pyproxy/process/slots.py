@@ -2,7 +2,7 @@
 it, hearing that the worker serves, and when to replace one that exited.
 
 A worker is `python -m pyproxy.process.worker LISTEN_FD READY_FD ALIVE_FD CONFIG`: a
-new interpreter that inherits the proxy's listening socket (fork then exec; see
+new interpreter that inherits its slot's listening socket (fork then exec; see
 master.py for why not fork alone). It reads what it serves, pickled, on its stdin,
 and writes "admin PORT" on READY_FD once it serves. A worker that exits is replaced
 after 1 s, doubling to 30 s while replacements keep dying young (so a worker that
