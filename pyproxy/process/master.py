@@ -5,8 +5,9 @@
 
 Workers are started as new interpreters (`python -m pyproxy.process.worker FD`, fork
 then exec), each inheriting a listening socket of its own on the proxy's port
-(SO_REUSEPORT: see bind_listeners), so the kernel spreads the connections among them. fork() alone would copy this
-process with its threads' locks held by threads that do not exist in the child (the
+(SO_REUSEPORT: see bind_listeners), so the kernel spreads the connections among
+them. fork() alone would copy this process with its threads' locks held by threads
+that do not exist in the child (the
 reason Python 3.12 warns about fork() in a threaded process); exec starts clean, so a
 replacement can be started at any time.
 
