@@ -7,9 +7,8 @@ Workers are started as new interpreters (`python -m pyproxy.process.worker FD`, 
 then exec), each inheriting a listening socket of its own on the proxy's port
 (SO_REUSEPORT: see bind_listeners), so the kernel spreads the connections among
 them. fork() alone would copy this process with its threads' locks held by threads
-that do not exist in the child (the
-reason Python 3.12 warns about fork() in a threaded process); exec starts clean, so a
-replacement can be started at any time.
+that do not exist in the child (the reason Python 3.12 warns about fork() in a
+threaded process); exec starts clean, so a replacement can be started at any time.
 
 The master serves no proxy traffic. It owns the admin listener (process/master_admin.py),
 the config watch and SIGHUP, and a copy of the config with the admin changes (and the
