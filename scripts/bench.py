@@ -875,6 +875,35 @@ def machine() -> dict[str, object]:
 # ---------------------------------------------------------------------------
 
 
+def add_run_options(parser: argparse.ArgumentParser, *, warmup: int, threads_help: str) -> None:
+    """The options of the scripts that run pyproxy configs against each other
+    (bench_features.py, bench_workers.py); read them with run_options()."""
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 round, 2 s per run, 1 s warm-up"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
+    parser.add_argument(
+        "--warmup", type=int, default=warmup, help=f"seconds of warm-up (default {warmup})"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"{threads_help} (default {DEFAULT_THREADS}, as bench.py)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+
+
+def run_options(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed options, with --quick applied."""
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 2, 1
+    return args
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="pyproxy vs naive proxy vs direct (issue 3)")
     parser.add_argument(

@@ -265,24 +265,8 @@ def print_table(rows: dict[str, dict[str, float]]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="what each pyproxy feature costs")
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 round, 2 s per run, 1 s warm-up"
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up (default 1)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=bench.DEFAULT_THREADS,
-        help=f"pyproxy's worker threads (default {bench.DEFAULT_THREADS}, as bench.py)",
-    )
-    parser.add_argument("--json", type=Path, help="also write every figure to this file")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
-    args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.duration, args.warmup = 1, 2, 1
-    return args
+    bench.add_run_options(parser, warmup=1, threads_help="pyproxy's worker threads")
+    return bench.run_options(parser)
 
 
 def main() -> int:

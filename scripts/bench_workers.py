@@ -358,24 +358,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=worker_counts, default=[1, 2], help="worker counts (default 1,2)"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 round, 2 s per run, 1 s warm-up"
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up (default 2)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=bench.DEFAULT_THREADS,
-        help=f"threads per worker (default {bench.DEFAULT_THREADS}, as bench.py)",
-    )
-    parser.add_argument("--json", type=Path, help="also write every figure to this file")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
-    args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.duration, args.warmup = 1, 2, 1
-    return args
+    bench.add_run_options(parser, warmup=2, threads_help="threads per worker")
+    return bench.run_options(parser)
 
 
 def write_configs(workdir: Path, backend: bench.Backend, args: argparse.Namespace) -> dict:
