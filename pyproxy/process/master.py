@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -244,17 +245,24 @@ class Master:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+# Linux (3.9+) spreads connections over a group of SO_REUSEPORT sockets. macOS and the
+# BSDs accept the option but give every connection to one socket of the group
+# (FreeBSD balances only with its own SO_REUSEPORT_LB): one shared socket is better.
+SPREADS_CONNECTIONS = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
 def bind_listeners(host: str, port: int, count: int) -> list[socket.socket]:
     """One listening socket per worker, all on host:port with SO_REUSEPORT, so that the
     kernel spreads new connections evenly over the workers (by a hash of the client's
     address and port), as nginx's `listen ... reuseport` does. Workers sharing one
     socket take connections in a race that one of them keeps winning: with 2 workers
     and wrk's 64 connections, one worker held twice as many as the other and the pair
-    reached 1.36x one worker's req/s (scripts/bench_workers.py). Where the platform has
-    no SO_REUSEPORT, one socket is shared by all. A worker's socket stays open in the
-    master while the worker is replaced, so connections the kernel gives it meanwhile
-    wait in its backlog for the replacement instead of being refused."""
-    if not hasattr(socket, "SO_REUSEPORT"):
+    reached 1.36x one worker's req/s (scripts/bench_workers.py). Elsewhere than on
+    Linux, one socket is shared by all (see SPREADS_CONNECTIONS). A worker's socket
+    stays open in the master while the worker is replaced, so connections the kernel
+    gives it meanwhile wait in its backlog for the replacement instead of being
+    refused."""
+    if not SPREADS_CONNECTIONS:
         return [bind(host, port)] * count
     # A port in use is refused first, by a plain bind: sockets with SO_REUSEPORT would
     # otherwise join another process's group on that port (a second pyproxy started by
