@@ -37,7 +37,7 @@ from pyproxy.policy.ratelimit import BackendLimiter
 from pyproxy.pool import upstream
 from pyproxy.pool.breaker import CircuitBreaker, CircuitState
 from pyproxy.process.service import Service
-from pyproxy.proxy import app as proxy_module
+from pyproxy.proxy import stream as relay_module
 from pyproxy.proxy.admission import BackendLease
 from pyproxy.runtime.pools import Pool
 
@@ -144,7 +144,7 @@ STEPS: list[tuple[str, Any, str, bool]] = [
     ("response check", upstream, "check", True),
     ("breaker verdict", CircuitBreaker, "record_failure", True),
     ("lease verdict", BackendLease, "judge", True),
-    ("response headers", proxy_module, "downstream_response_headers", False),
+    ("response headers", relay_module, "downstream_response_headers", False),
     ("metrics", Metrics, "observe_request", False),
     ("relay iteration", upstream.BodyRelay, "__iter__", False),
     ("relay close", upstream.BodyRelay, "close", False),

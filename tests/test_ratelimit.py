@@ -19,9 +19,9 @@ from pyproxy.policy.ratelimit import (
     ClientLimiter,
     Decision,
     MemoryClientLimiter,
-    TokenBucket,
     rate_limit_headers,
 )
+from pyproxy.policy.token_bucket import TokenBucket
 
 PER_SECOND = Rate(1, 1.0)
 PER_MINUTE_6 = Rate(6, 60.0)  # one token every 10 s

@@ -1,10 +1,8 @@
 """Rate limiting with token buckets: per client and per backend.
 
-A token bucket holds at most `capacity` tokens (the burst) and refills at
-`rate` tokens per second; each request takes one token, and a request that finds
-no token is refused (429 for a client, "unavailable" for a backend). A bucket is
-two numbers, its level and when it was last updated, and refills lazily when it
-is next looked at, so nothing runs in the background.
+Each client (by address or header) and each backend has a token bucket
+(policy/token_bucket.py): each request takes one token, and a request that finds
+no token is refused (429 for a client, "unavailable" for a backend).
 
 See docs/rate-limiting.md.
 """
@@ -20,56 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 from pyproxy.config.schema import Rate
-
-# Float slack: 0.1 token/s for 10 s must make a whole token, not 0.9999999999.
-_EPSILON = 1e-9
-
-
-class TokenBucket:
-    """TokenBucket: `capacity` tokens, refilled at `rate_per_second`; starts full.
-
-    Not locked: its owner holds a lock around every call. `now` is the owner's
-    clock; a `now` earlier than the last one counts as no time passing.
-    """
-
-    __slots__ = ("_tokens", "_updated", "capacity", "rate")
-
-    def __init__(self, rate_per_second: float, capacity: float, now: float) -> None:
-        self.rate = rate_per_second  # tokens per second; 0 = never refills
-        self.capacity = capacity
-        self._tokens = capacity
-        self._updated = now
-
-    def _refill(self, now: float) -> None:
-        if now > self._updated:
-            self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
-            self._updated = now
-
-    def take(self, now: float, tokens: float = 1.0) -> bool:
-        """Take `tokens` if the bucket holds them; False (and take nothing) if not."""
-        self._refill(now)
-        if self._tokens + _EPSILON < tokens:
-            return False
-        self._tokens = max(0.0, self._tokens - tokens)
-        return True
-
-    def level(self, now: float) -> float:
-        """Tokens in the bucket at `now` (0 .. capacity)."""
-        self._refill(now)
-        return self._tokens
-
-    def seconds_until(self, now: float, tokens: float = 1.0) -> float:
-        """Seconds until the bucket holds `tokens`: 0 if it does now, inf if never."""
-        return self.seconds_from(self.level(now), tokens)
-
-    def seconds_from(self, level: float, tokens: float = 1.0) -> float:
-        """Seconds until a bucket at `level` (just read by `level()`) holds `tokens`."""
-        missing = tokens - level
-        if missing <= _EPSILON:
-            return 0.0
-        if self.rate <= 0 or tokens > self.capacity:
-            return math.inf
-        return missing / self.rate
+from pyproxy.policy.token_bucket import EPSILON, TokenBucket
 
 
 class Decision(NamedTuple):
@@ -201,9 +150,9 @@ class MemoryClientLimiter:
         return Decision(
             allowed=allowed,
             limit=self.capacity,
-            remaining=math.floor(level + _EPSILON),
+            remaining=math.floor(level + EPSILON),
             reset_seconds=to_full,
-            retry_after=0 if allowed else max(1, math.ceil(wait - _EPSILON)),
+            retry_after=0 if allowed else max(1, math.ceil(wait - EPSILON)),
         )
 
     def _make_room(self, now: float) -> None:
@@ -212,7 +161,7 @@ class MemoryClientLimiter:
             if not self._buckets:
                 return
             oldest = next(iter(self._buckets.values()))  # O(1) on an OrderedDict
-            if oldest.level(now) + _EPSILON < oldest.capacity:
+            if oldest.level(now) + EPSILON < oldest.capacity:
                 break
             self._buckets.popitem(last=False)
         if len(self._buckets) >= self.max_clients:
@@ -246,7 +195,7 @@ class BackendLimiter:
         now = self._clock()
         with self._lock:
             level = self._bucket(name, now).level(now)
-        return 1.0 - level <= _EPSILON  # what seconds_until(now) == 0.0 tests
+        return 1.0 - level <= EPSILON  # what seconds_until(now) == 0.0 tests
 
     def take(self, name: str) -> bool:
         """Take a token for one request to `name`; False if its bucket is empty."""
@@ -291,7 +240,7 @@ def rate_limit_headers(decision: Decision, rate: Rate, burst: int) -> list[tuple
     if burst != quota:
         policy += f";pyproxy-burst={burst}"
     if decision.allowed:
-        effective = math.ceil(decision.reset_seconds - _EPSILON)
+        effective = math.ceil(decision.reset_seconds - EPSILON)
     else:
         effective = decision.retry_after
     headers = [
@@ -309,7 +258,6 @@ __all__ = [
     "ClientLimiter",
     "Decision",
     "MemoryClientLimiter",
-    "TokenBucket",
     "bucket_key",
     "rate_limit_headers",
 ]

@@ -13,12 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pyproxy.headers import downstream_response_headers
 from pyproxy.observe.accesslog import AccessLog
 from pyproxy.observe.metrics import Metrics
 from pyproxy.policy.retry import RetryBudget
@@ -32,15 +30,12 @@ from pyproxy.proxy.attempt import AttemptContext, UpstreamSend, try_backend, why
 from pyproxy.proxy.choice import BackendChoice
 from pyproxy.proxy.explain import REQUEST_HEADER, Explanation, wants_explanation
 from pyproxy.proxy.request import ALLOWED_METHODS, Outcome, Request, edge_refusal_record
-from pyproxy.proxy.stream import ResponseStream
+from pyproxy.proxy.stream import Relay, ResponseStream
 from pyproxy.runtime.pools import Pool
 from pyproxy.runtime.snapshot import Runtime, RuntimeHolder
 from pyproxy.wsgi import EdgeRefusal, StartResponse
 
 log = logging.getLogger(__name__)
-
-HEAD_REFUSED = Failure("bad_response", "reset", 502, "invalid response head from backend")
-
 
 class ProxyApp:
     """The proxy's WSGI application. `instance_name` goes into Via (loop detection).
@@ -70,6 +65,7 @@ class ProxyApp:
         self.budget = RetryBudget()
         self.own_answers = OwnAnswers(metrics, clock)
         self.choice = BackendChoice(self.context.rng, clock)
+        self.relay = Relay(metrics, self.own_answers, instance_name, clock, on_close=self._log)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         runtime = self.holder.runtime  # read once: a reload must not change it mid-request
@@ -193,7 +189,7 @@ class ProxyApp:
             )
             outcome.upstream_seconds = self.clock() - attempt_started
             if failure is None:
-                return self._relay(request, outcome, start_response, admission)
+                return self.relay.start(request, outcome, start_response, admission)
             if not failure.backend_at_fault:
                 admission.end_attempt()
                 return self._not_sent(request, outcome, start_response, failure)
@@ -206,7 +202,7 @@ class ProxyApp:
             if why_not is not None:
                 outcome.detail = why_not
                 if response is not None:  # a backend's own answer beats one pyproxy makes up
-                    return self._relay(request, outcome, start_response, admission)
+                    return self.relay.start(request, outcome, start_response, admission)
                 admission.end_attempt()
                 answer = self.own_answers.failed(request, outcome, start_response, failure)
                 outcome.detail = f"{failure.detail}; no retry: {why_not}"  # for the access log
@@ -251,64 +247,3 @@ class ProxyApp:
                 log.error("request %s not forwarded: %s", request.request_id, failure.detail)
         return self.own_answers.failed(request, outcome, start_response, failure)
 
-    # -- answers ---------------------------------------------------------------
-
-    def _relay(
-        self,
-        request: Request,
-        outcome: Outcome,
-        start_response: StartResponse,
-        admission: Admission,
-    ) -> Iterable[bytes]:
-        """The current attempt's response goes to the client, its body as it arrives."""
-        lease = admission.lease
-        assert lease is not None and lease.response is not None
-        response = lease.response
-        outcome.status = response.status
-        headers = downstream_response_headers(
-            response.headers.items(),
-            request_id=request.request_id,
-            instance_name=self.instance_name,
-        )
-        if outcome.set_cookie:
-            headers.append(("Set-Cookie", outcome.set_cookie))
-        if outcome.explanation is not None:
-            outcome.explanation.outcome(str(response.status))
-            headers.append(outcome.explanation.header())
-        admission.end_retries()  # the budget caps attempts, not streams
-        # RFC 9112 §4: the space after the status code stays even when the reason is empty.
-        status = f"{response.status} {response.reason or ''}"
-        try:
-            write = start_response(status, headers)
-        except (AssertionError, ValueError) as exc:
-            # The server refused this head (waitress: AssertionError for a field it takes
-            # for hop-by-hop, ValueError for a bad Content-Length). Nothing went out yet:
-            # an invalid response, so a 502 (not a 500) and the backend's failure.
-            log.warning(
-                "backend %s: response head refused (%s); answering 502", lease.backend.name, exc
-            )
-            self.metrics.count_error(lease.backend.name, "bad_response", lease.pool)
-            lease.judge(failed=True)
-            admission.end_attempt()  # discards the upstream connection
-            # PEP 3333: a second start_response before any output must carry exc_info.
-            exc_info = sys.exc_info()
-            return self.own_answers.failed(request, outcome, start_response, HEAD_REFUSED, exc_info)
-        if "content-length" not in response.headers:
-            # A body of unknown length (server-sent events, a long poll) may not send a
-            # byte for a while, and waitress holds the head until the first one: send it
-            # now. With a Content-Length the body follows, and the head goes out with its
-            # first chunk in one write instead of two.
-            write(b"")
-        self.metrics.observe_request(
-            lease.backend.name, request.method, response.status, self.clock() - request.started,
-            lease.pool,
-        )  # fmt: skip
-        return ResponseStream(
-            admission,
-            request,
-            outcome,
-            upstream.BodyRelay(lease.take_response()),
-            metrics=self.metrics,
-            on_close=self._log,
-            send_head=write,
-        )
