@@ -150,9 +150,6 @@ class UpstreamResponse:
             self._raw.close()
             self._release(reuse=False)
 
-    def release_conn(self) -> None:
-        """What urllib3's responses call after close(); here close() did it all."""
-
     def _release(self, reuse: bool) -> None:
         self._raw = None
         if not reuse:

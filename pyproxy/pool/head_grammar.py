@@ -65,14 +65,13 @@ def parse_head(head: bytes) -> tuple[int, int, str, FieldSection]:
     """(version as http.client says it: 10 or 11, status code, reason phrase, fields)
     of one response head, status line to empty line; InvalidResponseHead if any line
     breaks the grammar."""
-    if _HEAD.fullmatch(head) is None:
+    whole = _HEAD.fullmatch(head)
+    if whole is None:
         raise InvalidResponseHead(head_problem(head))
-    status = STATUS_LINE.match(head)
-    assert status is not None  # the head matched
-    minor, code, reason = status.groups()
+    minor, code, reason = whole.group(1, 2, 3)  # the status line's groups come first
     text = head.decode("latin-1")
     section = FieldSection()
-    section.fields = _FIELD_PAIRS.findall(text, status.end())
+    section.fields = _FIELD_PAIRS.findall(text, text.index("\n") + 1)  # after the status line
     if len(section.fields) > MAX_FIELDS:
         raise InvalidResponseHead(f"more than {MAX_FIELDS} header fields")
     for name, value in section.fields:

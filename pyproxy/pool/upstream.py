@@ -75,7 +75,6 @@ def discard(response: UpstreamResponse) -> None:
     """Close the response's connection instead of pooling it: after a broken or
     abandoned response, the bytes left on it belong to nobody."""
     response.close()
-    response.release_conn()
 
 
 def check(response: UpstreamResponse) -> Failure | None:
