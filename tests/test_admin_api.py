@@ -477,13 +477,21 @@ def test_a_name_that_later_resolves_to_metadata_is_refused_at_connect_time(
     # The name now points at the metadata service (spelled as one number, which
     # getaddrinfo accepts). New connections to it must be refused before any byte.
     dns["rebind.test"] = "2852039166"
-    pool = service.holder.runtime.find(name="rebinding").pool  # type: ignore[union-attr]
+    backend = service.holder.runtime.find(name="rebinding")
+    assert backend is not None
+    # Every request that used it has ended (its connection is back in the pool, idle):
+    # only then does closing the idle ones leave none open for the next request.
+    assert wait_for(lambda: backend.in_flight == 0)
+    pool = backend.pool
     for idle in list(pool.pool.queue):  # type: ignore[union-attr]  # the next request dials
         if idle is not None:
             idle.close()
     with caplog.at_level(logging.WARNING, logger="pyproxy.pool.urlguard"):
-        codes = [http.get(service.proxy_url + "/who", timeout=5).status_code for _ in range(4)]
-    assert sorted(codes) == [200, 200, 502, 502]
+        answers = [http.get(service.proxy_url + "/who", timeout=5) for _ in range(4)]
+    codes = [answer.status_code for answer in answers]
+    assert sorted(codes) == [200, 200, 502, 502], [
+        (answer.status_code, answer.headers.get("X-Backend")) for answer in answers
+    ]
     assert len(rebinding.requests()) == served
     assert "rebind.test" in caplog.text and "link-local" in caplog.text
 
