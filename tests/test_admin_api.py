@@ -489,9 +489,11 @@ def test_a_name_that_later_resolves_to_metadata_is_refused_at_connect_time(
     with caplog.at_level(logging.WARNING, logger="pyproxy.pool.urlguard"):
         answers = [http.get(service.proxy_url + "/who", timeout=5) for _ in range(4)]
     codes = [answer.status_code for answer in answers]
-    assert sorted(codes) == [200, 200, 502, 502], [
-        (answer.status_code, answer.headers.get("X-Backend")) for answer in answers
-    ]
+    assert sorted(codes) == [200, 200, 502, 502], (
+        [(answer.status_code, answer.headers.get("X-Backend")) for answer in answers],
+        [record.connection for record in rebinding.requests()],
+        pool.num_connections,
+    )
     assert len(rebinding.requests()) == served
     assert "rebind.test" in caplog.text and "link-local" in caplog.text
 
